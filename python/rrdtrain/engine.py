@@ -1,0 +1,391 @@
+"""One training stage (the teacher, or one student with one loss mix): the epoch loop, evaluation,
+per-epoch logs, and checkpoints that make an interrupted run resume bit-exactly (on CPU).
+
+Determinism: a stage starts by seeding python, numpy and torch from its own seed, so its result does not
+depend on what ran before it in the process (a student trained after a freshly trained teacher equals one
+trained against the same teacher loaded with --teacher-ckpt). Inside a stage the only randomness is the
+model/bank initialisation (global torch RNG), the batch order (DistributedSampler: seed + epoch) and the
+augmentation (a dedicated generator). A checkpoint stores all of them plus the model, optimizer,
+scheduler, the RRDLoss state (bank and pointer) and the metrics so far.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from rrd_kernels import RRDLoss
+
+from . import dist as D
+from .data import DatasetSpec, Preprocess, batches, make_sampler
+
+CKPT_FORMAT = "rrd-train-checkpoint-v1"
+METRIC_KEYS = ("epoch", "lr", "train_loss", "train_ce", "train_kd", "train_rrd", "train_acc", "test_loss", "test_acc")
+
+
+class StopRequested(Exception):
+    """Raised after the epoch named by --stop-after (a checkpoint has been written)."""
+
+
+@dataclass
+class TrainConfig:
+    dataset: str
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    lr_decay_epochs: list
+    lr_decay_rate: float
+    kd_T: float
+    bank_size: int
+    feat_dim: int
+    tau_s: float
+    tau_t: float
+    enqueue: str
+    gather_distributed: bool
+    bf16: bool
+    eval_batch_size: int = 1000
+    save_every: int = 10
+    stop_after: int | None = None
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Stage:
+    name: str  # e.g. "teacher", "seed0/kd_rrd"
+    arch: str
+    epochs: int
+    seed: int
+    out_dir: str
+    gamma: float = 1.0  # CE weight
+    alpha: float = 0.0  # KD weight
+    beta: float = 0.0  # RRD weight
+    extra: dict = field(default_factory=dict)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state(aug_gen: torch.Generator) -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "augment": aug_gen.get_state(),
+    }
+
+
+def set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    aug_gen.set_state(state["augment"])
+
+
+def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, T: float) -> torch.Tensor:
+    """Hinton et al.'s KD: KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch (in fp32)."""
+    log_p_s = F.log_softmax(logits_s.float() / T, dim=1)
+    log_p_t = F.log_softmax(logits_t.float() / T, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+
+
+def atomic_save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def stage_signature(cfg: TrainConfig, stage: Stage, world: int) -> dict:
+    """What must match for a checkpoint to be continued (epochs may be extended)."""
+    sig = {
+        "dataset": cfg.dataset,
+        "arch": stage.arch,
+        "seed": stage.seed,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
+        "lr_decay_epochs": list(cfg.lr_decay_epochs),
+        "lr_decay_rate": cfg.lr_decay_rate,
+        "gamma": stage.gamma,
+        "alpha": stage.alpha,
+        "beta": stage.beta,
+        "bf16": cfg.bf16,
+        "world_size": world,
+    }
+    if stage.alpha:
+        sig["kd_T"] = cfg.kd_T
+    if stage.beta:
+        sig.update(
+            bank_size=cfg.bank_size, feat_dim=cfg.feat_dim, tau_s=cfg.tau_s, tau_t=cfg.tau_t,
+            enqueue=cfg.enqueue, gather_distributed=cfg.gather_distributed,
+        )
+    return sig
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, pre: Preprocess, cfg: TrainConfig, device) -> tuple[float, float]:
+    """(mean CE loss, top-1 accuracy in %) on ``data`` (in a fixed order, no randomness)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = len(data)
+    for start in range(0, n, cfg.eval_batch_size):
+        x = pre.eval(data.images[start : start + cfg.eval_batch_size])
+        y = data.labels[start : start + cfg.eval_batch_size]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            _, logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    return float(loss_sum) / n, 100.0 * float(correct) / n
+
+
+def write_logs(stage_dir: str, history: list, timing: list) -> None:
+    with open(os.path.join(stage_dir, "log.json"), "w") as fh:
+        json.dump({"history": history, "epoch_seconds": timing}, fh, indent=1)
+    with open(os.path.join(stage_dir, "log.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(list(METRIC_KEYS) + ["epoch_seconds"])
+        for row, sec in zip(history, timing):
+            w.writerow([row[k] for k in METRIC_KEYS] + [f"{sec:.3f}"])
+
+
+def load_final(path: str, device) -> dict:
+    """A stage's final.pt (tensors and plain values only, so weights_only loading is safe)."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+class StageRunner:
+    def __init__(self, ctx: D.DistContext, cfg: TrainConfig, data: DatasetSpec, build_model, log=print):
+        self.ctx, self.cfg, self.data = ctx, cfg, data
+        self.build_model = build_model
+        self.log = log
+        self.device = ctx.device
+        self.pre = Preprocess(data, ctx.device)
+        self.train_set = data.train.to(ctx.device)
+        self.test_set = data.test.to(ctx.device)
+
+    # ------------------------------------------------------------------ one stage
+    def run(self, stage: Stage, teacher: nn.Module | None = None) -> dict:
+        """Train ``stage`` (or resume it, or load it if already finished). Returns
+        {"model": the trained module, "history": per-epoch metrics, "criterion": RRDLoss or None}."""
+        ctx, cfg = self.ctx, self.cfg
+        stage_dir = stage.out_dir
+        os.makedirs(stage_dir, exist_ok=True)
+        final_path = os.path.join(stage_dir, "final.pt")
+        last_path = os.path.join(stage_dir, "checkpoint.pt")
+        signature = stage_signature(cfg, stage, ctx.world)
+
+        seed_all(stage.seed)
+        model = self.build_model(stage.arch).to(self.device)
+        criterion = None
+        if stage.beta:
+            if teacher is None:
+                raise ValueError(f"stage {stage.name}: RRD (beta > 0) needs a teacher")
+            criterion = RRDLoss(
+                model.feat_dim, teacher.feat_dim, feat_dim=cfg.feat_dim, bank_size=cfg.bank_size,
+                tau_s=cfg.tau_s, tau_t=cfg.tau_t, enqueue=cfg.enqueue, backend="auto",
+                gather_distributed=cfg.gather_distributed,
+            ).to(self.device)
+        if stage.alpha and teacher is None:
+            raise ValueError(f"stage {stage.name}: KD (alpha > 0) needs a teacher")
+
+        if cfg.resume and os.path.isfile(final_path):
+            final = load_final(final_path, self.device)
+            self._check_signature(final.get("signature"), signature, final_path)
+            model.load_state_dict(final["model"])
+            if criterion is not None:
+                criterion.load_state_dict(final["criterion"])
+            if ctx.is_main:
+                self.log(f"[{stage.name}] already finished ({final_path}); loaded")
+            return {"model": model, "history": final["history"], "criterion": criterion}
+
+        # the RRD projection heads train with the student (as in the authors' code)
+        params = list(model.parameters()) + (list(criterion.parameters()) if criterion is not None else [])
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.lr_decay_epochs, gamma=cfg.lr_decay_rate)
+        aug_gen = torch.Generator(device=self.device)
+        aug_gen.manual_seed(stage.seed * 1000 + 17 + ctx.rank)  # differs per rank
+        sampler = make_sampler(len(self.train_set), ctx.world, ctx.rank, seed=stage.seed)
+        history: list = []
+        timing: list = []
+        start_epoch = 1
+
+        if cfg.resume and os.path.isfile(last_path):
+            ckpt = torch.load(last_path, map_location=self.device, weights_only=False)  # our own file
+            if ckpt.get("format") != CKPT_FORMAT:
+                raise ValueError(f"--resume: {last_path} is not a checkpoint of this app")
+            self._check_signature(ckpt["signature"], signature, last_path)
+            model.load_state_dict(ckpt["model"])
+            if criterion is not None:
+                criterion.load_state_dict(ckpt["criterion_per_rank"][ctx.rank])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng_per_rank"][ctx.rank], aug_gen)
+            sampler.seed = ckpt["sampler"]["seed"]
+            history, timing = list(ckpt["history"]), list(ckpt["timing"])
+            start_epoch = ckpt["epoch"] + 1
+            if ctx.is_main:
+                self.log(f"[{stage.name}] resuming from {last_path} after epoch {ckpt['epoch']}")
+        elif ctx.distributed:
+            D.broadcast_module_(model, ctx)
+            if criterion is not None:
+                D.broadcast_module_(criterion, ctx)
+
+        net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if ctx.distributed else model
+        if teacher is not None:
+            teacher.eval()
+
+        bar = None
+        if ctx.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=stage.epochs, initial=start_epoch - 1, desc=stage.name, unit="ep", dynamic_ncols=True)
+        for epoch in range(start_epoch, stage.epochs + 1):
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            train_metrics = self._train_epoch(stage, net, teacher, criterion, optimizer, sampler, aug_gen, epoch)
+            scheduler.step()
+            if ctx.distributed:
+                D.broadcast_module_(model, ctx)  # identical BN statistics on every rank before evaluation
+            test_loss, test_acc = evaluate(model, self.test_set, self.pre, cfg, self.device)
+            row = {"epoch": epoch, "lr": lr, **train_metrics, "test_loss": test_loss, "test_acc": test_acc}
+            history.append(row)
+            timing.append(time.perf_counter() - t0)
+            stop = cfg.stop_after is not None and epoch == cfg.stop_after and epoch < stage.epochs
+            if epoch % cfg.save_every == 0 or epoch == stage.epochs or stop:
+                self._save(last_path, stage, signature, epoch, model, criterion, optimizer, scheduler, sampler,
+                           aug_gen, history, timing)
+            if ctx.is_main:
+                write_logs(stage_dir, history, timing)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_acc=f"{test_acc:.2f}")
+                    bar.update(1)
+            if stop:
+                if bar is not None:
+                    bar.close()
+                raise StopRequested(f"[{stage.name}] stopped after epoch {epoch} (--stop-after); continue with --resume")
+        if bar is not None:
+            bar.close()
+
+        if ctx.is_main:
+            atomic_save(
+                {
+                    "format": CKPT_FORMAT + "-final",
+                    "arch": stage.arch,
+                    "dataset": cfg.dataset,
+                    "num_classes": self.data.num_classes,
+                    "in_channels": self.data.in_channels,
+                    "model": model.state_dict(),
+                    "criterion": criterion.state_dict() if criterion is not None else None,
+                    "history": history,
+                    "signature": signature,
+                },
+                final_path,
+            )
+        D.barrier(ctx)
+        return {"model": model, "history": history, "criterion": criterion}
+
+    # ------------------------------------------------------------------ helpers
+    def _check_signature(self, saved: dict | None, now: dict, path: str) -> None:
+        if saved is None:
+            return
+        diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now) if saved.get(k) != now.get(k)}
+        if diff:
+            parts = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise ValueError(f"--resume: {path} was made with other settings ({parts}); pass the same options")
+
+    def _save(self, path, stage, signature, epoch, model, criterion, optimizer, scheduler, sampler, aug_gen,
+              history, timing) -> None:
+        ctx = self.ctx
+        # every rank's RNG state and RRD state (banks differ per rank when gather_distributed is off)
+        rngs = D.gather_objects(rng_state(aug_gen), ctx)
+        crit_state = None
+        if criterion is not None:
+            crit_state = {k: v.detach().cpu() for k, v in criterion.state_dict().items()}
+        crits = D.gather_objects(crit_state, ctx)
+        if ctx.is_main:
+            atomic_save(
+                {
+                    "format": CKPT_FORMAT,
+                    "stage": stage.name,
+                    "signature": signature,
+                    "epoch": epoch,
+                    "epochs": stage.epochs,
+                    "model": model.state_dict(),
+                    "criterion_per_rank": crits,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "sampler": {"seed": sampler.seed, "epoch": sampler.epoch},
+                    "rng_per_rank": rngs,
+                    "history": history,
+                    "timing": timing,
+                    "world_size": ctx.world,
+                },
+                path,
+            )
+        D.barrier(ctx)
+
+    def _train_epoch(self, stage, net, teacher, criterion, optimizer, sampler, aug_gen, epoch) -> dict:
+        ctx, cfg, dev = self.ctx, self.cfg, self.device
+        net.train()
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        # sums over samples: loss, ce, kd, rrd, correct, count
+        sums = torch.zeros(6, dtype=torch.float64, device=dev)
+        zero = torch.zeros((), device=dev)
+        n_batches = (len(order) + cfg.batch_size - 1) // cfg.batch_size
+        inner = None
+        if ctx.is_main and cfg.progress and n_batches >= 100:
+            from tqdm import tqdm
+
+            inner = tqdm(total=n_batches, desc=f"epoch {epoch}", unit="it", leave=False, dynamic_ncols=True)
+        for idx in batches(order, cfg.batch_size, dev):
+            x = self.pre.train(self.train_set.images[idx], aug_gen)
+            y = self.train_set.labels[idx]
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                if teacher is not None:
+                    with torch.no_grad():
+                        f_t, logits_t = teacher(x)
+                f_s, logits_s = net(x)
+                ce = F.cross_entropy(logits_s.float(), y)
+                kd = kd_loss(logits_s, logits_t, cfg.kd_T) if stage.alpha else zero
+                rrd = criterion(f_s, f_t) if stage.beta else zero
+                loss = stage.gamma * ce + stage.alpha * kd + stage.beta * rrd
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if criterion is not None:
+                D.average_grads_(criterion.parameters(), ctx)
+            optimizer.step()
+            b = y.shape[0]
+            with torch.no_grad():
+                correct = (logits_s.argmax(1) == y).sum()
+                sums += torch.stack([loss.detach().double() * b, ce.detach().double() * b, kd.detach().double() * b,
+                                     rrd.detach().double() * b, correct.double(), torch.tensor(float(b), dtype=torch.float64, device=dev)])
+            if inner is not None:
+                inner.update(1)
+        if inner is not None:
+            inner.close()
+        D.all_reduce_sum_(sums, ctx)
+        s = sums.tolist()
+        n = s[5]
+        return {"train_loss": s[0] / n, "train_ce": s[1] / n, "train_kd": s[2] / n, "train_rrd": s[3] / n,
+                "train_acc": 100.0 * s[4] / n}

@@ -1,0 +1,315 @@
+#!/usr/bin/env python
+"""Reference training application for rrd_kernels: train a teacher, then distil a student with
+CE only, CE + KD, CE + RRD and CE + KD + RRD (loss = gamma*CE + alpha*KD(T) + beta*RRD), and report
+test accuracy as a table, results.json and accuracy.png.
+
+    python python/train.py                      # offline demo on scikit-learn's 8x8 digits, CPU, minutes
+    python python/train.py --dataset cifar100 --data-dir DATA   # the paper's CIFAR-100 recipe
+    torchrun --nproc_per_node 2 python/train.py ...              # DDP (NCCL on GPUs, gloo on CPU)
+
+See python/README.md for every option.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+try:
+    import rrd_kernels  # noqa: F401  (installed, or on the path)
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from models import MODELS, build_model  # noqa: E402
+from rrdtrain import dist as D  # noqa: E402
+from rrdtrain.data import DataError, load_dataset  # noqa: E402
+from rrdtrain.engine import Stage, StageRunner, StopRequested, TrainConfig, evaluate  # noqa: E402
+from rrdtrain.report import format_table, save_json, save_plot, summarise  # noqa: E402
+
+# method -> (label, uses KD, uses RRD); CE is always on (weight gamma)
+METHODS = {
+    "ce": ("student (CE)", False, False),
+    "kd": ("KD (CE+KD)", True, False),
+    "rrd": ("RRD (CE+RRD)", False, True),
+    "kd_rrd": ("RRD+KD (CE+KD+RRD)", True, True),
+}
+
+PRESETS = {
+    # offline demo: 1437 train / 360 test 8x8 digits, a CNN teacher, an MLP student ~26x smaller
+    "digits": dict(
+        teacher="digits_cnn", student="digits_mlp", batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
+        epochs=30, teacher_epochs=30, lr_decay_epochs=None, lr_decay_rate=0.1, bank_size=1024, feat_dim=128,
+        kd_T=4.0, save_every=5,
+    ),
+    # the paper's CIFAR-100 recipe (authors' scripts)
+    "cifar100": dict(
+        teacher="resnet32x4", student="resnet8x4", batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
+        epochs=240, teacher_epochs=240, lr_decay_epochs=[150, 180, 210], lr_decay_rate=0.1, bank_size=16384,
+        feat_dim=128, kd_T=4.0, save_every=10,
+    ),
+}
+
+# RRD temperature / enqueue-order configurations published by the authors
+RRD_CONFIGS = {
+    "paper": dict(tau_s=0.04, tau_t=0.1, enqueue="after"),  # the paper's tables (2024 code)
+    "authors2025": dict(tau_s=0.1, tau_t=0.02, enqueue="before"),  # the authors' 2025 code
+}
+
+
+def scaled_milestones(epochs: int) -> list[int]:
+    """The paper's decay points (150, 180, 210 of 240 epochs) scaled to ``epochs``."""
+    return sorted({max(1, round(epochs * e / 240)) for e in (150, 180, 210)})
+
+
+def _method_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in METHODS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {bad or text!r}; choose a comma-separated list of {list(METHODS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs such as 150,180,210, got {text!r}")
+    if any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"epochs must be >= 1, got {text!r}")
+    return sorted(vals)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a teacher and distil a student with CE, KD and RRD (rrd_kernels.RRDLoss).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data and models")
+    g.add_argument("--dataset", choices=sorted(PRESETS), default="digits",
+                   help="digits: scikit-learn's bundled 8x8 digits (offline); cifar100: the paper's setting")
+    g.add_argument("--data-dir", default=None, help="folder holding cifar-100-python/{train,test} (cifar100 only)")
+    g.add_argument("--teacher", choices=sorted(MODELS), default=None, help="teacher model (default: preset)")
+    g.add_argument("--student", choices=sorted(MODELS), default=None, help="student model (default: preset)")
+    g.add_argument("--teacher-ckpt", default=None,
+                   help="load the teacher from this file (a final.pt written by this app, or a state_dict) "
+                        "instead of training it")
+    g = p.add_argument_group("what to run")
+    g.add_argument("--methods", type=_method_list, default=["ce", "kd", "kd_rrd"],
+                   help=f"comma-separated student runs, from {list(METHODS)}")
+    g.add_argument("--seed", type=int, default=0, help="base seed (teacher, and the first student seed)")
+    g.add_argument("--seeds", type=int, default=1, help="train every student method with seeds seed .. seed+N-1")
+    g = p.add_argument_group("optimisation (default: the dataset's preset)")
+    g.add_argument("--epochs", type=int, default=None, help="student epochs")
+    g.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs")
+    g.add_argument("--batch-size", type=int, default=None, help="per-process batch size")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--momentum", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--lr-decay-epochs", type=_int_list, default=None,
+                   help="epochs at which the lr is multiplied by --lr-decay-rate (default: 150,180,210 of 240, "
+                        "scaled to --epochs)")
+    g.add_argument("--lr-decay-rate", type=float, default=None)
+    g = p.add_argument_group("loss")
+    g.add_argument("--gamma", type=float, default=1.0, help="weight of the cross-entropy with the labels")
+    g.add_argument("--alpha", type=float, default=1.0, help="weight of KD in the methods that use it")
+    g.add_argument("--beta", type=float, default=1.0, help="weight of RRD in the methods that use it")
+    g.add_argument("--kd-T", type=float, default=None, help="KD temperature (4 in the paper)")
+    g.add_argument("--rrd-config", choices=sorted(RRD_CONFIGS), default="paper",
+                   help="paper: tau_s 0.04, tau_t 0.1, enqueue after; authors2025: tau_s 0.1, tau_t 0.02, "
+                        "enqueue before")
+    g.add_argument("--tau-s", type=float, default=None, help="override the student temperature")
+    g.add_argument("--tau-t", type=float, default=None, help="override the teacher temperature")
+    g.add_argument("--enqueue", choices=["after", "before"], default=None, help="override the enqueue order")
+    g.add_argument("--bank-size", type=int, default=None, help="RRD memory bank size K")
+    g.add_argument("--feat-dim", type=int, default=None, help="RRD embedding size")
+    g.add_argument("--no-gather-distributed", dest="gather_distributed", action="store_false",
+                   help="under DDP, enqueue only this rank's teacher keys (banks differ per rank) instead of "
+                        "all ranks' keys")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--out-dir", default=None, help="output folder (default: runs/<dataset>-<teacher>-<student>)")
+    g.add_argument("--save-every", type=int, default=None, help="write a checkpoint every N epochs (and at the end)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue every unfinished stage from its last checkpoint in --out-dir; finished ones "
+                        "are loaded")
+    g.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                   help="stop the job after this epoch of the first stage that reaches it (a checkpoint is "
+                        "written); for interrupting deliberately and continuing with --resume")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+    return p
+
+
+def resolve_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, fill the preset's defaults, and check everything that would otherwise fail deep inside."""
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key, value in RRD_CONFIGS[args.rrd_config].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for name in ("epochs", "teacher_epochs", "batch_size", "seeds", "bank_size", "feat_dim", "save_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    for name in ("tau_s", "tau_t", "kd_T", "lr"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("gamma", "alpha", "beta", "weight_decay", "momentum"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.lr_decay_epochs is None:
+        args.lr_decay_epochs = scaled_milestones(args.epochs)
+    if args.stop_after is not None and args.stop_after < 1:
+        p.error(f"--stop-after must be >= 1, got {args.stop_after}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if any(METHODS[m][2] for m in args.methods) and args.batch_size * world > args.bank_size:
+        p.error(
+            f"--batch-size {args.batch_size} x {world} process(es) is larger than the RRD bank "
+            f"(--bank-size {args.bank_size}); each step enqueues every process's batch, so use "
+            f"--bank-size >= {args.batch_size * world}"
+        )
+    if args.dataset == "cifar100" and args.data_dir is None:
+        p.error("--data-dir is required with --dataset cifar100 (the folder holding cifar-100-python/)")
+    if args.dataset == "digits" and args.data_dir is not None:
+        p.error("--data-dir is only used with --dataset cifar100 (digits ships with scikit-learn)")
+    if args.teacher_ckpt is not None and not os.path.isfile(args.teacher_ckpt):
+        p.error(f"--teacher-ckpt: no such file {args.teacher_ckpt!r}")
+    if args.out_dir is None:
+        args.out_dir = os.path.join(REPO, "runs", f"{args.dataset}-{args.teacher}-{args.student}")
+    return args
+
+
+def load_teacher_ckpt(p, path: str, arch: str, make) -> torch.nn.Module:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        p.error(f"--teacher-ckpt: cannot read {path!r} as a final.pt of this app or a state_dict ({exc})")
+    if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
+        if ckpt.get("arch") not in (None, arch):
+            p.error(f"--teacher-ckpt: {path!r} holds a {ckpt['arch']!r} model but --teacher is {arch!r}")
+        state = ckpt["model"]
+    else:
+        state = ckpt
+    model = make(arch)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        p.error(f"--teacher-ckpt: {path!r} does not fit --teacher {arch} ({str(exc).splitlines()[0]})")
+    return model
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = resolve_args(parser, argv)
+    t_start = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        data = load_dataset(args.dataset, args.data_dir, split_seed=0)
+    except DataError as exc:
+        parser.error(str(exc))
+    try:
+        ctx = D.setup(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    log = print if ctx.is_main else (lambda *a, **k: None)
+
+    cfg = TrainConfig(
+        dataset=args.dataset, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, lr_decay_epochs=args.lr_decay_epochs, lr_decay_rate=args.lr_decay_rate,
+        kd_T=args.kd_T, bank_size=args.bank_size, feat_dim=args.feat_dim, tau_s=args.tau_s, tau_t=args.tau_t,
+        enqueue=args.enqueue, gather_distributed=args.gather_distributed, bf16=args.bf16,
+        save_every=args.save_every, stop_after=args.stop_after, resume=args.resume, progress=args.progress,
+    )
+
+    def make(arch):
+        return build_model(arch, data.num_classes, data.in_channels)
+
+    if ctx.is_main:
+        os.makedirs(args.out_dir, exist_ok=True)
+        save_json(os.path.join(args.out_dir, "config.json"), {**vars(args), "world_size": ctx.world})
+    log(f"{args.dataset}: {len(data.train)} train / {len(data.test)} test images; device {ctx.device}, "
+        f"{ctx.world} process(es); output {args.out_dir}")
+    runner = StageRunner(ctx, cfg, data, make, log=log)
+    try:
+        # ---- teacher
+        if args.teacher_ckpt:
+            teacher = load_teacher_ckpt(parser, args.teacher_ckpt, args.teacher, make).to(ctx.device)
+            teacher_hist = []
+            log(f"teacher {args.teacher} loaded from {args.teacher_ckpt}")
+        else:
+            stage = Stage("teacher", args.teacher, args.teacher_epochs, args.seed, os.path.join(args.out_dir, "teacher"))
+            res = runner.run(stage)
+            teacher, teacher_hist = res["model"], res["history"]
+        teacher.eval()
+        for prm in teacher.parameters():
+            prm.requires_grad_(False)
+        _, teacher_acc = evaluate(teacher, runner.test_set, runner.pre, cfg, ctx.device)
+        log(f"teacher {args.teacher}: test accuracy {teacher_acc:.2f}%")
+
+        # ---- students
+        methods = {}
+        for name in args.methods:
+            label, use_kd, use_rrd = METHODS[name]
+            weights = (args.gamma, args.alpha if use_kd else 0.0, args.beta if use_rrd else 0.0)
+            methods[name] = {"label": label, "weights": weights, "histories": [], "ddp_bank_in_sync": []}
+        for seed in range(args.seed, args.seed + args.seeds):
+            for name, m in methods.items():
+                gamma, alpha, beta = m["weights"]
+                stage = Stage(f"seed{seed}/{name}", args.student, args.epochs, seed,
+                              os.path.join(args.out_dir, f"seed{seed}", name), gamma=gamma, alpha=alpha, beta=beta)
+                res = runner.run(stage, teacher=teacher)
+                m["histories"].append(res["history"])
+                if res["criterion"] is not None and ctx.distributed:
+                    banks = D.gather_objects(res["criterion"].bank.detach().cpu(), ctx)
+                    same = all(torch.equal(b, banks[0]) for b in banks)
+                    m["ddp_bank_in_sync"].append(same)
+                    log(f"[{stage.name}] RRD banks identical on all {ctx.world} ranks: {same}")
+    except StopRequested as stop:
+        log(str(stop))
+        D.teardown(ctx)
+        return 0
+
+    if ctx.is_main:
+        summarise(methods)
+        teacher_info = {"arch": args.teacher, "test_acc": teacher_acc, "history": teacher_hist,
+                        "checkpoint": args.teacher_ckpt or os.path.join(args.out_dir, "teacher", "final.pt")}
+        seeds = list(range(args.seed, args.seed + args.seeds))
+        title = (f"{args.dataset}: teacher {args.teacher} -> student {args.student}, {args.epochs} epochs, "
+                 f"RRD {args.rrd_config} (tau_s {args.tau_s}, tau_t {args.tau_t}, enqueue {args.enqueue}, "
+                 f"K {args.bank_size}), seeds {seeds}")
+        table = format_table(title, teacher_info, methods, args.seeds)
+        runtime = time.perf_counter() - t_start
+        payload = {
+            "config": {**vars(args), "world_size": ctx.world, "device": str(ctx.device)},
+            "teacher": teacher_info,
+            "methods": {k: {kk: vv for kk, vv in v.items() if kk != "histories"} for k, v in methods.items()},
+            "histories": {k: v["histories"] for k, v in methods.items()},
+            "seeds": seeds,
+            "table": table,
+            "runtime_seconds": runtime,
+        }
+        save_json(os.path.join(args.out_dir, "results.json"), payload)
+        save_plot(os.path.join(args.out_dir, "accuracy.png"), title.split(", RRD")[0], teacher_info, methods)
+        print()
+        print(table)
+        print(f"\nwrote {os.path.join(args.out_dir, 'results.json')} and accuracy.png; runtime {runtime:.1f} s")
+    D.teardown(ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
