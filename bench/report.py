@@ -1,0 +1,224 @@
+"""Writes the results of a run: results.csv, results.json, results.md, and PNG plots (matplotlib, Agg)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .runner import COLUMNS, OK_STATUSES
+
+
+def _clean(v):
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if _clean(r.get(k)) is None else _clean(r.get(k))) for k in COLUMNS})
+
+
+def write_json(rows: list[dict], meta: dict, path: Path) -> None:
+    doc = {"meta": meta, "columns": COLUMNS, "rows": [{k: _clean(r.get(k)) for k in COLUMNS} for r in rows]}
+    path.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+
+
+def _fmt(v, digits=4) -> str:
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.2e}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+MD_COLUMNS = [
+    ("B", "B"), ("K", "K"), ("D", "D"), ("dtype", "dtype"), ("provider", "provider"), ("mode", "mode"),
+    ("timing", "timing"), ("status", "status"), ("median_ms", "median ms"), ("p20_ms", "p20"),
+    ("p80_ms", "p80"), ("peak_extra_mib", "extra MiB"), ("floor_ms", "floor ms"), ("pct_of_floor", "% floor"),
+    ("pct_of_floor_recompute", "% floor (5 prod.)"), ("speedup_vs_eager", "x eager"),
+    ("loss_rel_err", "loss err"), ("grad_rel_err", "grad err"), ("reason", "reason"),
+]
+
+
+def write_md(rows: list[dict], meta: dict, path: Path) -> None:
+    c = meta.get("ceilings") or {}
+    lines = [f"# RRD benchmark: preset `{meta.get('preset')}`", ""]
+    lines.append(f"- device: {meta.get('device')}; torch {meta.get('torch')}, triton {meta.get('triton')}, "
+                 f"CUDA {meta.get('cuda') or '-'}, Python {meta.get('python')}")
+    lines.append(f"- git commit: {meta.get('git_commit')}; fp32 matmul precision: "
+                 f"{meta.get('fp32_matmul_precision')}; TRITON_INTERPRET={meta.get('triton_interpret') or 0}")
+    if c:
+        rates = ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in c["matmul_TFLOPs"].items())
+        lines.append(f"- ceilings measured in this run: copy {c['copy_GBps']:.0f} GB/s (read + write); "
+                     f"matmul {rates}")
+    else:
+        lines.append("- no GPU: times are CPU wall-clock (time.perf_counter); no memory, floor or graph columns")
+    lines.append(f"- started {meta.get('started')}, took {meta.get('elapsed_s', float('nan')):.1f} s")
+    lines += ["", "Times in ms (median, p20, p80). `% floor`: floor / median (100 = at the floor). "
+              "See bench/README.md for every column.", ""]
+    lines.append("| " + " | ".join(h for _, h in MD_COLUMNS) + " |")
+    lines.append("|" + "---|" * len(MD_COLUMNS))
+    for r in rows:
+        cells = []
+        for k, _ in MD_COLUMNS:
+            v = r.get(k)
+            s = _fmt(v, 3 if k in ("loss_rel_err", "grad_rel_err") else 4)
+            cells.append(s.replace("|", "/"))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def summary_lines(rows: list[dict], mode: str = "fwd+bwd", limit: int = 80) -> list[str]:
+    """A compact table: one line per (config, provider) for one mode, python and graph medians side by side."""
+    by = {}
+    order = []
+    for r in rows:
+        if r["mode"] != mode:
+            continue
+        key = (r["B"], r["K"], r["D"], r["dtype"], r["tau_s"], r["tau_t"], r["provider"])
+        if key not in by:
+            by[key] = {}
+            order.append(key)
+        by[key][r["timing"]] = r
+    head = f"{'B':>5} {'K':>8} {'D':>4} {'dtype':>8} {'provider':>8} {'status':>12} {'py ms':>9} " \
+           f"{'graph ms':>9} {'%floor':>7} {'x eager':>7} {'loss err':>9} {'grad err':>9}"
+    out = [f"summary ({mode}; py = called from Python, graph = CUDA-graph replay):", head]
+    for key in order[:limit]:
+        d = by[key]
+        py, gr = d.get("python", {}), d.get("graph", {})
+        first = py or gr
+        st = first.get("status", "")
+        if py and gr and gr.get("status") != st:
+            st = f"{st}/{gr.get('status')}"
+
+        def f(v, w, spec):
+            return f"{v:{w}{spec}}" if isinstance(v, (int, float)) and not math.isnan(v) else f"{'-':>{w}}"
+
+        out.append(f"{key[0]:>5} {key[1]:>8} {key[2]:>4} {key[3]:>8} {key[6]:>8} {st[:12]:>12} "
+                   f"{f(py.get('median_ms', math.nan), 9, '.4f')} {f(gr.get('median_ms', math.nan), 9, '.4f')} "
+                   f"{f(first.get('pct_of_floor', math.nan), 7, '.1f')} "
+                   f"{f(py.get('speedup_vs_eager', math.nan), 7, '.2f')} "
+                   f"{f(first.get('loss_rel_err', math.nan), 9, '.1e')} "
+                   f"{f(first.get('grad_rel_err', math.nan), 9, '.1e')}")
+    if len(order) > limit:
+        out.append(f"... {len(order) - limit} more (config, provider) pairs in results.md")
+    failed = [r for r in rows if r["status"] not in OK_STATUSES + ("skipped",)]
+    reasons = {}
+    for r in failed:
+        reasons.setdefault((r["provider"], r["status"], r["reason"]), 0)
+        reasons[(r["provider"], r["status"], r["reason"])] += 1
+    for (p, st, why), n in list(reasons.items())[:10]:
+        out.append(f"  {p} {st} x{n}: {why[:150]}")
+    skipped = sum(r["status"] == "skipped" for r in rows)
+    if skipped:
+        out.append(f"  {skipped} rows skipped (time budget)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def _groups(rows, mode):
+    """{(B, D, dtype, taus): {(provider, timing): [(K, row)]}} for rows of one mode."""
+    g = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["mode"] == mode:
+            g[(r["B"], r["D"], r["dtype"], r["tau_s"], r["tau_t"])][(r["provider"], r["timing"])].append(
+                (r["K"], r))
+    return g
+
+
+def _value(r, key):
+    v = r.get(key)
+    if r["status"] not in OK_STATUSES or not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
+        return None
+    return float(v)
+
+
+def _figure(groups, title, ylabel, key, kinds, extra=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(groups)
+    n = max(1, len(keys))
+    cols = min(4, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    any_data = False
+    colors = {}
+    for ax, gk in zip(axes.flat, keys):
+        for (prov, kind), pts in sorted(groups[gk].items()):
+            if kind not in kinds:
+                continue
+            pts = sorted((k, _value(r, key)) for k, r in pts)
+            pts = [(k, v) for k, v in pts if v is not None]
+            if not pts:
+                continue
+            any_data = True
+            color = colors.setdefault(prov, f"C{len(colors)}")
+            ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", color=color,
+                    linestyle="-" if kind == "python" else "--", label=f"{prov} ({kind})")
+        if extra is not None:
+            extra(ax, groups[gk])
+        b, d, dt, ts, tt = gk
+        ax.set_title(f"B {b}, D {d}, {dt}, tau {ts}/{tt}", fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("K (bank rows)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    if not any_data:
+        fig.text(0.5, 0.5, "no data (see results.md: failed, skipped, or not measured on this device)",
+                 ha="center", va="center")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def write_plots(rows: list[dict], out: Path, mode: str = "fwd+bwd") -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(rows, mode)
+
+    def floor_line(ax, grp):
+        pts = {}
+        for _pk, lst in grp.items():
+            for k, r in lst:
+                v = r.get("floor_ms")
+                if isinstance(v, float) and not math.isnan(v):
+                    pts[k] = v
+        if pts:
+            ks = sorted(pts)
+            ax.plot(ks, [pts[k] for k in ks], color="k", linestyle=":", label="floor")
+
+    paths = []
+    for name, title, ylabel, key, kinds, extra in [
+        ("time_vs_K.png", f"RRD loss {mode}: median time", "ms", "median_ms", ("python", "graph"), floor_line),
+        ("memory_vs_K.png", f"RRD loss {mode}: peak extra memory", "MiB", "peak_extra_mib", ("python",), None),
+        ("speedup_vs_K.png", f"RRD loss {mode}: speedup over eager", "x eager", "speedup_vs_eager",
+         ("python", "graph"), None),
+    ]:
+        fig = _figure(groups, title, ylabel, key, kinds, extra)
+        p = out / name
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths

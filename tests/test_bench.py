@@ -1,0 +1,187 @@
+"""The benchmark suite (bench/): the smoke preset end to end in a subprocess, and its parts in-process.
+
+The smoke run puts a provider that cannot run here first (cuda: no such device on a CPU machine, or not
+built), so the test sees that a failure is recorded and the providers after it still run.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def finite(v):
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # smoke must set it itself
+    cmd = [sys.executable, "-m", "bench", "--preset", "smoke", "--out", str(out), "--no-progress"]
+    if not torch.cuda.is_available():
+        # first a provider that must fail here, then the ones that must work
+        cmd += ["--providers", "cuda", "eager", "torch", "compile", "triton"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_smoke_writes_all_outputs(smoke):
+    out, proc = smoke
+    for name in ("results.csv", "results.json", "results.md"):
+        assert (out / name).stat().st_size > 100, name
+    for name in ("time_vs_K.png", "memory_vs_K.png", "speedup_vs_K.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    assert "summary (fwd+bwd" in proc.stdout
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    doc = json.loads((out / "results.json").read_text())
+    assert len(csv_lines) == 1 + len(doc["rows"])  # header + one line per row
+    assert doc["meta"]["torch"] == torch.__version__
+    md = (out / "results.md").read_text()
+    assert md.count("\n| 8 | 300 | 32 |") == len(doc["rows"])
+
+
+def test_smoke_baselines_ok_and_sane(smoke):
+    out, _ = smoke
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for provider in ("eager", "torch"):
+        mine = [r for r in rows if r["provider"] == provider]
+        assert {r["mode"] for r in mine} == {"fwd", "bwd", "fwd+bwd"}, provider
+        for r in mine:
+            assert r["status"] == "ok", r
+            assert (r["B"], r["K"], r["D"], r["dtype"]) == (8, 300, 32, "float32")
+            assert finite(r["median_ms"]) and 0 < r["median_ms"] < 10_000, r
+            assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
+            assert r["reps"] >= 3
+            # fp32 against float64 on the same inputs: far under the fp32 tolerances
+            assert r["loss_rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-4, r
+            assert r["grad_rows_checked"] == 8
+            assert finite(r["speedup_vs_eager"]) and r["speedup_vs_eager"] > 0
+    eager_full = [r for r in rows if r["provider"] == "eager" and r["mode"] == "fwd+bwd"]
+    assert eager_full[0]["speedup_vs_eager"] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the forced failure is the cuda backend on a CPU machine")
+def test_smoke_failed_provider_recorded_and_run_goes_on(smoke):
+    out, _ = smoke
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows[0]["provider"] == "cuda"  # it ran first ...
+    cuda = [r for r in rows if r["provider"] == "cuda"]
+    assert len(cuda) == 3
+    for r in cuda:
+        assert r["status"] in ("unavailable", "error"), r
+        assert r["reason"], r
+        assert r["median_ms"] is None and r["speedup_vs_eager"] is None
+    assert [r["provider"] for r in rows[3:]].count("eager") == 3  # ... and the others still ran after it
+
+
+# ------------------------------------------------------------------------------------------ in-process parts
+def test_quantiles():
+    from bench.timing import summarize
+
+    t = summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.reps) == (3.0, 1.8, 4.2, 5)
+
+
+def test_floor_matches_design_note():
+    from bench.ceilings import floor_ms
+
+    # rrd-math.md: H200, B 4096, K 262144, D 128, bf16, 4 products at 693 TFLOP/s: about 1.6 ms
+    ceil = {"copy_GBps": 4270.0, "matmul_TFLOPs": {"bfloat16": 693.0, "float32": 51.0}}
+    f4 = floor_ms(ceil, 4096, 262144, 128, "bfloat16", "fwd+bwd", recompute=False)
+    assert f4 == pytest.approx(4 * 2 * 4096 * 262144 * 128 / 693e12 * 1e3)
+    assert 1.55 < f4 < 1.65
+    assert floor_ms(ceil, 4096, 262144, 128, "bfloat16", "fwd+bwd", recompute=True) == pytest.approx(f4 * 5 / 4)
+    assert math.isnan(floor_ms(ceil, 64, 16384, 128, "float32", "bwd", recompute=False))
+    # small batch: the bank read dominates (8 MiB of fp32 at 4.27 TB/s, plus the B x D inputs)
+    small = floor_ms(ceil, 1, 16384, 128, "float32", "fwd", recompute=False)
+    assert small == pytest.approx((16384 * 128 + 2 * 128) * 4 / 4270e9 * 1e3)
+    assert math.isnan(floor_ms({}, 64, 16384, 128, "float32", "fwd", recompute=False))
+
+
+def test_reference_row_subset_and_chunks_agree_with_direct(monkeypatch):
+    from bench import check
+    from bench.config import Config
+    from rrd_kernels import rrd_reference
+
+    cfg = Config(B=40, K=200, D=16, dtype="float32", tau_s=0.1, tau_t=0.02)
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(40, 16, generator=g)
+    t = torch.randn(40, 16, generator=g)
+    q = torch.nn.functional.normalize(torch.randn(200, 16, generator=g), dim=1)
+    s64 = s.double().requires_grad_(True)
+    direct = rrd_reference(s64, t.double(), q.double(), 0.1, 0.02)
+    (g_direct,) = torch.autograd.grad(direct, s64)
+    # force chunks of 3 rows and a 12-row gradient subset
+    monkeypatch.setitem(check.CHUNK_BUDGET_BYTES, "cpu", 3 * 8 * 8 * 200)
+    monkeypatch.setattr(check, "GRAD_ALL_ROWS_MAX_BK", 0)
+    monkeypatch.setattr(check, "GRAD_SUBSET_ROWS", 12)
+    ref = check.Reference(cfg, s, t, q)
+    assert ref.rows.numel() == 12 and ref.rows[0] == 0 and ref.rows[-1] == 39
+    assert ref.loss == pytest.approx(direct.item(), rel=1e-12)
+    torch.testing.assert_close(ref.grad, g_direct[ref.rows], rtol=1e-10, atol=1e-14)
+    # compare(): exact inputs give ~0; a 1% error in one checked gradient row is seen
+    loss_err, grad_err = check.compare(ref, direct, g_direct)
+    assert loss_err < 1e-12 and grad_err < 1e-12
+    bad = g_direct.clone()
+    bad[ref.rows[5]] *= 1.01
+    assert check.compare(ref, direct, bad)[1] > 1e-4
+    assert check.compare(ref, direct * float("nan"), g_direct) == (math.inf, math.inf)
+
+
+def _options(**kw):
+    from bench.config import Config
+    from bench.runner import RunOptions
+    from bench.timing import Effort
+
+    cfg = Config(B=4, K=64, D=8, dtype="float32", tau_s=0.1, tau_t=0.02)
+    base = dict(preset="test", configs=[cfg], providers=["eager"], modes=["fwd", "fwd+bwd"],
+                timings=["python", "graph"], effort=Effort(warmup=1, target_ms=1.0, min_reps=3, max_reps=3),
+                device=torch.device("cpu"), progress=False)
+    base.update(kw)
+    return RunOptions(**base)
+
+
+def test_wrong_provider_is_recorded_not_timed(monkeypatch):
+    from bench import providers
+    from bench.runner import Runner
+
+    def build_wrong(cfg):  # 1% too large a loss and gradient: must fail the fp32 check
+        eager = providers.BUILDERS["eager"](cfg)
+        return lambda s, t, b: 1.01 * eager(s, t, b)
+
+    def build_broken(cfg):
+        def fn(s, t, b):
+            raise ValueError("kernel exploded")
+        return fn
+
+    monkeypatch.setitem(providers.BUILDERS, "triton", build_wrong)
+    monkeypatch.setitem(providers.BUILDERS, "cuda", build_broken)
+    rows = Runner(_options(providers=["triton", "cuda", "eager"])).run()
+    assert len(rows) == 6  # 3 providers x 2 modes x python only (no graph mode on the CPU)
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    for mode in ("fwd", "fwd+bwd"):
+        wrong = by[("triton", mode)]
+        assert wrong["status"] == "wrong" and "not timed" in wrong["reason"]
+        assert 5e-3 < wrong["loss_rel_err"] < 2e-2 and math.isnan(wrong["median_ms"])
+        broken = by[("cuda", mode)]
+        assert broken["status"] == "error" and "kernel exploded" in broken["reason"]
+        assert by[("eager", mode)]["status"] == "ok" and by[("eager", mode)]["median_ms"] > 0
+
+
+def test_time_budget_skips_remaining_configs():
+    from bench.config import Config
+    from bench.runner import Runner
+
+    cfgs = [Config(B=4, K=k, D=8, dtype="float32", tau_s=0.1, tau_t=0.02) for k in (32, 64)]
+    rows = Runner(_options(configs=cfgs, max_seconds=0.0)).run()
+    assert len(rows) == 4 and all(r["status"] == "skipped" for r in rows)
+    assert "time budget" in rows[0]["reason"]
