@@ -1,0 +1,104 @@
+// Host emulation build of the RRD kernels (see emulate.h): the same kernels, plan, checks and launch
+// sequence as the CUDA module, run on host memory. Loaded by tests/test_cuda_build.py through ctypes.
+//   g++ -std=c++20 -O1 -fno-strict-aliasing -pthread -shared -fPIC -DRRD_EMULATE csrc/emulate.cpp
+#define RRD_EMULATE 1
+#include "emulate.h"
+
+#define RRD_STREAM_T uintptr_t
+#define RRD_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  rrd_emu::launch((grid), (block), (smem), [&] { kernel(__VA_ARGS__); })
+
+#include <string>
+#include <vector>
+
+#include "rrd_host.inl"
+
+namespace {
+thread_local std::string g_error;
+const char* result(const std::string& e) {
+  g_error = e;
+  return e.empty() ? nullptr : g_error.c_str();
+}
+}  // namespace
+
+extern "C" {
+
+// Plan for B, K, D with num_sms SMs: writes {num_splits, chunk, num_dslices} and the workspace size.
+void rrd_emu_plan(int backward, int B, int K, int D, int num_sms, int* out3, long long* workspace_floats) {
+  const rrd::Plan p = backward ? rrd::backward_plan(B, K, D, num_sms) : rrd::forward_plan(B, K, D, num_sms);
+  out3[0] = p.num_splits;
+  out3[1] = p.chunk;
+  out3[2] = p.num_dslices;
+  *workspace_floats = p.workspace_floats;
+}
+
+// Returns nullptr on success, else the error message. Host pointers; element strides of rows.
+const char* rrd_emu_forward(const void* student, const void* teacher, const void* bank, long long ld_s,
+                            long long ld_t, long long ld_q, int B, int K, int D, int emb_dtype,
+                            int bank_dtype, int mode, double tau_s, double tau_t, int kl, int num_sms,
+                            float* rows, float* lse_s, float* lse_t) {
+  rrd::ForwardArgs a;
+  a.student = uintptr_t(student);
+  a.teacher = uintptr_t(teacher);
+  a.bank = uintptr_t(bank);
+  a.ld_s = ld_s;
+  a.ld_t = ld_t;
+  a.ld_q = ld_q;
+  a.B = B;
+  a.K = K;
+  a.D = D;
+  a.emb_dtype = emb_dtype;
+  a.bank_dtype = bank_dtype;
+  a.mode = mode;
+  a.tau_s = tau_s;
+  a.tau_t = tau_t;
+  a.kl = kl != 0;
+  const rrd::Plan plan = rrd::forward_plan(B, K, D, num_sms);
+  std::vector<float> part(size_t(plan.workspace_floats), -12345.f);  // poisoned: every entry must be written
+  a.num_splits = plan.num_splits;
+  a.chunk = plan.chunk;
+  a.part = uintptr_t(part.data());
+  a.rows = uintptr_t(rows);
+  a.lse_s = uintptr_t(lse_s);
+  a.lse_t = uintptr_t(lse_t);
+  std::string e = rrd::check_args(a);
+  if (e.empty()) e = rrd::run_forward(a);
+  return result(e);
+}
+
+const char* rrd_emu_backward(const void* student, const void* teacher, const void* bank, long long ld_s,
+                             long long ld_t, long long ld_q, int B, int K, int D, int emb_dtype,
+                             int bank_dtype, int mode, double tau_s, double tau_t, int num_sms,
+                             const float* lse_s, const float* lse_t, const float* grad_rows,
+                             long long grad_stride, void* grad_student) {
+  rrd::BackwardArgs a;
+  a.student = uintptr_t(student);
+  a.teacher = uintptr_t(teacher);
+  a.bank = uintptr_t(bank);
+  a.ld_s = ld_s;
+  a.ld_t = ld_t;
+  a.ld_q = ld_q;
+  a.B = B;
+  a.K = K;
+  a.D = D;
+  a.emb_dtype = emb_dtype;
+  a.bank_dtype = bank_dtype;
+  a.mode = mode;
+  a.tau_s = tau_s;
+  a.tau_t = tau_t;
+  const rrd::Plan plan = rrd::backward_plan(B, K, D, num_sms);
+  std::vector<float> gpart(size_t(plan.workspace_floats), NAN);  // poisoned: every entry must be written
+  a.num_splits = plan.num_splits;
+  a.chunk = plan.chunk;
+  a.lse_s = uintptr_t(lse_s);
+  a.lse_t = uintptr_t(lse_t);
+  a.grad_rows = uintptr_t(grad_rows);
+  a.grad_stride = grad_stride;
+  a.gpart = uintptr_t(gpart.data());
+  a.grad_student = uintptr_t(grad_student);
+  std::string e = rrd::check_args(a);
+  if (e.empty()) e = rrd::run_backward(a);
+  return result(e);
+}
+
+}  // extern "C"

@@ -1,0 +1,184 @@
+// Host emulation of the few CUDA features the RRD kernels use, so that the kernels' own source runs on a
+// CPU (tests/test_cuda_build.py builds csrc/emulate.cpp with the host C++ compiler and compares against
+// the float64 reference). It is a test harness, never shipped in the extension.
+//
+//   * each CUDA thread of a block is an OS thread; blocks run one after another;
+//   * __syncthreads is a barrier over the block, __shfl_xor_sync a warp barrier plus an exchange slot;
+//   * mma.sync is computed from the operand fragments of all 32 lanes, decoded with the element -> (row,
+//     column) formulas of the PTX ISA ("Matrix Fragments for mma.m16n8k16 / mma.m16n8k8"), written here
+//     in the ISA's own direction (lane, element) -> (row, column), independently of the kernels' loads;
+//   * dynamic shared memory starts filled with 0xff bytes (NaN as fp32, fp16 and bf16), so a read of an
+//     element that was never written poisons the result.
+// Not emulated: the memory model beyond barriers, timing, and anything the kernels do not use.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <barrier>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define RRD_DEVICE inline
+#define RRD_HOST_DEVICE
+#define __global__
+#define __launch_bounds__(n)
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+namespace rrd_emu {
+
+struct Block {
+  explicit Block(int nthreads, size_t smem_bytes)
+      : bar(nthreads), smem(smem_bytes + 16, 0xff), slots(size_t(nthreads) * 8, 0) {
+    for (int w = 0; w < (nthreads + 31) / 32; ++w) warp_bars.emplace_back(new std::barrier<>(32));
+  }
+  std::barrier<> bar;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+  std::vector<unsigned char> smem;
+  std::vector<uint32_t> slots;  // 8 words per thread for warp exchanges
+};
+
+inline thread_local Block* t_block = nullptr;
+inline thread_local dim3 t_thread, t_blockidx;
+
+// Run body() as every thread of every block of the grid (blocks sequentially).
+inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+  const int nthreads = int(block.x * block.y * block.z);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        Block blk(nthreads, smem_bytes);
+        std::vector<std::thread> threads;
+        for (int i = 0; i < nthreads; ++i)
+          threads.emplace_back([&, i] {
+            t_block = &blk;
+            t_thread = dim3(unsigned(i), 0, 0);
+            t_blockidx = dim3(x, y, z);
+            body();
+          });
+        for (auto& th : threads) th.join();
+      }
+}
+
+inline void warp_sync() { t_block->warp_bars[t_thread.x / 32]->arrive_and_wait(); }
+inline uint32_t* my_slots() { return &t_block->slots[size_t(t_thread.x) * 8]; }
+inline const uint32_t* lane_slots(int lane) {
+  return &t_block->slots[size_t((t_thread.x / 32) * 32 + lane) * 8];
+}
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+inline float half_bits_to_float(uint16_t h) {
+  _Float16 x;
+  memcpy(&x, &h, 2);
+  return float(x);
+}
+
+// One m16n8kK mma of the warp. kind 0: tf32 m16n8k8, 1: f16 m16n8k16, 2: bf16 m16n8k16.
+inline void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], int kind) {
+  uint32_t* mine = my_slots();
+  for (int r = 0; r < 4; ++r) mine[r] = a[r];
+  mine[4] = b[0];
+  mine[5] = b[1];
+  warp_sync();
+  const int KD = kind == 0 ? 8 : 16;
+  float A[16][16] = {}, B[16][8] = {};
+  for (int lane = 0; lane < 32; ++lane) {
+    const uint32_t* s = lane_slots(lane);
+    const int groupID = lane >> 2, tig = lane % 4;
+    if (kind == 0) {
+      // tf32: a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); b0 (row t, col g), b1 (row t+4, col g).
+      // The tensor core reads only the tf32 bits (sign, exponent, 10 mantissa bits).
+      for (int i = 0; i < 4; ++i) {
+        const int row = (i == 0 || i == 2) ? groupID : groupID + 8;
+        const int col = (i < 2) ? tig : tig + 4;
+        A[row][col] = bits_to_float(s[i] & 0xffffe000u);
+      }
+      for (int i = 0; i < 2; ++i) B[i == 0 ? tig : tig + 4][groupID] = bits_to_float(s[4 + i] & 0xffffe000u);
+    } else {
+      // f16 / bf16: element i of A sits in register i / 2, low half first;
+      //   row = groupID for a0,a1,a4,a5 and groupID+8 for a2,a3,a6,a7; col = tig*2 + (i & 1) (+8 for i >= 4)
+      // element i of B: register i / 2; row = tig*2 + (i & 1) (+8 for i >= 2), col = groupID.
+      auto elem = [&](uint32_t reg, int half) {
+        const uint16_t h = uint16_t(half ? reg >> 16 : reg & 0xffffu);
+        return kind == 2 ? bits_to_float(uint32_t(h) << 16) : half_bits_to_float(h);
+      };
+      for (int i = 0; i < 8; ++i) {
+        const int row = (i < 2 || (i >= 4 && i < 6)) ? groupID : groupID + 8;
+        const int col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+        A[row][col] = elem(s[i / 2], i & 1);
+      }
+      for (int i = 0; i < 4; ++i) {
+        const int row = tig * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+        B[row][groupID] = elem(s[4 + i / 2], i & 1);
+      }
+    }
+  }
+  // C/D: c0,c1 at row groupID, c2,c3 at row groupID+8; col = tig*2 + (i & 1).
+  const int lane = int(t_thread.x % 32), groupID = lane >> 2, tig = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = i < 2 ? groupID : groupID + 8, col = tig * 2 + (i & 1);
+    float acc = d[i];
+    for (int k = 0; k < KD; ++k) acc = fmaf(A[row][k], B[k][col], acc);
+    d[i] = acc;
+  }
+  warp_sync();  // nobody overwrites the slots before every lane has read them
+}
+
+}  // namespace rrd_emu
+
+#define threadIdx (rrd_emu::t_thread)
+#define blockIdx (rrd_emu::t_blockidx)
+#define RRD_DECLARE_SMEM(name) unsigned char* name = rrd_emu::t_block->smem.data()
+
+inline void __syncthreads() { rrd_emu::t_block->bar.arrive_and_wait(); }
+
+inline float __shfl_xor_sync(unsigned /*mask: all lanes take part in every call*/, float v, int lane_mask) {
+  rrd_emu::my_slots()[0] = rrd_emu::float_to_bits(v);
+  rrd_emu::warp_sync();
+  const float r = rrd_emu::bits_to_float(rrd_emu::lane_slots(int(threadIdx.x % 32) ^ lane_mask)[0]);
+  rrd_emu::warp_sync();
+  return r;
+}
+
+namespace rrd {
+inline float bf16_bits_to_float(uint16_t x) { return rrd_emu::bits_to_float(uint32_t(x) << 16); }
+inline float f16_bits_to_float(uint16_t x) { return rrd_emu::half_bits_to_float(x); }
+inline uint16_t float_to_bf16_bits(float x) {  // round to nearest even (finite inputs)
+  const uint32_t u = rrd_emu::float_to_bits(x);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline uint16_t float_to_f16_bits(float x) {
+  const _Float16 h = _Float16(x);  // round to nearest even
+  uint16_t r;
+  memcpy(&r, &h, 2);
+  return r;
+}
+inline uint32_t float_to_tf32(float x) {  // cvt.rna.tf32.f32: nearest, ties away from zero (finite inputs)
+  return (rrd_emu::float_to_bits(x) + 0x1000u) & 0xffffe000u;
+}
+inline void mma_tf32_1688(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  rrd_emu::mma(d, a, b, 0);
+}
+inline void mma_f16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  rrd_emu::mma(d, a, b, 1);
+}
+inline void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  rrd_emu::mma(d, a, b, 2);
+}
+}  // namespace rrd

@@ -1,0 +1,64 @@
+// Host-side interface of the CUDA backend, free of CUDA and torch headers: the pybind11 binding
+// (binding.cpp) and the host emulation (emulate.cpp) both fill these structs from plain integers.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace rrd {
+
+// Everything a forward call needs. Pointers are device addresses (host addresses in the emulation).
+struct ForwardArgs {
+  uintptr_t student = 0, teacher = 0, bank = 0;  // B x D, B x D, K x D with unit feature stride
+  int64_t ld_s = 0, ld_t = 0, ld_q = 0;          // row strides in elements
+  int B = 0, K = 0, D = 0;
+  int emb_dtype = 0, bank_dtype = 0;  // 0 float32, 1 float16, 2 bfloat16
+  int mode = 0;                       // 0 SIMT fp32, 1 TF32 mma, 2 fp16 mma, 3 bf16 mma
+  double tau_s = 1.0, tau_t = 1.0;
+  bool kl = false;
+  int num_splits = 1, chunk = 0;      // from forward_plan
+  uintptr_t part = 0;                 // float32 workspace, forward_plan().workspace_floats elements
+  uintptr_t rows = 0, lse_s = 0, lse_t = 0;  // float32 [B] outputs
+  int device = 0;
+  uintptr_t stream = 0;  // cudaStream_t
+};
+
+struct BackwardArgs {
+  uintptr_t student = 0, teacher = 0, bank = 0;
+  int64_t ld_s = 0, ld_t = 0, ld_q = 0;
+  int B = 0, K = 0, D = 0;
+  int emb_dtype = 0, bank_dtype = 0, mode = 0;
+  double tau_s = 1.0, tau_t = 1.0;
+  int num_splits = 1, chunk = 0;      // from backward_plan
+  uintptr_t lse_s = 0, lse_t = 0;     // float32 [B] saved by the forward
+  uintptr_t grad_rows = 0;            // float32, element stride grad_stride (0 for an expanded tensor)
+  int64_t grad_stride = 1;
+  uintptr_t gpart = 0;                // float32 workspace, backward_plan().workspace_floats elements
+  uintptr_t grad_student = 0;         // B x D contiguous, dtype emb_dtype (output)
+  int device = 0;
+  uintptr_t stream = 0;
+};
+
+// How a call is split over the bank, and the workspace it needs.
+struct Plan {
+  int num_splits = 1;   // grid y
+  int chunk = 0;        // bank rows per split (a multiple of the tile)
+  int num_dslices = 1;  // grid z (backward only)
+  int64_t workspace_floats = 0;
+};
+
+Plan forward_plan(int B, int K, int D, int num_sms);
+Plan backward_plan(int B, int K, int D, int num_sms);
+
+// "" when the arguments are consistent, else what is wrong (raised as ValueError by the binding).
+std::string check_args(const ForwardArgs& a);
+std::string check_args(const BackwardArgs& a);
+
+// Launch the kernels on a.stream; "" on success, else the CUDA error (raised as RuntimeError).
+std::string cuda_forward(const ForwardArgs& a);
+std::string cuda_backward(const BackwardArgs& a);
+
+// "" when the CUDA runtime linked into the module works and sees >= 1 device, else the CUDA error.
+std::string cuda_runtime_status(int* device_count);
+
+}  // namespace rrd

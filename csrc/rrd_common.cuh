@@ -1,0 +1,216 @@
+// Shared device-side building blocks of the RRD kernels: the platform prelude, element conversions, the
+// warp-level tile product (SIMT fp32, TF32 mma, fp16/bf16 mma) and the online dual-softmax state.
+//
+// The same source compiles two ways:
+//   * by nvcc for the GPU (the default), and
+//   * by a plain host C++ compiler with RRD_EMULATE defined (csrc/emulate.cpp), where every CUDA thread
+//     is an OS thread, __syncthreads/__shfl_xor_sync are barriers, and mma.sync is computed from the
+//     fragment layouts of the PTX ISA. That lets tests run the kernels' real indexing and masking code on a
+//     machine without a GPU. Only this prelude differs between the two builds.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef RRD_EMULATE
+#include "emulate.h"  // threadIdx, blockIdx, __syncthreads, __shfl_xor_sync, mma emulation, conversions
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#define RRD_DEVICE __device__ __forceinline__
+#define RRD_HOST_DEVICE __host__ __device__
+#define RRD_DECLARE_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace rrd {
+
+// ---- constants ----------------------------------------------------------------------------------------
+constexpr int kThreads = 128;        // 4 warps per block
+constexpr int kWarps = kThreads / 32;
+constexpr int BM = 16 * kWarps;      // rows of S/T per block: each warp owns 16 rows (the mma M)
+constexpr int BN = 64;               // bank rows per tile: each warp computes a 16 x 64 logit tile
+constexpr int DK = 32;               // feature chunk staged in shared memory per step
+constexpr int DV = 64;               // backward: features of dL/dS accumulated per block (grid z)
+constexpr int kMaxD = 512;           // finishing kernel keeps kMaxD / kThreads features per thread
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNormEps = 1e-12f;   // as F.normalize
+
+// dtype codes passed from Python
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+// how the dot products are computed
+enum Mode : int {
+  kSimtF32 = 0,  // fp32 FMA (torch "highest" precision for fp32 inputs)
+  kMmaTF32 = 1,  // mma.sync m16n8k8 tf32 (fp32 inputs, precision "high"/"medium")
+  kMmaF16 = 2,   // mma.sync m16n8k16 f16 (fp16 embeddings; bank converted to fp16)
+  kMmaBF16 = 3,  // mma.sync m16n8k16 bf16 (bf16 embeddings; bank converted to bf16)
+};
+
+#ifndef RRD_EMULATE
+RRD_DEVICE float bf16_bits_to_float(uint16_t x) { return __uint_as_float(uint32_t(x) << 16); }
+RRD_DEVICE float f16_bits_to_float(uint16_t x) { return __half2float(__ushort_as_half(x)); }
+RRD_DEVICE uint16_t float_to_bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+RRD_DEVICE uint16_t float_to_f16_bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
+RRD_DEVICE uint32_t float_to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+// D = A * B + D for one m16n8k16 (f16 or bf16 inputs, fp32 accumulators); fragment layouts: PTX ISA,
+// "Matrix Fragments for mma.m16n8k16 with floating point type".
+RRD_DEVICE void mma_f16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+RRD_DEVICE void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// D = A * B + D for one m16n8k8 with tf32 inputs (registers hold cvt.rna.tf32 results).
+RRD_DEVICE void mma_tf32_1688(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+// Element of a global tensor with runtime dtype code, as fp32 (exact for all three dtypes).
+RRD_DEVICE float load_as_float(const void* base, long long index, int dtype) {
+  if (dtype == kF32) return static_cast<const float*>(base)[index];
+  const uint16_t bits = static_cast<const uint16_t*>(base)[index];
+  return dtype == kBF16 ? bf16_bits_to_float(bits) : f16_bits_to_float(bits);
+}
+
+// ---- per-mode shared-memory element type -----------------------------------------------------------
+// SIMT and TF32 stage fp32 in shared memory; the 16-bit modes stage the mma input type (as raw bits).
+// Row padding (in elements) keeps the fragment loads free of bank conflicts: a row stride of 36 words
+// (fp32) or 20 / 36 words (16-bit, DK / BN wide) puts the 8 rows a load touches on distinct banks.
+template <int MODE> struct ModeTraits {
+  using T = float;
+  static constexpr int kPad = 4;
+  static RRD_DEVICE T from_float(float x) { return x; }
+};
+template <> struct ModeTraits<kMmaF16> {
+  using T = uint16_t;
+  static constexpr int kPad = 8;
+  static RRD_DEVICE T from_float(float x) { return float_to_f16_bits(x); }
+};
+template <> struct ModeTraits<kMmaBF16> {
+  using T = uint16_t;
+  static constexpr int kPad = 8;
+  static RRD_DEVICE T from_float(float x) { return float_to_bf16_bits(x); }
+};
+
+RRD_DEVICE uint32_t ld_pair(const uint16_t* p) {  // two consecutive 16-bit elements, low index in low half
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// ---- the warp tile product --------------------------------------------------------------------------
+// acc[j][i] += sum_{k < KDIM} A[r][k] * B[n][k]   for the 16 x 64 tile owned by this warp, where
+//   lane = 4 g + t,  r = g + 8 (i >> 1),  n = 8 j + 2 t + (i & 1)       (j < 8, i < 4)
+// i.e. acc is the mma.sync C fragment of eight m16n8 tiles side by side. A is 16 rows (stride lda) and B
+// is 64 rows (stride ldb), both with k contiguous ("NT"). Every mode produces exactly this layout, so the
+// softmax code that consumes acc is shared.
+template <int MODE, int KDIM> struct WarpTile;
+
+template <int KDIM> struct WarpTile<kSimtF32, KDIM> {
+  static RRD_DEVICE void run(float (&acc)[8][4], const float* A, int lda, const float* B, int ldb) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll 4
+    for (int k = 0; k < KDIM; ++k) {
+      const float a_lo = A[g * lda + k], a_hi = A[(g + 8) * lda + k];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float b0 = B[(8 * j + 2 * t) * ldb + k], b1 = B[(8 * j + 2 * t + 1) * ldb + k];
+        acc[j][0] = fmaf(a_lo, b0, acc[j][0]);
+        acc[j][1] = fmaf(a_lo, b1, acc[j][1]);
+        acc[j][2] = fmaf(a_hi, b0, acc[j][2]);
+        acc[j][3] = fmaf(a_hi, b1, acc[j][3]);
+      }
+    }
+  }
+};
+
+template <int KDIM> struct WarpTile<kMmaTF32, KDIM> {
+  static_assert(KDIM % 8 == 0, "tf32 mma steps k by 8");
+  static RRD_DEVICE void run(float (&acc)[8][4], const float* A, int lda, const float* B, int ldb) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    // Not unrolled: unrolling lets ptxas hoist all k-steps' operand loads ahead of the mmas, which spills
+    // in the forward kernel (two 16 x 64 accumulators live).
+#pragma unroll 1
+    for (int k0 = 0; k0 < KDIM; k0 += 8) {
+      // A (16 x 8, row): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4)
+      const uint32_t a[4] = {float_to_tf32(A[g * lda + k0 + t]), float_to_tf32(A[(g + 8) * lda + k0 + t]),
+                             float_to_tf32(A[g * lda + k0 + t + 4]),
+                             float_to_tf32(A[(g + 8) * lda + k0 + t + 4])};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        // B (8 x 8, col): b0 (k = t, n = g), b1 (k = t+4, n = g); B[k][n] lives at row n of the B tile
+        const float* bn = B + (8 * j + g) * ldb + k0;
+        const uint32_t b[2] = {float_to_tf32(bn[t]), float_to_tf32(bn[t + 4])};
+        mma_tf32_1688(acc[j], a, b);
+      }
+    }
+  }
+};
+
+template <int MODE, int KDIM> struct WarpTile16 {
+  static_assert(KDIM % 16 == 0, "f16/bf16 mma steps k by 16");
+  static RRD_DEVICE void run(float (&acc)[8][4], const uint16_t* A, int lda, const uint16_t* B, int ldb) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int k0 = 0; k0 < KDIM; k0 += 16) {
+      // A (16 x 16, row): reg0 (g, 2t..2t+1), reg1 (g+8, 2t..), reg2 (g, 2t+8..), reg3 (g+8, 2t+8..)
+      const uint32_t a[4] = {ld_pair(A + g * lda + k0 + 2 * t), ld_pair(A + (g + 8) * lda + k0 + 2 * t),
+                             ld_pair(A + g * lda + k0 + 2 * t + 8),
+                             ld_pair(A + (g + 8) * lda + k0 + 2 * t + 8)};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        // B (16 x 8, col): reg0 (k = 2t..2t+1, n = g), reg1 (k = 2t+8..2t+9, n = g)
+        const uint16_t* bn = B + (8 * j + g) * ldb + k0;
+        const uint32_t b[2] = {ld_pair(bn + 2 * t), ld_pair(bn + 2 * t + 8)};
+        if (MODE == kMmaBF16)
+          mma_bf16_16816(acc[j], a, b);
+        else
+          mma_f16_16816(acc[j], a, b);
+      }
+    }
+  }
+};
+template <int KDIM> struct WarpTile<kMmaF16, KDIM> : WarpTile16<kMmaF16, KDIM> {};
+template <int KDIM> struct WarpTile<kMmaBF16, KDIM> : WarpTile16<kMmaBF16, KDIM> {};
+
+// ---- online dual softmax state (rrd-math.md, "One pass over the bank"), log2 units -------------------
+// m_a, z_a: running max and sum of 2^(a - m_a) for the student logits a (in log2 units: a = a_nat log2 e);
+// m_b, z_b: the same for the teacher logits b; u = sum 2^(b - m_b) a, v = sum 2^(b - m_b) b.
+// The empty state is (-inf, 0, -inf, 0, 0, 0). Every exp2 below has a finite second operand (the new max)
+// or both operands -inf excluded by a test, so -inf - -inf and 0 * -inf never occur.
+struct RowState {
+  float m_a, z_a, m_b, z_b, u, v;
+};
+
+RRD_DEVICE RowState empty_state() { return RowState{-INFINITY, 0.f, -INFINITY, 0.f, 0.f, 0.f}; }
+
+// Fold another partial state into s (merge of lanes, and of bank splits).
+RRD_DEVICE void merge_state(RowState& s, const RowState& o) {
+  const float ma = fmaxf(s.m_a, o.m_a);
+  if (ma != -INFINITY) {
+    s.z_a = s.z_a * exp2f(s.m_a - ma) + o.z_a * exp2f(o.m_a - ma);
+    s.m_a = ma;
+  }
+  const float mb = fmaxf(s.m_b, o.m_b);
+  if (mb != -INFINITY) {
+    const float rs = exp2f(s.m_b - mb), ro = exp2f(o.m_b - mb);
+    s.z_b = s.z_b * rs + o.z_b * ro;
+    s.u = s.u * rs + o.u * ro;
+    s.v = s.v * rs + o.v * ro;
+    s.m_b = mb;
+  }
+}
+
+}  // namespace rrd

@@ -1,0 +1,145 @@
+// Host code shared by the CUDA build (rrd_cuda.cu) and the host emulation (emulate.cpp): the split plan,
+// argument checks, and the launch sequences. The includer defines
+//   RRD_STREAM_T                                         the stream type
+//   RRD_LAUNCH(kernel, grid, block, smem, stream, args)  launch, and `return` an error string on failure
+#pragma once
+
+#include <cmath>
+#include <string>
+
+#include "rrd_api.h"
+#include "rrd_kernels.cuh"
+
+namespace rrd {
+
+static_assert(forward_smem_bytes<kSimtF32>() <= 48 * 1024, "forward needs no opt-in shared memory");
+static_assert(backward_smem_bytes<kSimtF32>() <= 48 * 1024, "backward needs no opt-in shared memory");
+static_assert(backward_smem_bytes<kMmaBF16>() <= 48 * 1024, "backward needs no opt-in shared memory");
+
+inline long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
+
+// Split the bank so that (row blocks x splits x feature slices) gives about two blocks per SM: with a small
+// batch (B = 64 is one row block) the bank splits alone fill the GPU (flash-decoding). Each split gets a
+// whole number of tiles and at least one, so every split sees >= 1 valid bank row.
+inline Plan make_plan(int B, int K, int D, int num_sms, bool backward) {
+  Plan plan;
+  const long long row_blocks = ceil_div(B, BM), tiles = ceil_div(K, BN);
+  plan.num_dslices = backward ? int(ceil_div(D, DV)) : 1;
+  const long long target = 2LL * (num_sms > 0 ? num_sms : 1);
+  long long splits = ceil_div(target, row_blocks * plan.num_dslices);
+  if (splits < 1) splits = 1;
+  if (splits > tiles) splits = tiles;
+  const long long tiles_per_split = ceil_div(tiles, splits);
+  plan.num_splits = int(ceil_div(tiles, tiles_per_split));
+  plan.chunk = int(tiles_per_split * BN);
+  plan.workspace_floats = backward ? (long long)plan.num_splits * B * D : 6LL * plan.num_splits * B;
+  return plan;
+}
+inline Plan forward_plan(int B, int K, int D, int num_sms) { return make_plan(B, K, D, num_sms, false); }
+inline Plan backward_plan(int B, int K, int D, int num_sms) { return make_plan(B, K, D, num_sms, true); }
+
+template <class A> std::string check_common(const A& a) {
+  if (a.B < 1) return "B must be >= 1";
+  if ((a.K) < 1 || (a.K) > (1 << 30)) return "K must be in [1, 2^30]";
+  if (a.D < 1 || a.D > kMaxD) return "D must be in [1, " + std::to_string(kMaxD) + "]";
+  if (!a.student || !a.teacher || !a.bank) return "null input pointer";
+  if (a.ld_s < a.D && a.B > 1) return "student row stride < D";
+  if (a.ld_t < 0 || a.ld_q < a.D) return "bad teacher or bank row stride";
+  const auto dtype_ok = [](int code) { return code == kF32 || code == kF16 || code == kBF16; };
+  if (!dtype_ok(a.emb_dtype) || !dtype_ok(a.bank_dtype)) return "dtype code must be 0, 1 or 2";
+  const bool mode_ok = (a.emb_dtype == kF32 && (a.mode == kSimtF32 || a.mode == kMmaTF32)) ||
+                       (a.emb_dtype == kF16 && a.mode == kMmaF16) ||
+                       (a.emb_dtype == kBF16 && a.mode == kMmaBF16);
+  if (!mode_ok) return "mode does not match the embedding dtype";
+  if (!(a.tau_s > 0 && a.tau_t > 0 && std::isfinite(a.tau_s) && std::isfinite(a.tau_t)))
+    return "temperatures must be finite and > 0";
+  if (a.chunk < BN || a.chunk % BN != 0) return "chunk must be a positive multiple of the tile";
+  if (a.num_splits < 1 || (long long)(a.num_splits - 1) * a.chunk >= a.K ||
+      (long long)a.num_splits * a.chunk < a.K)
+    return "num_splits x chunk must cover K with no empty split";
+  return "";
+}
+inline std::string check_args(const ForwardArgs& a) {
+  std::string e = check_common(a);
+  if (e.empty() && (!a.part || !a.rows || !a.lse_s || !a.lse_t)) e = "null output pointer";
+  return e;
+}
+inline std::string check_args(const BackwardArgs& a) {
+  std::string e = check_common(a);
+  if (e.empty() && (!a.lse_s || !a.lse_t || !a.grad_rows || !a.gpart || !a.grad_student))
+    e = "null pointer";
+  return e;
+}
+
+template <class P, class A> void fill_common(P& p, const A& a) {
+  p.student = reinterpret_cast<const void*>(a.student);
+  p.teacher = reinterpret_cast<const void*>(a.teacher);
+  p.bank = reinterpret_cast<const void*>(a.bank);
+  p.ld_s = a.ld_s;
+  p.ld_t = a.ld_t;
+  p.ld_q = a.ld_q;
+  p.B = a.B;
+  p.K = a.K;
+  p.D = a.D;
+  p.emb_dtype = a.emb_dtype;
+  p.bank_dtype = a.bank_dtype;
+  p.scale_s = float(1.4426950408889634 / a.tau_s);  // log2(e) / tau, rounded once
+  p.scale_t = float(1.4426950408889634 / a.tau_t);
+  p.num_splits = a.num_splits;
+  p.chunk = a.chunk;
+}
+
+template <int MODE> std::string launch_forward(const ForwardParams& p, RRD_STREAM_T stream) {
+  const dim3 grid(unsigned(ceil_div(p.B, BM)), unsigned(p.num_splits), 1);
+  RRD_LAUNCH(rrd_forward_kernel<MODE>, grid, dim3(kThreads, 1, 1), forward_smem_bytes<MODE>(), stream, p);
+  RRD_LAUNCH(rrd_merge_kernel, dim3(unsigned(ceil_div(p.B, kThreads)), 1, 1), dim3(kThreads, 1, 1), 0,
+             stream, p);
+  return "";
+}
+
+template <int MODE> std::string launch_backward(const BackwardParams& p, RRD_STREAM_T stream) {
+  const dim3 grid(unsigned(ceil_div(p.B, BM)), unsigned(p.num_splits), unsigned(ceil_div(p.D, DV)));
+  RRD_LAUNCH(rrd_backward_kernel<MODE>, grid, dim3(kThreads, 1, 1), backward_smem_bytes<MODE>(), stream, p);
+  RRD_LAUNCH(rrd_finish_kernel, dim3(unsigned(p.B), 1, 1), dim3(kThreads, 1, 1), kWarps * sizeof(float),
+             stream, p);
+  return "";
+}
+
+// Arguments must have passed check_args.
+inline std::string run_forward(const ForwardArgs& a) {
+  ForwardParams p{};
+  fill_common(p, a);
+  p.part = reinterpret_cast<float*>(a.part);
+  p.rows = reinterpret_cast<float*>(a.rows);
+  p.lse_s = reinterpret_cast<float*>(a.lse_s);
+  p.lse_t = reinterpret_cast<float*>(a.lse_t);
+  p.kl = a.kl ? 1 : 0;
+  const RRD_STREAM_T stream = reinterpret_cast<RRD_STREAM_T>(a.stream);
+  switch (a.mode) {
+    case kSimtF32: return launch_forward<kSimtF32>(p, stream);
+    case kMmaTF32: return launch_forward<kMmaTF32>(p, stream);
+    case kMmaF16: return launch_forward<kMmaF16>(p, stream);
+    default: return launch_forward<kMmaBF16>(p, stream);
+  }
+}
+
+inline std::string run_backward(const BackwardArgs& a) {
+  BackwardParams p{};
+  fill_common(p, a);
+  p.lse_s = reinterpret_cast<const float*>(a.lse_s);
+  p.lse_t = reinterpret_cast<const float*>(a.lse_t);
+  p.grad_rows = reinterpret_cast<const float*>(a.grad_rows);
+  p.grad_stride = a.grad_stride;
+  p.inv_tau_s = float(1.0 / a.tau_s);
+  p.gpart = reinterpret_cast<float*>(a.gpart);
+  p.grad_student = reinterpret_cast<void*>(a.grad_student);
+  const RRD_STREAM_T stream = reinterpret_cast<RRD_STREAM_T>(a.stream);
+  switch (a.mode) {
+    case kSimtF32: return launch_backward<kSimtF32>(p, stream);
+    case kMmaTF32: return launch_backward<kMmaTF32>(p, stream);
+    case kMmaF16: return launch_backward<kMmaF16>(p, stream);
+    default: return launch_backward<kMmaBF16>(p, stream);
+  }
+}
+
+}  // namespace rrd
