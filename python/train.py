@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
 from rrdtrain import dist as D  # noqa: E402
 from rrdtrain.data import DataError, load_dataset  # noqa: E402
-from rrdtrain.engine import Stage, StageRunner, StopRequested, TrainConfig, evaluate  # noqa: E402
+from rrdtrain.engine import ResumeError, Stage, StageRunner, StopRequested, TrainConfig, evaluate  # noqa: E402
 from rrdtrain.report import format_table, save_json, save_plot, summarise  # noqa: E402
 
 # method -> (label, uses KD, uses RRD); CE is always on (weight gamma)
@@ -282,6 +282,9 @@ def main(argv=None) -> int:
         log(str(stop))
         D.teardown(ctx)
         return 0
+    except ResumeError as exc:
+        D.teardown(ctx)
+        parser.error(str(exc))
 
     if ctx.is_main:
         summarise(methods)

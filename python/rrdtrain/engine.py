@@ -36,6 +36,10 @@ class StopRequested(Exception):
     """Raised after the epoch named by --stop-after (a checkpoint has been written)."""
 
 
+class ResumeError(ValueError):
+    """--resume cannot continue the checkpoint found (other settings, or fewer epochs than already done)."""
+
+
 @dataclass
 class TrainConfig:
     dataset: str
@@ -208,8 +212,13 @@ class StageRunner:
         if stage.alpha and teacher is None:
             raise ValueError(f"stage {stage.name}: KD (alpha > 0) needs a teacher")
 
-        if cfg.resume and os.path.isfile(final_path):
-            final = load_final(final_path, self.device)
+        final = load_final(final_path, self.device) if cfg.resume and os.path.isfile(final_path) else None
+        if final is not None and len(final["history"]) > stage.epochs:
+            raise ResumeError(
+                f"--resume: {final_path} already has {len(final['history'])} epochs, more than --epochs "
+                f"{stage.epochs} for stage {stage.name}"
+            )
+        if final is not None and len(final["history"]) == stage.epochs:
             self._check_signature(final.get("signature"), signature, final_path)
             model.load_state_dict(final["model"])
             if criterion is not None:
@@ -232,7 +241,7 @@ class StageRunner:
         if cfg.resume and os.path.isfile(last_path):
             ckpt = torch.load(last_path, map_location=self.device, weights_only=False)  # our own file
             if ckpt.get("format") != CKPT_FORMAT:
-                raise ValueError(f"--resume: {last_path} is not a checkpoint of this app")
+                raise ResumeError(f"--resume: {last_path} is not a checkpoint of this app")
             self._check_signature(ckpt["signature"], signature, last_path)
             model.load_state_dict(ckpt["model"])
             if criterion is not None:
@@ -243,6 +252,11 @@ class StageRunner:
             sampler.seed = ckpt["sampler"]["seed"]
             history, timing = list(ckpt["history"]), list(ckpt["timing"])
             start_epoch = ckpt["epoch"] + 1
+            if ckpt["epoch"] > stage.epochs:
+                raise ResumeError(
+                    f"--resume: {last_path} is at epoch {ckpt['epoch']}, past --epochs {stage.epochs} "
+                    f"for stage {stage.name}"
+                )
             if ctx.is_main:
                 self.log(f"[{stage.name}] resuming from {last_path} after epoch {ckpt['epoch']}")
         elif ctx.distributed:
@@ -311,7 +325,7 @@ class StageRunner:
         diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now) if saved.get(k) != now.get(k)}
         if diff:
             parts = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise ValueError(f"--resume: {path} was made with other settings ({parts}); pass the same options")
+            raise ResumeError(f"--resume: {path} was made with other settings ({parts}); pass the same options")
 
     def _save(self, path, stage, signature, epoch, model, criterion, optimizer, scheduler, sampler, aug_gen,
               history, timing) -> None:

@@ -1,0 +1,297 @@
+"""Tests of the reference training application python/train.py (CPU, small settings, a few seconds each)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APP = os.path.join(REPO, "python", "train.py")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+
+def run_app(*args, check=True, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, APP, "--no-progress", "--threads", "1", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def app():
+    """python/train.py imported as a module (for in-process argument checks and its helpers)."""
+    spec = importlib.util.spec_from_file_location("rrd_train_app", APP)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One tiny end-to-end job: teacher (3 epochs), four student methods x 2 seeds (2 epochs)."""
+    out = tmp_path_factory.mktemp("smoke")
+    proc = run_app("--teacher-epochs", 3, "--epochs", 2, "--methods", "ce,kd,rrd,kd_rrd", "--seeds", 2,
+                   "--out-dir", out)
+    return out, proc
+
+
+def test_help_lists_the_options():
+    proc = subprocess.run([sys.executable, APP, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    for opt in ("--dataset", "--data-dir", "--teacher", "--student", "--teacher-ckpt", "--methods", "--seeds",
+                "--epochs", "--batch-size", "--lr", "--lr-decay-epochs", "--gamma", "--alpha", "--beta", "--kd-T",
+                "--rrd-config", "--tau-s", "--tau-t", "--enqueue", "--bank-size", "--feat-dim",
+                "--no-gather-distributed", "--bf16", "--out-dir", "--save-every", "--resume", "--stop-after"):
+        assert opt in proc.stdout, f"{opt} missing from --help"
+    assert "authors2025" in proc.stdout and "cifar100" in proc.stdout and "resnet32x4" in proc.stdout
+
+
+def test_smoke_pipeline_outputs(smoke):
+    out, proc = smoke
+    res = json.loads((out / "results.json").read_text())
+    assert (out / "accuracy.png").read_bytes()[:8] == PNG_MAGIC
+    assert res["seeds"] == [0, 1]
+    assert 50.0 < res["teacher"]["test_acc"] <= 100.0  # 10 classes: chance is 10%
+    assert [r["epoch"] for r in res["teacher"]["history"]] == [1, 2, 3]
+    expected_weights = {"ce": [1, 0, 0], "kd": [1, 1, 0], "rrd": [1, 0, 1], "kd_rrd": [1, 1, 1]}
+    for name, weights in expected_weights.items():
+        m = res["methods"][name]
+        assert m["weights"] == weights
+        assert len(m["final_acc"]) == 2 and all(25.0 < a <= 100.0 for a in m["final_acc"]), m["final_acc"]
+        assert m["final_mean"] == pytest.approx(np.mean(m["final_acc"]))
+        assert m["final_std"] == pytest.approx(np.std(m["final_acc"], ddof=1))
+        assert m["label"] in proc.stdout  # the printed table
+        hist = res["histories"][name][0]
+        assert [r["epoch"] for r in hist] == [1, 2]
+        # each loss term is on exactly when its weight is
+        assert (hist[0]["train_kd"] > 0) == bool(weights[1])
+        assert (hist[0]["train_rrd"] > 0) == bool(weights[2])
+        assert hist[-1]["train_acc"] > 25.0
+    # per-stage logs and checkpoints
+    stage = out / "seed1" / "kd_rrd"
+    lines = (stage / "log.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("epoch,lr,train_loss") and len(lines) == 3
+    assert len(json.loads((stage / "log.json").read_text())["history"]) == 2
+    ckpt = torch.load(stage / "checkpoint.pt", weights_only=False)
+    for key in ("model", "optimizer", "scheduler", "criterion_per_rank", "rng_per_rank", "sampler", "history"):
+        assert key in ckpt
+    crit = ckpt["criterion_per_rank"][0]
+    assert crit["bank"].shape == (1024, 128)
+    n_train = 1437
+    assert int(crit["bank_ptr"]) == (2 * n_train) % 1024  # two epochs of keys enqueued
+    assert set(ckpt["rng_per_rank"][0]) == {"python", "numpy", "torch", "cuda", "augment"}
+    # students with the same seed start from the same weights; different seeds differ
+    assert "table" in res and "RRD+KD" in res["table"]
+
+
+def test_student_seeds_share_init_across_methods(app):
+    # every method of one seed starts from the same student, so the comparison is paired
+    from rrdtrain.engine import seed_all
+
+    seed_all(3)
+    a = app.build_model("digits_mlp", 10, 1).state_dict()
+    seed_all(3)
+    b = app.build_model("digits_mlp", 10, 1).state_dict()
+    seed_all(4)
+    c = app.build_model("digits_mlp", 10, 1).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["body.1.weight"], c["body.1.weight"])
+
+
+def _same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_is_bit_exact(smoke, tmp_path):
+    out, _ = smoke
+    teacher = out / "teacher" / "final.pt"
+    common = ["--teacher-ckpt", teacher, "--methods", "kd_rrd", "--epochs", 5, "--save-every", 4]
+    full = tmp_path / "full"
+    part = tmp_path / "part"
+    run_app(*common, "--out-dir", full)
+    first = run_app(*common, "--out-dir", part, "--stop-after", 2)
+    assert "stopped after epoch 2" in first.stdout
+    stopped = torch.load(part / "seed0" / "kd_rrd" / "checkpoint.pt", weights_only=False)
+    assert stopped["epoch"] == 2 and not (part / "seed0" / "kd_rrd" / "final.pt").exists()
+    second = run_app(*common, "--out-dir", part, "--resume")
+    assert "resuming from" in second.stdout and "after epoch 2" in second.stdout
+
+    a = torch.load(full / "seed0" / "kd_rrd" / "checkpoint.pt", weights_only=False)
+    b = torch.load(part / "seed0" / "kd_rrd" / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 5
+    _same_state(a["model"], b["model"])
+    _same_state(a["criterion_per_rank"][0], b["criterion_per_rank"][0])  # bank, pointer, projection heads
+    assert int(b["criterion_per_rank"][0]["bank_ptr"]) == (5 * 1437) % 1024
+    # the bank has moved since the interruption (the test would be vacuous otherwise)
+    assert not torch.equal(stopped["criterion_per_rank"][0]["bank"], b["criterion_per_rank"][0]["bank"])
+    assert a["history"] == b["history"]
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+    assert torch.equal(a["rng_per_rank"][0]["augment"], b["rng_per_rank"][0]["augment"])
+    assert torch.equal(a["rng_per_rank"][0]["torch"], b["rng_per_rank"][0]["torch"])
+    ra = json.loads((full / "results.json").read_text())["histories"]
+    rb = json.loads((part / "results.json").read_text())["histories"]
+    assert ra == rb
+
+
+def test_resume_extends_epochs_with_explicit_schedule(smoke, tmp_path):
+    # the "run --epochs k, later --epochs n --resume" workflow: the lr schedule must not depend on --epochs
+    out, _ = smoke
+    common = ["--teacher-ckpt", out / "teacher" / "final.pt", "--methods", "rrd", "--lr-decay-epochs", "3"]
+    run_app(*common, "--epochs", 4, "--out-dir", tmp_path / "full")
+    run_app(*common, "--epochs", 2, "--out-dir", tmp_path / "part")
+    run_app(*common, "--epochs", 4, "--out-dir", tmp_path / "part", "--resume")
+    a = torch.load(tmp_path / "full" / "seed0" / "rrd" / "final.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "seed0" / "rrd" / "final.pt", weights_only=True)
+    _same_state(a["model"], b["model"])
+    _same_state(a["criterion"], b["criterion"])
+    assert a["history"] == b["history"] and len(a["history"]) == 4
+    # resuming with other settings is refused with a clear message
+    bad = run_app(*common, "--epochs", 5, "--lr", 0.01, "--out-dir", tmp_path / "part", "--resume", check=False)
+    assert bad.returncode == 2 and "lr: checkpoint 0.05 vs now 0.01" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_bf16_autocast_runs(smoke, tmp_path):
+    out, _ = smoke
+    run_app("--teacher-ckpt", out / "teacher" / "final.pt", "--methods", "kd_rrd", "--epochs", 1, "--bf16",
+            "--out-dir", tmp_path)
+    res = json.loads((tmp_path / "results.json").read_text())
+    row = res["histories"]["kd_rrd"][0][0]
+    assert res["config"]["bf16"] is True
+    assert all(np.isfinite(row[k]) for k in ("train_loss", "train_rrd", "test_loss"))
+    assert row["train_rrd"] > 0 and row["test_acc"] > 20.0
+
+
+def _write_fake_cifar(root, n_train=96, n_test=40):
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        entry = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"fine_labels": rng.integers(0, 100, n).tolist(), b"coarse_labels": [0] * n}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(entry, fh)
+
+
+def test_cifar100_path_end_to_end(tmp_path):
+    _write_fake_cifar(tmp_path / "data")
+    run_app("--dataset", "cifar100", "--data-dir", tmp_path / "data", "--teacher", "resnet8", "--student", "resnet8",
+            "--teacher-epochs", 1, "--epochs", 1, "--methods", "kd_rrd", "--batch-size", 32, "--bank-size", 64,
+            "--rrd-config", "authors2025", "--out-dir", tmp_path / "out")
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    cfg = res["config"]
+    assert (cfg["tau_s"], cfg["tau_t"], cfg["enqueue"]) == (0.1, 0.02, "before")
+    assert cfg["lr"] == 0.05 and cfg["weight_decay"] == 5e-4 and cfg["momentum"] == 0.9  # the paper's preset
+    assert 0.0 <= res["methods"]["kd_rrd"]["final_acc"][0] <= 100.0
+    ckpt = torch.load(tmp_path / "out" / "seed0" / "kd_rrd" / "final.pt", weights_only=True)
+    assert ckpt["model"]["fc.weight"].shape == (100, 64)  # 100 classes, resnet8's 64-d pooled feature
+    assert ckpt["criterion"]["bank"].shape == (64, 128)
+    assert int(ckpt["criterion"]["bank_ptr"]) == 96 % 64
+
+
+def test_cifar_preset_defaults(app):
+    args = app.resolve_args(app.build_parser(), ["--dataset", "cifar100", "--data-dir", "x"])
+    assert (args.teacher, args.student, args.batch_size, args.lr, args.momentum, args.weight_decay) == (
+        "resnet32x4", "resnet8x4", 64, 0.05, 0.9, 5e-4)
+    assert (args.epochs, args.lr_decay_epochs, args.lr_decay_rate) == (240, [150, 180, 210], 0.1)
+    assert (args.bank_size, args.feat_dim, args.kd_T) == (16384, 128, 4.0)
+    assert (args.tau_s, args.tau_t, args.enqueue) == (0.04, 0.1, "after")
+    args = app.resolve_args(app.build_parser(), ["--rrd-config", "authors2025", "--tau-s", "0.2"])
+    assert (args.tau_s, args.tau_t, args.enqueue) == (0.2, 0.02, "before")
+    assert app.scaled_milestones(240) == [150, 180, 210] and app.scaled_milestones(30) == [19, 22, 26]
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--student", "resnet9000"], ["--student", "invalid choice", "resnet9000"]),
+        (["--teacher", "nope"], ["--teacher", "invalid choice"]),
+        (["--dataset", "imagenet"], ["--dataset", "invalid choice", "imagenet"]),
+        (["--methods", "ce,crd"], ["--methods", "crd"]),
+        (["--batch-size", "128", "--bank-size", "64"], ["--batch-size 128", "--bank-size 64"]),
+        (["--dataset", "cifar100"], ["--data-dir is required"]),
+        (["--teacher-ckpt", "/no/such/teacher.pt"], ["--teacher-ckpt", "/no/such/teacher.pt"]),
+        (["--epochs", "0"], ["--epochs must be >= 1"]),
+        (["--tau-s", "-1"], ["--tau-s must be > 0"]),
+        (["--lr-decay-epochs", "a,b"], ["--lr-decay-epochs"]),
+    ],
+)
+def test_bad_arguments_are_reported_clearly(app, capsys, argv, needles):
+    with pytest.raises(SystemExit) as exc:
+        app.resolve_args(app.build_parser(), argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_batch_bigger_than_bank_is_fine_without_rrd(app):
+    args = app.resolve_args(app.build_parser(), ["--batch-size", "128", "--bank-size", "64", "--methods", "ce,kd"])
+    assert args.batch_size == 128
+
+
+def test_missing_cifar_and_bad_teacher_ckpt_end_to_end(tmp_path):
+    proc = run_app("--dataset", "cifar100", "--data-dir", tmp_path / "nothing", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--data-dir" in proc.stderr and "cifar-100-python" in proc.stderr and str(tmp_path / "nothing") in proc.stderr
+    bogus = tmp_path / "teacher.pt"
+    torch.save({"model": {"w": torch.zeros(3)}, "arch": "digits_cnn"}, bogus)
+    proc = run_app("--teacher-ckpt", bogus, "--methods", "kd", "--epochs", 1, "--out-dir", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--teacher-ckpt" in proc.stderr and "does not fit --teacher digits_cnn" in proc.stderr
+    proc = run_app("--teacher-ckpt", bogus, "--teacher", "digits_mlp", "--out-dir", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "holds a 'digits_cnn' model but --teacher is 'digits_mlp'" in proc.stderr
+
+
+def test_models_give_pooled_features(app):
+    from models import MODELS
+
+    feat = {"resnet8x4": 256, "resnet32x4": 256, "resnet20": 64, "resnet56": 64, "wrn_16_2": 128, "wrn_40_2": 128,
+            "vgg8": 512, "vgg13": 512}
+    for name, dim in feat.items():
+        m = app.build_model(name, 100, 3).eval()
+        f, logits = m(torch.randn(2, 3, 32, 32))
+        assert m.feat_dim == dim and f.shape == (2, dim) and logits.shape == (2, 100), name
+        # the logits are the classifier applied to exactly this feature vector
+        torch.testing.assert_close(logits, m.fc(f))
+    assert set(feat) <= set(MODELS)
+    n_params = sum(p.numel() for p in app.build_model("resnet8x4", 100, 3).parameters())
+    assert 1.2e6 < n_params < 1.3e6  # resnet8x4 has about 1.23M parameters in the CRD/RRD zoo
+
+
+def test_augmentation_is_pad_crop_flip(app):
+    from rrdtrain.data import Preprocess
+
+    class Spec:
+        in_channels, mean, std, crop_padding, hflip = 3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 4, True
+
+    pre = Preprocess(Spec, torch.device("cpu"))
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    y = pre.train(x, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    dy, dx = torch.randint(0, 9, (16,), generator=g), torch.randint(0, 9, (16,), generator=g)
+    flip = torch.rand(16, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x.float() / 255, (4, 4, 4, 4))
+    for i in range(16):
+        ref = padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
+        assert torch.equal(y[i], ref.flip(2) if flip[i] else ref)
+    assert 0 < int(flip.sum()) < 16 and len(set(dy.tolist())) > 1
