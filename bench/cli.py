@@ -6,6 +6,7 @@ import argparse
 import datetime
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -111,8 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"bench: preset {args.preset}, {len(configs)} configuration(s), providers {opts.providers}, "
           f"device {device}, out {args.out}", file=sys.stderr)
+    def write_partial(rows):
+        report.write_csv(rows, args.out / "results.csv")
+        report.write_json(rows, runner.meta | {"partial": True}, args.out / "results.json")
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    opts.on_config_done = write_partial
     runner = Runner(opts)
     rows = runner.run()
+    if runner.interrupted:
+        print("bench: interrupted; configurations not finished are recorded as skipped", file=sys.stderr)
     meta = runner.meta
     meta["elapsed_s"] = time.monotonic() - t_start
     report.write_csv(rows, args.out / "results.csv")

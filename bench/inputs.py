@@ -33,14 +33,15 @@ def l2_bytes(device: torch.device) -> int:
 
 
 def n_rotating_sets(cfg: Config, device: torch.device, max_sets: int = 64, mem_fraction: float = 0.15) -> int:
-    """Enough input sets that, cycled in turn, their total is at least three times the L2 cache; bounded by
-    a fraction of the free device memory and by max_sets. One set on the CPU (no cache to defeat here)."""
+    """Enough input sets that, cycled in turn, their total is at least three times the L2 cache (one when a
+    single set already is), bounded by a fraction of the free device memory and by max_sets. One set on the
+    CPU (no cache to defeat there)."""
     if device.type != "cuda":
         return 1
     need = math.ceil(3 * l2_bytes(device) / set_bytes(cfg))
     free, _total = torch.cuda.mem_get_info(device)
     fit = int(mem_fraction * free // set_bytes(cfg))
-    return max(1, min(max_sets, max(2, need), fit))
+    return max(1, min(max_sets, need, fit))
 
 
 def make_inputs(cfg: Config, device: torch.device, seed: int) -> InputSet:

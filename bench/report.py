@@ -120,9 +120,12 @@ def summary_lines(rows: list[dict], mode: str = "fwd+bwd", limit: int = 80) -> l
         reasons[(r["provider"], r["status"], r["reason"])] += 1
     for (p, st, why), n in list(reasons.items())[:10]:
         out.append(f"  {p} {st} x{n}: {why[:150]}")
-    skipped = sum(r["status"] == "skipped" for r in rows)
-    if skipped:
-        out.append(f"  {skipped} rows skipped (time budget)")
+    skipped = {}
+    for r in rows:
+        if r["status"] == "skipped":
+            skipped[r["reason"]] = skipped.get(r["reason"], 0) + 1
+    for why, n in skipped.items():
+        out.append(f"  {n} rows skipped: {why}")
     return out
 
 

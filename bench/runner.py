@@ -46,6 +46,7 @@ class RunOptions:
     seed: int = 0
     log_path: Path | None = None
     progress: bool = True
+    on_config_done: object = None  # callable(rows) after each configuration (partial results on disk)
     extra_meta: dict = field(default_factory=dict)
 
 
@@ -148,6 +149,7 @@ class Runner:
         self.rows: list[dict] = []
         self.t0 = time.monotonic()
         self.tf32_possible = torch.get_float32_matmul_precision() != "highest"
+        self.interrupted = False
 
     # ----------------------------------------------------------------------------------------------- rows
     def _row(self, cfg: Config, provider: str, mode: str, timing_kind: str, status: str, reason: str = "",
@@ -196,9 +198,22 @@ class Runner:
             from tqdm import tqdm
 
             bar = tqdm(total=tasks, desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True)
-        for ci, cfg in enumerate(self.o.configs):
-            self._run_config(cfg, ci, bar)
-            free_memory(self.o.device)
+        done = 0
+        try:
+            for ci, cfg in enumerate(self.o.configs):
+                self._run_config(cfg, ci, bar)
+                done += 1
+                free_memory(self.o.device)
+                if self.o.on_config_done is not None:
+                    self.o.on_config_done(self.rows)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (from `timeout`) turned into it by the command line
+            self.interrupted = True
+            cfg_done = {tuple(c.as_dict().values()) for c in self.o.configs[:done]}
+            self.rows = [r for r in self.rows if tuple(r[k] for k in ("B", "K", "D", "dtype", "tau_s", "tau_t"))
+                         in cfg_done]
+            for cfg in self.o.configs[done:]:
+                for p in self.o.providers:
+                    self.rows += self._all_rows(cfg, p, "skipped", "interrupted")
         if bar is not None:
             bar.close()
         return self.rows
@@ -220,8 +235,12 @@ class Runner:
                     for i in range(n_sets)]
             ref = check.Reference(cfg, sets[0].student, sets[0].teacher, sets[0].bank)
         except Exception as exc:  # inputs or the float64 reference do not fit
-            status, reason = classify(exc)
+            failed = classify(exc)
             self._log(f"{cfg.label()} inputs/reference", exc)
+        else:
+            failed = None
+        if failed is not None:
+            status, reason = failed
             sets, ref = [], None
             free_memory(dev)
             for p in self.o.providers:
@@ -256,11 +275,14 @@ class Runner:
             loss_err, grad_err = check.compare(ref, loss, grad)
             del loss, grad
         except Exception as exc:
-            status, reason = classify(exc)
+            failed = classify(exc)
             self._log(f"{cfg.label()} {provider} check", exc)
+        else:
+            failed = None
+        if failed is not None:
             fn = None
             free_memory(dev)
-            return self._all_rows(cfg, provider, status, reason, **errs)
+            return self._all_rows(cfg, provider, *failed, **errs)
         errs.update(loss_rel_err=loss_err, grad_rel_err=grad_err)
         accurate = loss_err <= lt and grad_err <= gt
         status, reason = "ok", ""
@@ -275,14 +297,17 @@ class Runner:
         for mode in self.o.modes:
             setup, run = make_case(fn, sets, mode)
             for kind in self._kinds():
+                failed = None
                 try:
                     vals = self._measure(kind, setup, run, len(sets))
                     out.append(self._row(cfg, provider, mode, kind, status, reason, **errs, **vals))
                 except Exception as exc:
-                    st, why = classify(exc)
+                    failed = classify(exc)
+                    self._log(f"{cfg.label()} {provider} {mode} {kind}", exc)
+                if failed is not None:  # outside the except block: its traceback no longer holds tensors
+                    st, why = failed
                     if kind == "graph" and st == "error":
                         st = "graph_failed"
-                    self._log(f"{cfg.label()} {provider} {mode} {kind}", exc)
                     free_memory(dev)
                     out.append(self._row(cfg, provider, mode, kind, st, why, **errs))
         return out

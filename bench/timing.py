@@ -88,29 +88,35 @@ class GraphCase:
     """One CUDA graph per input set, sharing a memory pool (replayed one at a time, never concurrently).
 
     setup(i) runs outside the capture (for the backward mode: the forward whose saved tensors the captured
-    backward reads); run(state) is captured. The inputs of each graph stay fixed (static)."""
+    backward reads); run(state) is captured. The inputs of each graph stay fixed (static). Warm-up, setup
+    and capture all run on one side stream: autograd runs a backward op on the stream of its forward op, so
+    a forward run on another stream would put the captured backward's kernels outside the capture."""
 
     def __init__(self, setup, run, n_sets: int):
         self.graphs = []
-        self.keep = []  # states and outputs: their memory must outlive the graphs
+        self.states = []  # what the graphs read (inputs, the forward's saved tensors): must stay alive
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up off the capture stream (cuBLAS handles, autograd, compile)
+        with torch.cuda.stream(stream):  # warm-up off the default stream (cuBLAS handles, autograd, compile)
             for i in range(n_sets):
                 for _ in range(2):
                     out = run(setup(i))
                     del out
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        stream.synchronize()
         pool = None
         for i in range(n_sets):
-            state = setup(i)
+            with torch.cuda.stream(stream):
+                state = setup(i)
+            stream.synchronize()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
+            with torch.cuda.graph(g, pool=pool, stream=stream):
                 out = run(state)
+            # The outputs are not read: dropping them returns their memory to the shared pool, where the next
+            # capture may reuse it (replays never overlap, so overwriting a dead output is harmless).
+            del out
             pool = g.pool()
             self.graphs.append(g)
-            self.keep.append((state, out))
+            self.states.append(state)
         torch.cuda.synchronize()
 
     def time(self, effort: Effort) -> Timing:
@@ -132,7 +138,7 @@ class GraphCase:
 
     def close(self):
         self.graphs.clear()
-        self.keep.clear()
+        self.states.clear()
 
 
 def peak_extra_mib(setup, run) -> float:
