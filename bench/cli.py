@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-reps", type=int)
     p.add_argument("--max-reps", type=int)
     p.add_argument("--max-seconds", type=float,
-                   help="time budget: configurations not started when it is spent are recorded as skipped")
+                   help="time budget in seconds: (configuration, provider) cases not started when it is spent are "
+                   "recorded as skipped")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--time-wrong", action="store_true",
                    help="also time kernel providers whose error is above the tolerance (status inaccurate)")
@@ -131,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(rows, meta, args.out / "results.json")
     report.write_md(rows, meta, args.out / "results.md")
     if not args.no_plots:
-        report.write_plots(rows, args.out)
+        try:
+            report.write_plots(rows, args.out)
+        except ImportError as exc:  # matplotlib missing: the tables are the results, plots a convenience
+            print(f"bench: no plots ({exc})", file=sys.stderr)
     print("\n".join(report.summary_lines(rows, limit=args.summary_rows)))
     print(f"bench: {len(rows)} rows in {meta['elapsed_s']:.1f} s -> {args.out}")
     return 0

@@ -195,9 +195,12 @@ class Runner:
         tasks = len(self.o.configs) * len(self.o.providers)
         bar = None
         if self.o.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=tasks, desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True)
+            try:
+                from tqdm import tqdm
+            except ImportError:  # progress is a convenience: go on without it
+                tqdm = None
+            if tqdm is not None:
+                bar = tqdm(total=tasks, desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True)
         done = 0
         try:
             for ci, cfg in enumerate(self.o.configs):

@@ -185,3 +185,28 @@ def test_time_budget_skips_remaining_configs():
     rows = Runner(_options(configs=cfgs, max_seconds=0.0)).run()
     assert len(rows) == 4 and all(r["status"] == "skipped" for r in rows)
     assert "time budget" in rows[0]["reason"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_small_run_times_both_kinds_with_memory_and_floor(tmp_path):
+    """The GPU paths of the suite (CUDA events, graph capture with rotated inputs, peak memory, ceilings)."""
+    cmd = [sys.executable, "-m", "bench", "--preset", "smoke", "--B", "64", "--K", "4096", "--D", "64",
+           "--providers", "eager", "triton", "--out", str(tmp_path), "--no-progress", "--max-reps", "20"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    c = doc["meta"]["ceilings"]
+    assert c["copy_GBps"] > 100 and c["matmul_TFLOPs"]["float32"] > 1
+    eager = [r for r in doc["rows"] if r["provider"] == "eager"]
+    assert len(eager) == 6  # 3 modes x (python, graph)
+    for r in eager:
+        assert r["status"] == "ok", r
+        assert r["input_sets"] >= 2  # a 1 MiB bank: rotated to get out of L2
+        assert finite(r["median_ms"]) and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        if r["timing"] == "python":
+            assert r["peak_extra_mib"] > 0.5  # at least the 64 x 4096 fp32 logits (1 MiB) are materialised
+        if r["mode"] != "bwd":
+            assert finite(r["floor_ms"]) and 0 < r["pct_of_floor"] < 150, r
+    by = {(r["mode"], r["timing"]): r["median_ms"] for r in eager}
+    assert by[("fwd+bwd", "graph")] < by[("fwd+bwd", "python")] * 1.5  # graph replay has no launch gaps
