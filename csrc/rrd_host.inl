@@ -35,8 +35,8 @@ inline Plan make_plan(int B, int K, int D, int num_sms, bool backward) {
   plan.workspace_floats = backward ? (long long)plan.num_splits * B * D : 6LL * plan.num_splits * B;
   return plan;
 }
-inline Plan forward_plan(int B, int K, int D, int num_sms) { return make_plan(B, K, D, num_sms, false); }
-inline Plan backward_plan(int B, int K, int D, int num_sms) { return make_plan(B, K, D, num_sms, true); }
+Plan forward_plan(int B, int K, int D, int num_sms) { return make_plan(B, K, D, num_sms, false); }
+Plan backward_plan(int B, int K, int D, int num_sms) { return make_plan(B, K, D, num_sms, true); }
 
 template <class A> std::string check_common(const A& a) {
   if (a.B < 1) return "B must be >= 1";
@@ -59,12 +59,12 @@ template <class A> std::string check_common(const A& a) {
     return "num_splits x chunk must cover K with no empty split";
   return "";
 }
-inline std::string check_args(const ForwardArgs& a) {
+std::string check_args(const ForwardArgs& a) {
   std::string e = check_common(a);
   if (e.empty() && (!a.part || !a.rows || !a.lse_s || !a.lse_t)) e = "null output pointer";
   return e;
 }
-inline std::string check_args(const BackwardArgs& a) {
+std::string check_args(const BackwardArgs& a) {
   std::string e = check_common(a);
   if (e.empty() && (!a.lse_s || !a.lse_t || !a.grad_rows || !a.gpart || !a.grad_student))
     e = "null pointer";

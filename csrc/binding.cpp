@@ -1,0 +1,127 @@
+// pybind11 module rrd_kernels._rrd_cuda: the CUDA backend's entry points. It takes raw device pointers
+// (ints), sizes, row strides, dtype codes and the stream handle from Python, and includes no torch header,
+// so one build works with any PyTorch version. Argument errors raise ValueError, CUDA errors RuntimeError
+// with the CUDA error name and string. The Python side (rrd_kernels/cuda_backend.py) validates and
+// allocates; this layer re-checks what a kernel relies on, so that no call can fault on bad arguments.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "rrd_api.h"
+
+namespace py = pybind11;
+
+#ifndef RRD_BUILD_INFO
+#define RRD_BUILD_INFO "unknown"
+#endif
+
+namespace {
+
+template <class A> void set_inputs(A& a, uintptr_t student, uintptr_t teacher, uintptr_t bank, int64_t ld_s,
+                                   int64_t ld_t, int64_t ld_q, int B, int K, int D, int emb_dtype,
+                                   int bank_dtype, int mode, double tau_s, double tau_t, int num_splits,
+                                   int chunk, int device, uintptr_t stream) {
+  a.student = student;
+  a.teacher = teacher;
+  a.bank = bank;
+  a.ld_s = ld_s;
+  a.ld_t = ld_t;
+  a.ld_q = ld_q;
+  a.B = B;
+  a.K = K;
+  a.D = D;
+  a.emb_dtype = emb_dtype;
+  a.bank_dtype = bank_dtype;
+  a.mode = mode;
+  a.tau_s = tau_s;
+  a.tau_t = tau_t;
+  a.num_splits = num_splits;
+  a.chunk = chunk;
+  a.device = device;
+  a.stream = stream;
+}
+
+void forward(uintptr_t student, uintptr_t teacher, uintptr_t bank, int64_t ld_s, int64_t ld_t, int64_t ld_q,
+             int B, int K, int D, int emb_dtype, int bank_dtype, int mode, double tau_s, double tau_t, bool kl,
+             int num_splits, int chunk, uintptr_t part, uintptr_t rows, uintptr_t lse_s, uintptr_t lse_t,
+             int device, uintptr_t stream) {
+  rrd::ForwardArgs a;
+  set_inputs(a, student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype, bank_dtype, mode, tau_s, tau_t,
+             num_splits, chunk, device, stream);
+  a.kl = kl;
+  a.part = part;
+  a.rows = rows;
+  a.lse_s = lse_s;
+  a.lse_t = lse_t;
+  const std::string bad = rrd::check_args(a);
+  if (!bad.empty()) throw std::invalid_argument("rrd_kernels._rrd_cuda.forward: " + bad);
+  std::string err;
+  {
+    py::gil_scoped_release release;  // launches are asynchronous; nothing here touches Python objects
+    err = rrd::cuda_forward(a);
+  }
+  if (!err.empty()) throw std::runtime_error("rrd_kernels CUDA forward: " + err);
+}
+
+void backward(uintptr_t student, uintptr_t teacher, uintptr_t bank, int64_t ld_s, int64_t ld_t, int64_t ld_q,
+              int B, int K, int D, int emb_dtype, int bank_dtype, int mode, double tau_s, double tau_t,
+              int num_splits, int chunk, uintptr_t lse_s, uintptr_t lse_t, uintptr_t grad_rows,
+              int64_t grad_stride, uintptr_t gpart, uintptr_t grad_student, int device, uintptr_t stream) {
+  rrd::BackwardArgs a;
+  set_inputs(a, student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype, bank_dtype, mode, tau_s, tau_t,
+             num_splits, chunk, device, stream);
+  a.lse_s = lse_s;
+  a.lse_t = lse_t;
+  a.grad_rows = grad_rows;
+  a.grad_stride = grad_stride;
+  a.gpart = gpart;
+  a.grad_student = grad_student;
+  const std::string bad = rrd::check_args(a);
+  if (!bad.empty()) throw std::invalid_argument("rrd_kernels._rrd_cuda.backward: " + bad);
+  std::string err;
+  {
+    py::gil_scoped_release release;
+    err = rrd::cuda_backward(a);
+  }
+  if (!err.empty()) throw std::runtime_error("rrd_kernels CUDA backward: " + err);
+}
+
+py::dict plan_dict(const rrd::Plan& p) {
+  py::dict d;
+  d["num_splits"] = p.num_splits;
+  d["chunk"] = p.chunk;
+  d["num_dslices"] = p.num_dslices;
+  d["workspace_floats"] = p.workspace_floats;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_rrd_cuda, m) {
+  m.doc() = "RRD loss CUDA kernels (raw-pointer interface; use rrd_kernels.cuda_backend)";
+  m.def("forward", &forward, py::arg("student"), py::arg("teacher"), py::arg("bank"), py::arg("ld_s"),
+        py::arg("ld_t"), py::arg("ld_q"), py::arg("B"), py::arg("K"), py::arg("D"), py::arg("emb_dtype"),
+        py::arg("bank_dtype"), py::arg("mode"), py::arg("tau_s"), py::arg("tau_t"), py::arg("kl"),
+        py::arg("num_splits"), py::arg("chunk"), py::arg("part"), py::arg("rows"), py::arg("lse_s"),
+        py::arg("lse_t"), py::arg("device"), py::arg("stream"),
+        "Forward + merge kernels: per-row loss and natural-log LSEs (float32) into rows, lse_s, lse_t.");
+  m.def("backward", &backward, py::arg("student"), py::arg("teacher"), py::arg("bank"), py::arg("ld_s"),
+        py::arg("ld_t"), py::arg("ld_q"), py::arg("B"), py::arg("K"), py::arg("D"), py::arg("emb_dtype"),
+        py::arg("bank_dtype"), py::arg("mode"), py::arg("tau_s"), py::arg("tau_t"), py::arg("num_splits"),
+        py::arg("chunk"), py::arg("lse_s"), py::arg("lse_t"), py::arg("grad_rows"), py::arg("grad_stride"),
+        py::arg("gpart"), py::arg("grad_student"), py::arg("device"), py::arg("stream"),
+        "Backward + finish kernels: dL/dS (B x D, embedding dtype) into grad_student.");
+  m.def("forward_plan", [](int B, int K, int D, int num_sms) { return plan_dict(rrd::forward_plan(B, K, D, num_sms)); },
+        py::arg("B"), py::arg("K"), py::arg("D"), py::arg("num_sms"));
+  m.def("backward_plan", [](int B, int K, int D, int num_sms) { return plan_dict(rrd::backward_plan(B, K, D, num_sms)); },
+        py::arg("B"), py::arg("K"), py::arg("D"), py::arg("num_sms"));
+  m.def("runtime_status", [] {
+        int n = 0;
+        const std::string err = rrd::cuda_runtime_status(&n);
+        return py::make_tuple(n, err);
+      },
+      "(device_count, error): error is '' when the CUDA runtime in this module works.");
+  m.attr("BUILD_INFO") = RRD_BUILD_INFO;
+  m.attr("MAX_D") = 512;
+}

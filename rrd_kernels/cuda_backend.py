@@ -1,0 +1,198 @@
+"""CUDA C++ backend: the kernels of csrc/ behind the backend contract of backends.py.
+
+The compiled module rrd_kernels._rrd_cuda (built by setup.py when nvcc is found) takes raw device pointers,
+sizes, row strides, dtype codes and the stream; this file does everything that needs torch: it validates
+the tensors (so no call can crash the interpreter), makes copies where the kernels need a unit feature
+stride, allocates the outputs and workspaces, and passes data_ptr()s. Nothing here synchronises with the
+device. Importing this module always works; without the extension every call says why it cannot run.
+
+Kernels (csrc/rrd_kernels.cuh, structure as rrd-math.md and the Triton backend):
+    forward:  grid (row blocks of 64, bank splits) -> partial online dual-softmax state per (split, row)
+    merge:    per row -> CE (or KL), natural-log LSE of the student and teacher logits
+    backward: grid (row blocks, bank splits, 64-feature slices) -> partial sum_k (q - p) Q_k per split
+    finish:   per row -> sum over splits, / tau_s, normalisation Jacobian, x upstream weight -> dL/dS
+Precision: bf16 / fp16 embeddings use mma.sync on tensor cores (m16n8k16, bank converted to the embedding
+dtype, fp32 accumulation); fp32 embeddings follow torch.get_float32_matmul_precision(): "highest" -> fp32 FMA,
+"high" / "medium" -> TF32 mma.sync (m16n8k8).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    from . import _rrd_cuda as _ext
+
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # not built (no nvcc at install time, or RRD_SKIP_CUDA_BUILD=1)
+    _ext = None
+    _IMPORT_ERROR = exc
+
+MAX_D = 512
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MODE_FP32_FMA, MODE_TF32_MMA, MODE_FP16_MMA, MODE_BF16_MMA = 0, 1, 2, 3
+
+
+def extension_available() -> bool:
+    return _ext is not None
+
+
+def build_info() -> str | None:
+    """Sources hash, architectures and nvcc version the extension was built with (None when not built)."""
+    return None if _ext is None else _ext.BUILD_INFO
+
+
+@functools.lru_cache(maxsize=None)
+def _runtime_problem() -> str | None:
+    """Why the extension cannot run at all on this machine (checked once), else None."""
+    if _ext is None:
+        return (
+            f"the CUDA extension rrd_kernels._rrd_cuda is not built ({_IMPORT_ERROR}); reinstall rrd_kernels "
+            "with nvcc available (CUDA_HOME or nvcc on PATH) and RRD_SKIP_CUDA_BUILD unset"
+        )
+    count, err = _ext.runtime_status()
+    if err:
+        return f"the CUDA runtime built into rrd_kernels._rrd_cuda cannot run here ({err})"
+    if count == 0:
+        return "no CUDA device is visible to rrd_kernels._rrd_cuda"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def why_unusable(student, teacher, bank) -> str | None:
+    """None when the cuda backend can run on these tensors, else the reason. Never raises."""
+    if _ext is None:
+        return _runtime_problem()
+    if student.device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got tensors on {student.device}"
+    if teacher.device != student.device or bank.device != student.device:
+        return f"student, teacher and bank must be on one device, got {student.device}, {teacher.device}, {bank.device}"
+    problem = _runtime_problem()
+    if problem is not None:
+        return problem
+    if student.dtype not in _DTYPE_CODES:
+        return f"the cuda backend supports float32/float16/bfloat16 embeddings, got {student.dtype}"
+    if teacher.dtype != student.dtype:
+        return f"teacher dtype {teacher.dtype} differs from student dtype {student.dtype}"
+    if bank.dtype not in _DTYPE_CODES:
+        return f"the cuda backend supports a float32/float16/bfloat16 bank, got {bank.dtype}"
+    if student.dim() != 2 or teacher.shape != student.shape or bank.dim() != 2 or bank.shape[1] != student.shape[1]:
+        return f"shapes must be B x D, B x D, K x D; got {tuple(student.shape)}, {tuple(teacher.shape)}, {tuple(bank.shape)}"
+    B, D = student.shape
+    K = bank.shape[0]
+    if B < 1 or K < 1 or D < 1:
+        return f"empty input (B={B}, K={K}, D={D})"
+    if D > MAX_D:
+        return f"the cuda backend supports D <= {MAX_D}, got D = {D}"
+    if K > 2**30:
+        return f"the cuda backend supports K <= 2^30 bank rows, got {K}"
+    index = student.device.index if student.device.index is not None else torch.cuda.current_device()
+    if _capability(index) < (8, 0):
+        return f"the cuda backend needs compute capability >= 8.0 (mma.sync bf16), got {_capability(index)}"
+    return None
+
+
+def _require_usable(student, teacher, bank) -> None:
+    reason = why_unusable(student, teacher, bank)
+    if reason is not None:
+        raise RuntimeError(f"backend='cuda' cannot run this call: {reason}")
+
+
+def _unit_feature_stride(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x (rows x D) with unit feature stride and a row stride >= D, copying only when needed; and that row
+    stride in elements."""
+    rows, d = x.shape
+    ok = (d == 1 or x.stride(1) == 1) and (rows == 1 or x.stride(0) >= d)
+    if not ok:
+        x = x.contiguous()
+    return x, (x.stride(0) if rows > 1 else d)
+
+
+def _mode(dtype: torch.dtype) -> int:
+    if dtype == torch.bfloat16:
+        return MODE_BF16_MMA
+    if dtype == torch.float16:
+        return MODE_FP16_MMA
+    return MODE_FP32_FMA if torch.get_float32_matmul_precision() == "highest" else MODE_TF32_MMA
+
+
+def _common(student, teacher, bank):
+    _require_usable(student, teacher, bank)
+    s, ld_s = _unit_feature_stride(student.detach())
+    t, ld_t = _unit_feature_stride(teacher.detach())
+    q, ld_q = _unit_feature_stride(bank.detach())
+    B, D = s.shape
+    K = q.shape[0]
+    device = s.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    args = dict(
+        student=s.data_ptr(), teacher=t.data_ptr(), bank=q.data_ptr(), ld_s=ld_s, ld_t=ld_t, ld_q=ld_q,
+        B=B, K=K, D=D, emb_dtype=_DTYPE_CODES[s.dtype], bank_dtype=_DTYPE_CODES[q.dtype], mode=_mode(s.dtype),
+        device=index,
+    )
+    return (s, t, q), args, index
+
+
+def forward(student, teacher, bank, tau_s, tau_t, kl):
+    """(rows, lse_s, lse_t, ref): per-row CE (or KL) and natural-log LSEs, float32; ref (int32, all 0) is the
+    reference bank row of the contract, which these kernels do not need (any valid index is exact)."""
+    keep, args, index = _common(student, teacher, bank)
+    B, K, D = args["B"], args["K"], args["D"]
+    device = keep[0].device
+    plan = _ext.forward_plan(B, K, D, _num_sms(index))
+    part = torch.empty(plan["workspace_floats"], dtype=torch.float32, device=device)
+    rows = torch.empty(B, dtype=torch.float32, device=device)
+    lse_s = torch.empty_like(rows)
+    lse_t = torch.empty_like(rows)
+    with torch.cuda.device(index):
+        _ext.forward(
+            **args, tau_s=float(tau_s), tau_t=float(tau_t), kl=bool(kl), num_splits=plan["num_splits"],
+            chunk=plan["chunk"], part=part.data_ptr(), rows=rows.data_ptr(), lse_s=lse_s.data_ptr(),
+            lse_t=lse_t.data_ptr(), stream=torch.cuda.current_stream(index).cuda_stream,
+        )
+    ref = torch.zeros(B, dtype=torch.int32, device=device)
+    return rows, lse_s, lse_t, ref
+
+
+def backward(grad_rows, student, teacher, bank, lse_s, lse_t, *rest):
+    """dL/dS (B x D, student's dtype) for upstream per-row weights grad_rows (any stride, e.g. expanded).
+
+    Called as backward(grad_rows, student, teacher, bank, lse_s, lse_t, ref, tau_s, tau_t); the form without
+    ref is accepted too."""
+    if len(rest) == 3:
+        _ref, tau_s, tau_t = rest
+    elif len(rest) == 2:
+        tau_s, tau_t = rest
+    else:
+        raise TypeError(f"backward() takes ref (optional), tau_s, tau_t after lse_t; got {len(rest)} values")
+    keep, args, index = _common(student, teacher, bank)
+    B, K, D = args["B"], args["K"], args["D"]
+    device = keep[0].device
+    for name, x in (("grad_rows", grad_rows), ("lse_s", lse_s), ("lse_t", lse_t)):
+        if x.device != device or x.dim() != 1 or x.shape[0] != B:
+            raise RuntimeError(f"backend='cuda': {name} must be a ({B},) tensor on {device}, got "
+                               f"{tuple(x.shape)} on {x.device}")
+    grad_rows = grad_rows.detach().to(torch.float32)  # keeps an expanded (stride 0) view as it is
+    lse_s = lse_s.detach().to(torch.float32).contiguous()
+    lse_t = lse_t.detach().to(torch.float32).contiguous()
+    plan = _ext.backward_plan(B, K, D, _num_sms(index))
+    gpart = torch.empty(plan["workspace_floats"], dtype=torch.float32, device=device)
+    grad = torch.empty((B, D), dtype=keep[0].dtype, device=device)
+    with torch.cuda.device(index):
+        _ext.backward(
+            **args, tau_s=float(tau_s), tau_t=float(tau_t), num_splits=plan["num_splits"], chunk=plan["chunk"],
+            lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(), grad_rows=grad_rows.data_ptr(),
+            grad_stride=grad_rows.stride(0) if B > 1 else 0, gpart=gpart.data_ptr(), grad_student=grad.data_ptr(),
+            stream=torch.cuda.current_stream(index).cuda_stream,
+        )
+    return grad
