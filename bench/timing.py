@@ -4,8 +4,8 @@
 python  (GPU) per repetition: setup, synchronise, CUDA event, run, CUDA event. The queue is empty when the
         call starts, so host work (Python, autograd, launches) is inside the number whenever the GPU would
         wait for it: the cost of one call as made from Python.
-graph   (GPU) the call captured once per input set in a torch.cuda.CUDAGraph (static inputs), replays back to
-        back between CUDA events: device time without launch gaps.
+graph   (GPU) one torch.cuda.CUDAGraph making the call once per input set (static inputs); replays back to
+        back between CUDA events, each divided by the number of sets: device time without launch gaps.
 cpu     time.perf_counter around each run (no device; no graph mode).
 Repetitions: ``warmup`` calls first, then as many as fit in ``target_ms`` by the warm-up's estimate, clamped
 to [min_reps, max_reps]. Reported: median and the 20th and 80th percentiles, in milliseconds.
@@ -85,60 +85,51 @@ def time_cuda_python(setup, run, effort: Effort) -> Timing:
 
 
 class GraphCase:
-    """One CUDA graph per input set, sharing a memory pool (replayed one at a time, never concurrently).
+    """One CUDA graph that makes the measured call once on each input set in turn (static inputs); a replay
+    is timed between CUDA events and the time per call is the replay's time over the number of sets.
 
     setup(i) runs outside the capture (for the backward mode: the forward whose saved tensors the captured
-    backward reads); run(state) is captured. The inputs of each graph stay fixed (static). Warm-up, setup
-    and capture all run on one side stream: autograd runs a backward op on the stream of its forward op, so
-    a forward run on another stream would put the captured backward's kernels outside the capture."""
+    backward reads); run(state) is captured. Warm-up, setup and capture all run on one side stream: autograd
+    runs a backward op on the stream of its forward op, so a forward run on another stream would put the
+    captured backward's kernels outside the capture. One graph (not one per set) keeps the capture cost, and
+    its gc.collect, to one per mode."""
 
     def __init__(self, setup, run, n_sets: int):
-        self.graphs = []
-        self.states = []  # what the graphs read (inputs, the forward's saved tensors): must stay alive
+        self.n = n_sets
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up off the default stream (cuBLAS handles, autograd, compile)
-            for i in range(n_sets):
-                for _ in range(2):
+            for _ in range(2):
+                for i in range(n_sets):
                     out = run(setup(i))
                     del out
+            self.states = [setup(i) for i in range(n_sets)]  # what the graph reads: must stay alive
         stream.synchronize()
-        pool = None
-        for i in range(n_sets):
-            with torch.cuda.stream(stream):
-                state = setup(i)
-            stream.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool, stream=stream):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=stream):
+            for state in self.states:
                 out = run(state)
-            # The outputs are not read: dropping them returns their memory to the shared pool, where the next
-            # capture may reuse it (replays never overlap, so overwriting a dead output is harmless).
-            del out
-            pool = g.pool()
-            self.graphs.append(g)
-            self.states.append(state)
+                del out  # the outputs are not read; their memory goes back to the graph's pool
         torch.cuda.synchronize()
 
     def time(self, effort: Effort) -> Timing:
-        n = len(self.graphs)
-
         def batch(reps: int) -> list[float]:
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(reps)]
-            for i, (start, end) in enumerate(events):
+            for start, end in events:
                 start.record()
-                self.graphs[i % n].replay()
+                self.graph.replay()
                 end.record()
             torch.cuda.synchronize()
-            return [s.elapsed_time(e) for s, e in events]
+            return [s.elapsed_time(e) / self.n for s, e in events]
 
-        warm = batch(max(1, effort.warmup, n))
-        reps = _n_reps(statistics.median(warm), effort)
+        warm = batch(max(1, effort.warmup))
+        reps = _n_reps(statistics.median(warm) * self.n, effort)
         return summarize(batch(reps))
 
     def close(self):
-        self.graphs.clear()
-        self.states.clear()
+        self.graph = None
+        self.states = []
 
 
 def peak_extra_mib(setup, run) -> float:
