@@ -14,6 +14,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # bench/ is not an installed package: import it from the checkout
+    sys.path.insert(0, str(REPO))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
