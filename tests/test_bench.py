@@ -212,3 +212,85 @@ def test_gpu_small_run_times_both_kinds_with_memory_and_floor(tmp_path):
             assert finite(r["floor_ms"]) and 0 < r["pct_of_floor"] < 150, r
     by = {(r["mode"], r["timing"]): r["median_ms"] for r in eager}
     assert by[("fwd+bwd", "graph")] < by[("fwd+bwd", "python")] * 1.5  # graph replay has no launch gaps
+
+
+class _FakeCuda:
+    """Stand-ins for the torch.cuda calls of bench/timing.py, so that its GPU code paths (their order of
+    setup, synchronisation, events, capture, replay) run on a CPU machine. Events read the host clock."""
+
+    def __init__(self):
+        import contextlib
+        import time
+
+        self.log = []
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                self.t = time.perf_counter()
+
+            def elapsed_time(self, end):
+                return (end.t - self.t) * 1e3
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+            def synchronize(self):
+                pass
+
+        class CUDAGraph:
+            def replay(self):
+                fake.log.append("replay")
+
+        @contextlib.contextmanager
+        def graph(g, pool=None, stream=None, capture_error_mode="global"):
+            fake.log.append("capture_begin")
+            yield
+            fake.log.append("capture_end")
+
+        self.attrs = dict(
+            Event=Event, Stream=Stream, CUDAGraph=CUDAGraph, graph=graph,
+            stream=lambda s: contextlib.nullcontext(), current_stream=lambda: Stream(),
+            synchronize=lambda: fake.log.append("sync"), reset_peak_memory_stats=lambda: None,
+            memory_allocated=lambda: 1 << 20, max_memory_allocated=lambda: 3 << 20,
+        )
+
+
+def test_gpu_timer_paths_with_fake_cuda(monkeypatch):
+    from bench import providers, runner, timing
+    from bench.config import Config
+    from bench.inputs import make_inputs
+
+    fake = _FakeCuda()
+    for name, value in fake.attrs.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    cfg = Config(B=4, K=64, D=8, dtype="float32", tau_s=0.1, tau_t=0.02)
+    sets = [make_inputs(cfg, torch.device("cpu"), seed=i) for i in range(3)]
+    fn = providers.build("eager", cfg)
+    effort = timing.Effort(warmup=2, target_ms=1e9, min_reps=4, max_reps=6)
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        setup, run = runner.make_case(fn, sets, mode)
+        calls = []
+
+        def counted_setup(i, setup=setup):
+            calls.append(i)
+            return setup(i)
+
+        t = timing.time_cuda_python(counted_setup, run, effort)
+        assert t.reps == 6 and 0 < t.p20_ms <= t.median_ms <= t.p80_ms
+        assert calls == [0, 1, 2, 3, 4, 5, 6, 7]  # 2 warm-up + 6 timed, each prepared outside the timing
+        assert timing.peak_extra_mib(setup, run) == 2.0
+
+        fake.log.clear()
+        case = timing.GraphCase(setup, run, len(sets))
+        assert len(case.states) == 3
+        assert fake.log.count("capture_begin") == 1 and fake.log[-2:] == ["capture_end", "sync"]
+        t = case.time(effort)
+        assert t.reps == 6 and fake.log.count("replay") == 2 + 6
+        case.close()
+        # gradients are taken with autograd.grad: nothing accumulates in .grad across repetitions
+        assert all(s.student.grad is None for s in sets)
