@@ -294,3 +294,47 @@ def test_gpu_timer_paths_with_fake_cuda(monkeypatch):
         case.close()
         # gradients are taken with autograd.grad: nothing accumulates in .grad across repetitions
         assert all(s.student.grad is None for s in sets)
+
+
+def test_runner_gpu_rows_with_fake_cuda(monkeypatch):
+    """The runner's GPU branch end to end on CPU tensors: both timing kinds, memory, floor columns, rotation."""
+    from bench import ceilings, inputs, runner
+    from bench.runner import Runner
+
+    fake = _FakeCuda()
+    for name, value in fake.attrs.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
+
+    class Props:
+        L2_cache_size = 64 << 10  # 64 KiB: a 4 x 1024 x 8 fp32 set is 32.25 KiB, so 6 sets are needed
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    ceil = {"copy_GBps": 1000.0, "matmul_TFLOPs": {"float32": 10.0}, "fp32_matmul_precision": "highest"}
+    monkeypatch.setattr(ceilings, "measure", lambda device, dtypes: ceil)
+    real_make = inputs.make_inputs
+    monkeypatch.setattr(inputs, "make_inputs", lambda cfg, device, seed: real_make(cfg, torch.device("cpu"), seed))
+
+    from bench.config import Config
+
+    cfg = Config(B=4, K=1024, D=8, dtype="float32", tau_s=0.1, tau_t=0.02)
+    rows = Runner(_options(configs=[cfg], providers=["eager", "torch"], modes=["fwd", "bwd", "fwd+bwd"],
+                           device=torch.device("cuda"))).run()
+    assert len(rows) == 2 * 3 * 2
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["device"] == "Fake GPU" and r["copy_GBps"] == 1000.0 and r["matmul_TFLOPs"] == 10.0
+        assert r["input_sets"] == 6
+        assert r["median_ms"] > 0 and math.isfinite(r["speedup_vs_eager"])
+        assert (r["peak_extra_mib"] == 2.0) if r["timing"] == "python" else math.isnan(r["peak_extra_mib"])
+        f4 = ceilings.floor_ms(ceil, 4, 1024, 8, "float32", r["mode"], recompute=False)
+        f5 = ceilings.floor_ms(ceil, 4, 1024, 8, "float32", r["mode"], recompute=True)
+        assert r["floor_recompute_ms"] == f5 and r["pct_of_floor_recompute"] == pytest.approx(100 * f5 / r["median_ms"])
+        if r["mode"] == "bwd":
+            assert math.isnan(r["floor_ms"]) and math.isnan(r["pct_of_floor"])
+        else:
+            assert r["floor_ms"] == f4 and r["pct_of_floor"] == pytest.approx(100 * f4 / r["median_ms"])
+    assert {(r["mode"], r["timing"]) for r in rows} == {(m, k) for m in ("fwd", "bwd", "fwd+bwd")
+                                                        for k in ("python", "graph")}
