@@ -44,25 +44,26 @@ def _median_ms(fn, warmup: int = 3, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def _copy_ms(device, numel: int) -> float:
+    src = torch.rand(numel, device=device)
+    dst = torch.empty_like(src)
+    return _median_ms(lambda: dst.copy_(src))
+
+
+def _matmul_ms(device, dtype, n: int) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return _median_ms(lambda: torch.mm(a, b))
+
+
 def measure(device: torch.device, dtypes: list[str]) -> dict:
     """{'copy_GBps': ..., 'matmul_TFLOPs': {dtype: ...}, 'fp32_matmul_precision': ...}; empty on the CPU."""
     if device.type != "cuda":
         return {}
     free, _ = torch.cuda.mem_get_info(device)
     nbytes = int(min(1 << 30, free // 8)) // 4 * 4
-    src = torch.rand(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src))
-    copy_gbps = 2 * nbytes / (ms * 1e-3) / 1e9
-    del src, dst
-    rates = {}
-    for name in dtypes:
-        n = 8192
-        a = torch.randn(n, n, device=device).to(DTYPE[name])
-        b = torch.randn(n, n, device=device).to(DTYPE[name])
-        ms = _median_ms(lambda: torch.mm(a, b))
-        rates[name] = 2 * n**3 / (ms * 1e-3) / 1e12
-        del a, b
+    copy_gbps = 2 * nbytes / (_copy_ms(device, nbytes // 4) * 1e-3) / 1e9
+    rates = {name: 2 * 8192**3 / (_matmul_ms(device, DTYPE[name], 8192) * 1e-3) / 1e12 for name in dtypes}
     torch.cuda.empty_cache()
     return {"copy_GBps": copy_gbps, "matmul_TFLOPs": rates,
             "fp32_matmul_precision": torch.get_float32_matmul_precision()}

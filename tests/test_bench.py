@@ -298,7 +298,7 @@ def test_gpu_timer_paths_with_fake_cuda(monkeypatch):
 
 def test_runner_gpu_rows_with_fake_cuda(monkeypatch):
     """The runner's GPU branch end to end on CPU tensors: both timing kinds, memory, floor columns, rotation."""
-    from bench import ceilings, inputs, runner
+    from bench import ceilings, inputs
     from bench.runner import Runner
 
     fake = _FakeCuda()
