@@ -1,0 +1,320 @@
+"""The CUDA backend without a GPU: build, ptxas report, error behaviour, and the kernels run in host emulation.
+
+* The extension: built for sm_80 and sm_90 (+ PTX), from the current sources, with no local-memory spills.
+  Skipped where nvcc is absent (or RRD_SKIP_CUDA_BUILD is set, for the installed-module checks).
+* Without a GPU or without the extension: `import rrd_kernels` works and backend="cuda" raises a clear
+  RuntimeError.
+* The kernels: csrc/emulate.cpp compiles the very kernel source with the host C++ compiler, every CUDA
+  thread an OS thread and mma.sync computed from the PTX ISA fragment layouts, and the results are compared
+  with the float64 reference (needs only a C++20 compiler, no nvcc).
+"""
+from __future__ import annotations
+
+import ast
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+KERNELS = 10  # 4 forward + 4 backward instantiations, merge, finish
+ARCHS = ("sm_80", "sm_90")
+
+
+def find_nvcc():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def find_cuobjdump():
+    nvcc = find_nvcc()
+    candidates = [os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump")] if nvcc else []
+    candidates.append(shutil.which("cuobjdump"))
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found: the CUDA extension is not built here")
+skip_build = os.environ.get("RRD_SKIP_CUDA_BUILD", "0") not in ("", "0")
+
+
+def source_hash() -> str:
+    """The hash setup.py stamps into the module and the report, computed from setup.py's own file list."""
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    hashed = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "HASHED"
+    )
+    h = hashlib.sha256()
+    for name in hashed:
+        with open(os.path.join(CSRC, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def parse_ptxas(log: str) -> list[dict]:
+    records, cur = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line)
+        if m:
+            cur = {"name": m.group(1), "arch": m.group(2)}
+            records.append(cur)
+        elif cur is not None:
+            m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+            if m:
+                cur["stack"], cur["spill_stores"], cur["spill_loads"] = map(int, m.groups())
+            m = re.search(r"Used (\d+) registers", line)
+            if m:
+                cur["registers"] = int(m.group(1))
+    return records
+
+
+def check_no_spills(records: list[dict]) -> None:
+    for arch in ARCHS:
+        mine = [r for r in records if r["arch"] == arch]
+        assert len(mine) == KERNELS, f"{arch}: expected {KERNELS} kernels in the ptxas output, got {len(mine)}"
+        for r in mine:
+            assert "registers" in r and "spill_stores" in r, r
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, f"spills: {r}"
+
+
+# ---- import and error behaviour (always run) ------------------------------------------------------------
+
+
+def test_import_without_extension():
+    """With the extension unimportable, rrd_kernels imports, why_unusable says why, backend='cuda' raises."""
+    code = textwrap.dedent(
+        """
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "rrd_kernels._rrd_cuda":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import torch, rrd_kernels
+        from rrd_kernels import cuda_backend
+        S = torch.randn(3, 8); Q = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+        reason = cuda_backend.why_unusable(S, S, Q)
+        assert reason and "not built" in reason, reason
+        assert "cuda" not in rrd_kernels.available_backends() or True  # the module itself imports
+        try:
+            rrd_kernels.rrd_loss(S, S, Q, tau_s=0.1, tau_t=0.1, backend="cuda")
+        except RuntimeError as e:
+            assert "not built" in str(e), e
+            print("OK", e)
+        else:
+            raise SystemExit("no error")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "OK" in out.stdout
+
+
+def test_cuda_backend_on_cpu_tensors_raises_clear_error():
+    import rrd_kernels
+    from rrd_kernels import cuda_backend
+
+    S = torch.randn(4, 8)
+    Q = F.normalize(torch.randn(16, 8), dim=1)
+    reason = cuda_backend.why_unusable(S, S, Q)
+    assert isinstance(reason, str) and reason
+    with pytest.raises(RuntimeError, match="cuda"):
+        rrd_kernels.rrd_loss(S, S, Q, tau_s=0.1, tau_t=0.1, backend="cuda")
+    # "auto" on CPU tensors quietly uses the reference
+    assert torch.isfinite(rrd_kernels.rrd_loss(S, S, Q, tau_s=0.1, tau_t=0.1, backend="auto"))
+
+
+# ---- the built extension (needs nvcc) ------------------------------------------------------------------
+
+
+@needs_nvcc
+@pytest.mark.skipif(skip_build, reason="RRD_SKIP_CUDA_BUILD is set")
+def test_extension_built_for_sm80_sm90_from_current_sources():
+    ext = pytest.importorskip("rrd_kernels._rrd_cuda", reason="extension not built (pip install -e . with nvcc)")
+    assert ext.BUILD_INFO.startswith(f"source {source_hash()};"), (
+        f"the built module ({ext.BUILD_INFO}) is stale: csrc changed since; rebuild (pip install -e .)"
+    )
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (CUDA bin or the triton wheel)")
+    elf = subprocess.run([cuobjdump, "--list-elf", ext.__file__], capture_output=True, text=True, check=True).stdout
+    ptx = subprocess.run([cuobjdump, "--list-ptx", ext.__file__], capture_output=True, text=True, check=True).stdout
+    for arch in ARCHS:
+        assert f".{arch}.cubin" in elf, elf
+    assert re.search(r"\.sm_\d+\.ptx", ptx), ptx  # PTX for the newest arch, for newer GPUs
+
+
+@needs_nvcc
+def test_committed_ptxas_report_is_current_and_has_no_spills():
+    report = open(os.path.join(CSRC, "ptxas-report.txt")).read()
+    assert f"source hash {source_hash()}" in report, "csrc/ptxas-report.txt is stale: rebuild and commit it"
+    check_no_spills(parse_ptxas(report))
+
+
+@needs_nvcc
+def test_fresh_compile_sm80_sm90_has_no_spills(tmp_path):
+    """Compile the kernels now (both archs, ~30 s on 2 cores) and read ptxas' own report."""
+    cmd = [find_nvcc(), "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "--threads=2", "-I" + CSRC,
+           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+           "-c", os.path.join(CSRC, "rrd_cuda.cu"), "-o", str(tmp_path / "rrd_cuda.o")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    check_no_spills(parse_ptxas(out.stdout + out.stderr))
+
+
+@needs_nvcc
+@pytest.mark.skipif(skip_build, reason="RRD_SKIP_CUDA_BUILD is set")
+def test_binding_errors_are_exceptions():
+    ext = pytest.importorskip("rrd_kernels._rrd_cuda", reason="extension not built")
+    base = dict(student=0, teacher=0, bank=0, ld_s=8, ld_t=8, ld_q=8, B=2, K=3, D=8, emb_dtype=0, bank_dtype=0,
+                mode=0, tau_s=0.1, tau_t=0.1, kl=False, num_splits=1, chunk=64, part=0, rows=0, lse_s=0, lse_t=0,
+                device=0, stream=0)
+    with pytest.raises(ValueError, match="null input pointer"):
+        ext.forward(**base)
+    with pytest.raises(ValueError, match="D must be"):
+        ext.forward(**{**base, "student": 8, "teacher": 8, "bank": 8, "D": 513, "ld_s": 513, "ld_q": 513})
+    with pytest.raises(ValueError, match="mode"):
+        ext.forward(**{**base, "student": 8, "teacher": 8, "bank": 8, "emb_dtype": 2})
+    plan = ext.forward_plan(64, 16384, 128, 132)
+    assert plan["num_splits"] * plan["chunk"] >= 16384 and plan["chunk"] % 64 == 0
+    count, err = ext.runtime_status()
+    if err:  # no usable GPU here: a well-formed call reaches the CUDA runtime and comes back as RuntimeError
+        good = {**base, "student": 8, "teacher": 8, "bank": 8, "part": 8, "rows": 8, "lse_s": 8, "lse_t": 8}
+        with pytest.raises(RuntimeError, match="cuda"):
+            ext.forward(**good)
+
+
+# ---- the kernels in host emulation (needs a C++20 compiler) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the host emulation")
+    so = str(tmp_path_factory.mktemp("emu") / "rrd_emu.so")
+    cmd = [cxx, "-std=c++20", "-O2", "-fno-strict-aliasing", "-pthread", "-shared", "-fPIC", "-Wall",
+           "-Wno-unknown-pragmas", "-o", so, os.path.join(CSRC, "emulate.cpp")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0 and "_Float16" in out.stderr:
+        pytest.skip("host compiler lacks _Float16")
+    assert out.returncode == 0, out.stderr[-4000:]
+    lib = ctypes.CDLL(so)
+    lib.rrd_emu_forward.restype = ctypes.c_char_p
+    lib.rrd_emu_backward.restype = ctypes.c_char_p
+    return lib
+
+
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MODE_OF = {torch.bfloat16: 3, torch.float16: 2}
+# Unit roundoff of the dot products per mode (fp32 FMA, tf32, fp16, bf16); errors of the logits scale with 1/tau.
+UNIT = {0: 2.0**-24, 1: 2.0**-11, 2: 2.0**-11, 3: 2.0**-8}
+
+
+def emu_run(lib, S, T, Q, mode, tau_s, tau_t, kl, num_sms, grad_rows, ld_pad=0):
+    """Forward and backward through the emulated kernels; S/T/Q may be row-padded views (ld = D + ld_pad)."""
+    B, D = S.shape
+    K = Q.shape[0]
+    c = ctypes.c_void_p
+    L = ctypes.c_longlong
+    rows, lse_s, lse_t = torch.empty(B), torch.empty(B), torch.empty(B)
+    err = lib.rrd_emu_forward(c(S.data_ptr()), c(T.data_ptr()), c(Q.data_ptr()), L(S.stride(0)), L(T.stride(0)),
+                              L(Q.stride(0)), B, K, D, CODES[S.dtype], CODES[Q.dtype], mode,
+                              ctypes.c_double(tau_s), ctypes.c_double(tau_t), int(kl), num_sms,
+                              c(rows.data_ptr()), c(lse_s.data_ptr()), c(lse_t.data_ptr()))
+    assert err is None, err
+    grad = torch.empty(B, D, dtype=S.dtype)
+    err = lib.rrd_emu_backward(c(S.data_ptr()), c(T.data_ptr()), c(Q.data_ptr()), L(S.stride(0)), L(T.stride(0)),
+                               L(Q.stride(0)), B, K, D, CODES[S.dtype], CODES[Q.dtype], mode,
+                               ctypes.c_double(tau_s), ctypes.c_double(tau_t), num_sms, c(lse_s.data_ptr()),
+                               c(lse_t.data_ptr()), c(grad_rows.data_ptr()), L(grad_rows.stride(0)),
+                               c(grad.data_ptr()))
+    assert err is None, err
+    return rows, lse_s, lse_t, grad
+
+
+def padded(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """x as a view with row stride D + pad (garbage in the padding), to exercise ld > D."""
+    if pad == 0:
+        return x.contiguous()
+    buf = torch.full((x.shape[0], x.shape[1] + pad), float("nan"), dtype=x.dtype)
+    buf[:, : x.shape[1]] = x
+    return buf[:, : x.shape[1]]
+
+
+CASES = [
+    # B, K, D, emb dtype, bank dtype, mode, tau_s, tau_t, kl, num_sms, ld pad
+    (1, 1, 1, torch.float32, torch.float32, 0, 0.1, 0.02, False, 1, 0),
+    (5, 7, 3, torch.float32, torch.float32, 0, 0.04, 0.1, True, 1, 0),
+    (70, 130, 40, torch.float32, torch.float32, 0, 0.1, 0.02, False, 4, 3),
+    (17, 300, 72, torch.float32, torch.bfloat16, 0, 0.04, 0.1, True, 64, 0),
+    (70, 130, 40, torch.float32, torch.float32, 1, 0.1, 0.02, False, 4, 0),
+    (9, 65, 33, torch.float32, torch.float16, 1, 0.04, 0.1, True, 2, 1),
+    (70, 130, 40, torch.bfloat16, torch.bfloat16, 3, 0.1, 0.02, False, 4, 0),
+    (3, 200, 100, torch.bfloat16, torch.float32, 3, 0.04, 0.1, True, 100, 2),
+    (66, 64, 16, torch.float16, torch.float16, 2, 0.1, 0.02, True, 1, 0),
+    (20, 129, 48, torch.float16, torch.bfloat16, 2, 0.04, 0.1, False, 8, 0),
+    (2, 70, 512, torch.bfloat16, torch.bfloat16, 3, 0.1, 0.02, False, 1, 0),
+    (3, 40, 300, torch.float32, torch.float32, 0, 0.04, 0.1, False, 1, 0),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-K{c[1]}-D{c[2]}-{str(c[3])[6:]}-{str(c[4])[6:]}-m{c[5]}")
+def test_emulated_kernels_match_float64_reference(emu, case):
+    from rrd_kernels.reference import rrd_reference
+
+    B, K, D, dt, bank_dt, mode, tau_s, tau_t, kl, num_sms, pad = case
+    gen = torch.Generator().manual_seed(B * 1000 + K * 7 + D)
+    # raw embeddings with row norms over 1e-2 .. 1e2 (the kernels normalise); for fp32, one zero student row
+    S = torch.randn(B, D, generator=gen) * 10 ** (torch.rand(B, 1, generator=gen) * 4 - 2)
+    T = torch.randn(B, D, generator=gen) * 10 ** (torch.rand(B, 1, generator=gen) * 4 - 2)
+    if B > 2 and dt == torch.float32:
+        S[1] = 0
+    Q = F.normalize(torch.randn(K, D, generator=gen, dtype=torch.float64), dim=1)
+    S, T, Q = padded(S.to(dt), pad), padded(T.to(dt), pad), padded(Q.to(bank_dt), pad)
+    # upstream weights: an expanded (stride 0) view for one case, else distinct per row
+    w = torch.full((1,), 0.5).expand(B) if B == 17 else torch.linspace(0.5, 1.5, B)
+
+    rows, lse_s, lse_t, grad = emu_run(emu, S, T, Q, mode, tau_s, tau_t, kl, num_sms, w, pad)
+
+    S64 = S.double().requires_grad_()
+    T64, Q64 = T.double(), Q.double()
+    ref = rrd_reference(S64, T64, Q64, tau_s, tau_t, "kl" if kl else "ce", "none")
+    (ref * w.double()).sum().backward()
+    ref_lse_s = torch.logsumexp(F.normalize(S64, dim=1, eps=1e-12) @ Q64.T / tau_s, 1)
+    ref_lse_t = torch.logsumexp(F.normalize(T64, dim=1, eps=1e-12) @ Q64.T / tau_t, 1)
+
+    # error budget: logit error ~ u / tau (u: unit roundoff of the products, incl. a bank cast to the
+    # embedding dtype), with room for the sums; gradients relative to their largest entry.
+    u = UNIT[mode] if CODES[bank_dt] == 0 or bank_dt == dt else max(UNIT[mode], UNIT[3 if bank_dt == torch.bfloat16 else 2])
+    tol = 8 * u / min(tau_s, tau_t) + 2e-5
+    assert torch.isfinite(rows).all() and torch.isfinite(grad.float()).all()
+    assert (rows.double() - ref.detach()).abs().max().item() <= tol
+    assert (lse_s.double() - ref_lse_s.detach()).abs().max().item() <= tol
+    assert (lse_t.double() - ref_lse_t.detach()).abs().max().item() <= tol
+    # Gradients row by row, relative to the row's natural scale w_r / (tau_s max(||S_r||, eps)) (|q - p| <= 1,
+    # unit bank rows): exact zeros (K = 1) and the huge gradient of a zero row (1 / eps, as F.normalize) alike.
+    g_ref = S64.grad
+    natural = w.double() / (tau_s * S64.detach().norm(dim=1).clamp_min(1e-12))
+    row_err = (grad.double() - g_ref).abs().amax(dim=1) / natural
+    g_tol = 8 * u / tau_s + (2.0**-8 if dt == torch.bfloat16 else 2.0**-11 if dt == torch.float16 else 0) + 2e-5
+    assert row_err.max().item() <= g_tol, row_err
