@@ -43,8 +43,8 @@ template <class A> std::string check_common(const A& a) {
   if ((a.K) < 1 || (a.K) > (1 << 30)) return "K must be in [1, 2^30]";
   if (a.D < 1 || a.D > kMaxD) return "D must be in [1, " + std::to_string(kMaxD) + "]";
   if (!a.student || !a.teacher || !a.bank) return "null input pointer";
-  if (a.ld_s < a.D && a.B > 1) return "student row stride < D";
-  if (a.ld_t < 0 || a.ld_q < a.D) return "bad teacher or bank row stride";
+  if (a.B > 1 && (a.ld_s < a.D || a.ld_t < a.D)) return "student / teacher row stride < D";
+  if (a.K > 1 && a.ld_q < a.D) return "bank row stride < D";
   const auto dtype_ok = [](int code) { return code == kF32 || code == kF16 || code == kBF16; };
   if (!dtype_ok(a.emb_dtype) || !dtype_ok(a.bank_dtype)) return "dtype code must be 0, 1 or 2";
   const bool mode_ok = (a.emb_dtype == kF32 && (a.mode == kSimtF32 || a.mode == kMmaTF32)) ||
