@@ -212,7 +212,7 @@ class StageRunner:
         if stage.alpha and teacher is None:
             raise ValueError(f"stage {stage.name}: KD (alpha > 0) needs a teacher")
 
-        final = load_final(final_path, self.device) if cfg.resume and os.path.isfile(final_path) else None
+        final = load_final(final_path, "cpu") if cfg.resume and os.path.isfile(final_path) else None
         if final is not None and len(final["history"]) > stage.epochs:
             raise ResumeError(
                 f"--resume: {final_path} already has {len(final['history'])} epochs, more than --epochs "
@@ -239,7 +239,8 @@ class StageRunner:
         start_epoch = 1
 
         if cfg.resume and os.path.isfile(last_path):
-            ckpt = torch.load(last_path, map_location=self.device, weights_only=False)  # our own file
+            # our own file; loaded on the CPU (RNG states must stay CPU tensors), load_state_dict moves the rest
+            ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
             if ckpt.get("format") != CKPT_FORMAT:
                 raise ResumeError(f"--resume: {last_path} is not a checkpoint of this app")
             self._check_signature(ckpt["signature"], signature, last_path)
