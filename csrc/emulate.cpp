@@ -101,4 +101,70 @@ const char* rrd_emu_backward(const void* student, const void* teacher, const voi
   return result(e);
 }
 
+// The binding's forward / backward with the binding's arguments in its order (workspace and plan from the
+// caller), so tests can stand this in for rrd_kernels._rrd_cuda behind rrd_kernels.cuda_backend.
+const char* rrd_emu_forward_raw(uintptr_t student, uintptr_t teacher, uintptr_t bank, long long ld_s,
+                                long long ld_t, long long ld_q, int B, int K, int D, int emb_dtype, int bank_dtype,
+                                int mode, double tau_s, double tau_t, int kl, int num_splits, int chunk,
+                                uintptr_t part, uintptr_t rows, uintptr_t lse_s, uintptr_t lse_t) {
+  rrd::ForwardArgs a;
+  a.student = student;
+  a.teacher = teacher;
+  a.bank = bank;
+  a.ld_s = ld_s;
+  a.ld_t = ld_t;
+  a.ld_q = ld_q;
+  a.B = B;
+  a.K = K;
+  a.D = D;
+  a.emb_dtype = emb_dtype;
+  a.bank_dtype = bank_dtype;
+  a.mode = mode;
+  a.tau_s = tau_s;
+  a.tau_t = tau_t;
+  a.kl = kl != 0;
+  a.num_splits = num_splits;
+  a.chunk = chunk;
+  a.part = part;
+  a.rows = rows;
+  a.lse_s = lse_s;
+  a.lse_t = lse_t;
+  std::string e = rrd::check_args(a);
+  if (e.empty()) e = rrd::run_forward(a);
+  return result(e);
+}
+
+const char* rrd_emu_backward_raw(uintptr_t student, uintptr_t teacher, uintptr_t bank, long long ld_s,
+                                 long long ld_t, long long ld_q, int B, int K, int D, int emb_dtype,
+                                 int bank_dtype, int mode, double tau_s, double tau_t, int num_splits, int chunk,
+                                 uintptr_t lse_s, uintptr_t lse_t, uintptr_t grad_rows, long long grad_stride,
+                                 uintptr_t gpart, uintptr_t grad_student) {
+  rrd::BackwardArgs a;
+  a.student = student;
+  a.teacher = teacher;
+  a.bank = bank;
+  a.ld_s = ld_s;
+  a.ld_t = ld_t;
+  a.ld_q = ld_q;
+  a.B = B;
+  a.K = K;
+  a.D = D;
+  a.emb_dtype = emb_dtype;
+  a.bank_dtype = bank_dtype;
+  a.mode = mode;
+  a.tau_s = tau_s;
+  a.tau_t = tau_t;
+  a.num_splits = num_splits;
+  a.chunk = chunk;
+  a.lse_s = lse_s;
+  a.lse_t = lse_t;
+  a.grad_rows = grad_rows;
+  a.grad_stride = grad_stride;
+  a.gpart = gpart;
+  a.grad_student = grad_student;
+  std::string e = rrd::check_args(a);
+  if (e.empty()) e = rrd::run_backward(a);
+  return result(e);
+}
+
 }  // extern "C"

@@ -69,6 +69,16 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _launch_env(index: int):
+    """(context manager making device `index` current, handle of its current stream) for a launch. The
+    module's own static CUDA runtime is pointed at the same device by the C++ side (cudaSetDevice)."""
+    return torch.cuda.device(index), torch.cuda.current_stream(index).cuda_stream
+
+
 def why_unusable(student, teacher, bank) -> str | None:
     """None when the cuda backend can run on these tensors, else the reason. Never raises."""
     if _ext is None:
@@ -96,7 +106,7 @@ def why_unusable(student, teacher, bank) -> str | None:
         return f"the cuda backend supports D <= {MAX_D}, got D = {D}"
     if K > 2**30:
         return f"the cuda backend supports K <= 2^30 bank rows, got {K}"
-    index = student.device.index if student.device.index is not None else torch.cuda.current_device()
+    index = _device_index(student.device)
     if _capability(index) < (8, 0):
         return f"the cuda backend needs compute capability >= 8.0 (mma.sync bf16), got {_capability(index)}"
     return None
@@ -133,8 +143,7 @@ def _common(student, teacher, bank):
     q, ld_q = _unit_feature_stride(bank.detach())
     B, D = s.shape
     K = q.shape[0]
-    device = s.device
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(s.device)
     args = dict(
         student=s.data_ptr(), teacher=t.data_ptr(), bank=q.data_ptr(), ld_s=ld_s, ld_t=ld_t, ld_q=ld_q,
         B=B, K=K, D=D, emb_dtype=_DTYPE_CODES[s.dtype], bank_dtype=_DTYPE_CODES[q.dtype], mode=_mode(s.dtype),
@@ -143,9 +152,23 @@ def _common(student, teacher, bank):
     return (s, t, q), args, index
 
 
+@functools.lru_cache(maxsize=None)
+def _op_returns_ref() -> bool:
+    """Whether the registered forward op returns the 4th output `ref` (the contract in backends.py that adds a
+    per-row reference bank row), or only (rows, lse_s, lse_t) as before. Read from the op's schema, so this
+    module works with either version of ops.py."""
+    try:
+        from . import ops  # noqa: F401  (registers the op)
+
+        return len(torch.ops.rrd_kernels.rrd_forward.default._schema.returns) == 4
+    except Exception:
+        return True
+
+
 def forward(student, teacher, bank, tau_s, tau_t, kl):
     """(rows, lse_s, lse_t, ref): per-row CE (or KL) and natural-log LSEs, float32; ref (int32, all 0) is the
-    reference bank row of the contract, which these kernels do not need (any valid index is exact)."""
+    reference bank row of the contract, which these kernels do not need (any valid index is exact). Without
+    `ref` in the op's schema: (rows, lse_s, lse_t)."""
     keep, args, index = _common(student, teacher, bank)
     B, K, D = args["B"], args["K"], args["D"]
     device = keep[0].device
@@ -154,14 +177,16 @@ def forward(student, teacher, bank, tau_s, tau_t, kl):
     rows = torch.empty(B, dtype=torch.float32, device=device)
     lse_s = torch.empty_like(rows)
     lse_t = torch.empty_like(rows)
-    with torch.cuda.device(index):
+    context, stream = _launch_env(index)
+    with context:
         _ext.forward(
             **args, tau_s=float(tau_s), tau_t=float(tau_t), kl=bool(kl), num_splits=plan["num_splits"],
             chunk=plan["chunk"], part=part.data_ptr(), rows=rows.data_ptr(), lse_s=lse_s.data_ptr(),
-            lse_t=lse_t.data_ptr(), stream=torch.cuda.current_stream(index).cuda_stream,
+            lse_t=lse_t.data_ptr(), stream=stream,
         )
-    ref = torch.zeros(B, dtype=torch.int32, device=device)
-    return rows, lse_s, lse_t, ref
+    if not _op_returns_ref():
+        return rows, lse_s, lse_t
+    return rows, lse_s, lse_t, torch.zeros(B, dtype=torch.int32, device=device)
 
 
 def backward(grad_rows, student, teacher, bank, lse_s, lse_t, *rest):
@@ -188,11 +213,12 @@ def backward(grad_rows, student, teacher, bank, lse_s, lse_t, *rest):
     plan = _ext.backward_plan(B, K, D, _num_sms(index))
     gpart = torch.empty(plan["workspace_floats"], dtype=torch.float32, device=device)
     grad = torch.empty((B, D), dtype=keep[0].dtype, device=device)
-    with torch.cuda.device(index):
+    context, stream = _launch_env(index)
+    with context:
         _ext.backward(
             **args, tau_s=float(tau_s), tau_t=float(tau_t), num_splits=plan["num_splits"], chunk=plan["chunk"],
             lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(), grad_rows=grad_rows.data_ptr(),
             grad_stride=grad_rows.stride(0) if B > 1 else 0, gpart=gpart.data_ptr(), grad_student=grad.data_ptr(),
-            stream=torch.cuda.current_stream(index).cuda_stream,
+            stream=stream,
         )
     return grad
