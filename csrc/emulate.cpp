@@ -54,7 +54,7 @@ const char* rrd_emu_forward(const void* student, const void* teacher, const void
   a.tau_t = tau_t;
   a.kl = kl != 0;
   const rrd::Plan plan = rrd::forward_plan(B, K, D, num_sms);
-  std::vector<float> part(size_t(plan.workspace_floats), -12345.f);  // poisoned: every entry must be written
+  std::vector<float> part(size_t(plan.workspace_floats), NAN);  // poisoned: every entry must be written
   a.num_splits = plan.num_splits;
   a.chunk = plan.chunk;
   a.part = uintptr_t(part.data());
