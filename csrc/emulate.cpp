@@ -23,6 +23,11 @@ const char* result(const std::string& e) {
 
 extern "C" {
 
+// Whether the kernels use 4-element vector loads for a tensor at ptr with row stride ld (elements).
+int rrd_emu_vector_loads(const void* ptr, long long ld, int D, int dtype) {
+  return rrd::vector_loads_ok(uintptr_t(ptr), ld, D, dtype);
+}
+
 // Plan for B, K, D with num_sms SMs: writes {num_splits, chunk, num_dslices} and the workspace size.
 void rrd_emu_plan(int backward, int B, int K, int D, int num_sms, int* out3, long long* workspace_floats) {
   const rrd::Plan p = backward ? rrd::backward_plan(B, K, D, num_sms) : rrd::forward_plan(B, K, D, num_sms);

@@ -14,6 +14,8 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <barrier>
@@ -26,6 +28,26 @@
 #define RRD_HOST_DEVICE
 #define __global__
 #define __launch_bounds__(n)
+
+// CUDA's vector types, as far as the kernels use them (same size and alignment as in CUDA).
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(8) uint2 {
+  uint32_t x, y;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline uint2 make_uint2(uint32_t x, uint32_t y) { return uint2{x, y}; }
+
+// A vector access that is misaligned faults on the GPU (x86 would not notice): stop the test run.
+#define RRD_CHECK_ALIGNED(ptr, bytes)                                                      \
+  do {                                                                                     \
+    if (reinterpret_cast<uintptr_t>(ptr) % (bytes) != 0) {                                 \
+      fprintf(stderr, "rrd emulation: misaligned %d-byte access at %p (%s:%d)\n", (bytes), \
+              static_cast<const void*>(ptr), __FILE__, __LINE__);                          \
+      abort();                                                                             \
+    }                                                                                      \
+  } while (0)
 
 struct dim3 {
   unsigned x, y, z;

@@ -20,6 +20,7 @@
 #define RRD_DEVICE __device__ __forceinline__
 #define RRD_HOST_DEVICE __host__ __device__
 #define RRD_DECLARE_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define RRD_CHECK_ALIGNED(ptr, bytes) ((void)0)  // checked in the host emulation
 #endif
 
 namespace rrd {
@@ -86,24 +87,58 @@ RRD_DEVICE float load_as_float(const void* base, long long index, int dtype) {
   return dtype == kBF16 ? bf16_bits_to_float(bits) : f16_bits_to_float(bits);
 }
 
+// Elements base[index .. index + 3] as fp32 with one 16-byte (fp32) or 8-byte (16-bit) load. Only called
+// where the host found the tensor 4-element aligned (data pointer, row stride and D multiples of 4).
+RRD_DEVICE void load4_as_float(const void* base, long long index, int dtype, float (&x)[4]) {
+  if (dtype == kF32) {
+    const float* p = static_cast<const float*>(base) + index;
+    RRD_CHECK_ALIGNED(p, 16);
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    x[0] = v.x;
+    x[1] = v.y;
+    x[2] = v.z;
+    x[3] = v.w;
+    return;
+  }
+  const uint16_t* p = static_cast<const uint16_t*>(base) + index;
+  RRD_CHECK_ALIGNED(p, 8);
+  const uint2 v = *reinterpret_cast<const uint2*>(p);
+  const uint16_t h[4] = {uint16_t(v.x & 0xffffu), uint16_t(v.x >> 16), uint16_t(v.y & 0xffffu), uint16_t(v.y >> 16)};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) x[i] = dtype == kBF16 ? bf16_bits_to_float(h[i]) : f16_bits_to_float(h[i]);
+}
+
 // ---- per-mode shared-memory element type -----------------------------------------------------------
 // SIMT and TF32 stage fp32 in shared memory; the 16-bit modes stage the mma input type (as raw bits).
 // Row padding (in elements) keeps the fragment loads free of bank conflicts: a row stride of 36 words
 // (fp32) or 20 / 36 words (16-bit, DK / BN wide) puts the 8 rows a load touches on distinct banks.
+// store4 writes 4 consecutive elements with one 16-byte (fp32) or 8-byte (16-bit) store; the callers keep
+// the address 4-element aligned (row strides and column offsets are multiples of 4 elements).
 template <int MODE> struct ModeTraits {
   using T = float;
   static constexpr int kPad = 4;
   static RRD_DEVICE T from_float(float x) { return x; }
+  static RRD_DEVICE void store4(T* dst, const float (&x)[4]) {
+    RRD_CHECK_ALIGNED(dst, 16);
+    *reinterpret_cast<float4*>(dst) = make_float4(x[0], x[1], x[2], x[3]);
+  }
 };
+template <class Conv> RRD_DEVICE void store4_16bit(uint16_t* dst, const float (&x)[4], Conv conv) {
+  RRD_CHECK_ALIGNED(dst, 8);
+  *reinterpret_cast<uint2*>(dst) = make_uint2(uint32_t(conv(x[0])) | (uint32_t(conv(x[1])) << 16),
+                                              uint32_t(conv(x[2])) | (uint32_t(conv(x[3])) << 16));
+}
 template <> struct ModeTraits<kMmaF16> {
   using T = uint16_t;
   static constexpr int kPad = 8;
   static RRD_DEVICE T from_float(float x) { return float_to_f16_bits(x); }
+  static RRD_DEVICE void store4(T* dst, const float (&x)[4]) { store4_16bit(dst, x, float_to_f16_bits); }
 };
 template <> struct ModeTraits<kMmaBF16> {
   using T = uint16_t;
   static constexpr int kPad = 8;
   static RRD_DEVICE T from_float(float x) { return float_to_bf16_bits(x); }
+  static RRD_DEVICE void store4(T* dst, const float (&x)[4]) { store4_16bit(dst, x, float_to_bf16_bits); }
 };
 
 RRD_DEVICE uint32_t ld_pair(const uint16_t* p) {  // two consecutive 16-bit elements, low index in low half
@@ -121,7 +156,7 @@ template <int MODE, int KDIM> struct WarpTile;
 template <int KDIM> struct WarpTile<kSimtF32, KDIM> {
   static RRD_DEVICE void run(float (&acc)[8][4], const float* A, int lda, const float* B, int ldb) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll 4
+#pragma unroll 2
     for (int k = 0; k < KDIM; ++k) {
       const float a_lo = A[g * lda + k], a_hi = A[(g + 8) * lda + k];
 #pragma unroll

@@ -71,6 +71,13 @@ std::string check_args(const BackwardArgs& a) {
   return e;
 }
 
+// 4-element vector loads (load4_as_float) need the data pointer 4-element aligned and the row stride and D
+// multiples of 4; otherwise the kernels stage element by element.
+inline int vector_loads_ok(uintptr_t ptr, long long ld, int D, int dtype) {
+  const uintptr_t bytes = 4u * (dtype == kF32 ? 4u : 2u);
+  return int(D % 4 == 0 && ld % 4 == 0 && ptr % bytes == 0);
+}
+
 template <class P, class A> void fill_common(P& p, const A& a) {
   p.student = reinterpret_cast<const void*>(a.student);
   p.teacher = reinterpret_cast<const void*>(a.teacher);
@@ -85,6 +92,9 @@ template <class P, class A> void fill_common(P& p, const A& a) {
   p.bank_dtype = a.bank_dtype;
   p.scale_s = float(1.4426950408889634 / a.tau_s);  // log2(e) / tau, rounded once
   p.scale_t = float(1.4426950408889634 / a.tau_t);
+  p.vec_s = vector_loads_ok(a.student, a.ld_s, a.D, a.emb_dtype);
+  p.vec_t = vector_loads_ok(a.teacher, a.ld_t, a.D, a.emb_dtype);
+  p.vec_q = vector_loads_ok(a.bank, a.ld_q, a.D, a.bank_dtype);
   p.num_splits = a.num_splits;
   p.chunk = a.chunk;
 }

@@ -24,6 +24,7 @@ struct ForwardParams {
   int B, K, D;
   int emb_dtype, bank_dtype;
   float scale_s, scale_t;  // log2(e) / tau
+  int vec_s, vec_t, vec_q; // 1: 4-element vector loads are aligned (pointer, row stride, D multiples of 4)
   int num_splits, chunk;   // split y covers bank rows [y chunk, min(K, (y + 1) chunk)); chunk % BN == 0
   float* part;             // forward: [6][num_splits][B] partial states (m_a, z_a, m_b, z_b, u, v)
   float* rows;             // merge: [B] CE (or KL) per row
@@ -40,6 +41,7 @@ struct BackwardParams {
   int B, K, D;
   int emb_dtype, bank_dtype;
   float scale_s, scale_t;  // log2(e) / tau
+  int vec_s, vec_t, vec_q;
   int num_splits, chunk;
   const float* lse_s;      // [B] from the forward (natural log)
   const float* lse_t;
@@ -82,10 +84,21 @@ RRD_DEVICE void row_scales(const P& p, int row0, float* scale_s, float* scale_t)
 }
 
 // dst[r][c] = X[r0 + r][d0 + c] for r < nrows_tile, c < DK, zero outside the nrows x D tensor; dst row
-// stride lds. Consecutive threads read consecutive features (coalesced).
+// stride lds. Consecutive threads read consecutive features (coalesced). With vec, each thread moves 4
+// features per step (D % 4 == 0 then, so a vector is entirely inside or entirely past D).
 template <int MODE>
 RRD_DEVICE void stage_chunk(typename ModeTraits<MODE>::T* dst, int lds, int nrows_tile, const void* src,
-                            long long ld, int dtype, int r0, int nrows, int d0, int D) {
+                            long long ld, int dtype, bool vec, int r0, int nrows, int d0, int D) {
+  if (vec) {
+    for (int idx = threadIdx.x; idx < nrows_tile * (DK / 4); idx += kThreads) {
+      const int r = idx / (DK / 4), c = (idx % (DK / 4)) * 4;
+      const int row = r0 + r, d = d0 + c;
+      float x[4] = {0.f, 0.f, 0.f, 0.f};
+      if (row < nrows && d < D) load4_as_float(src, row * ld + d, dtype, x);
+      ModeTraits<MODE>::store4(dst + r * lds + c, x);
+    }
+    return;
+  }
   for (int idx = threadIdx.x; idx < nrows_tile * DK; idx += kThreads) {
     const int r = idx / DK, c = idx % DK;
     const int row = r0 + r, d = d0 + c;
@@ -112,9 +125,9 @@ RRD_DEVICE void logit_tiles(const P& p, typename ModeTraits<MODE>::T* stage, int
     for (int i = 0; i < 4; ++i) acc_s[j][i] = acc_t[j][i] = 0.f;
   for (int d0 = 0; d0 < p.D; d0 += DK) {
     __syncthreads();  // every warp is done with the previous contents of the staging buffers
-    stage_chunk<MODE>(xs, lds, BM, p.student, p.ld_s, p.emb_dtype, row0, p.B, d0, p.D);
-    stage_chunk<MODE>(xt, lds, BM, p.teacher, p.ld_t, p.emb_dtype, row0, p.B, d0, p.D);
-    stage_chunk<MODE>(qs, lds, BN, p.bank, p.ld_q, p.bank_dtype, n0, p.K, d0, p.D);
+    stage_chunk<MODE>(xs, lds, BM, p.student, p.ld_s, p.emb_dtype, p.vec_s, row0, p.B, d0, p.D);
+    stage_chunk<MODE>(xt, lds, BM, p.teacher, p.ld_t, p.emb_dtype, p.vec_t, row0, p.B, d0, p.D);
+    stage_chunk<MODE>(qs, lds, BN, p.bank, p.ld_q, p.bank_dtype, p.vec_q, n0, p.K, d0, p.D);
     __syncthreads();
     WarpTile<MODE, DK>::run(acc_s, xs + warp * 16 * lds, lds, qs, lds);
     WarpTile<MODE, DK>::run(acc_t, xt + warp * 16 * lds, lds, qs, lds);
@@ -313,11 +326,23 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_kernel(BackwardParams p
           w = exp2f(acc_s[j][i] * sa[h] - la[h]) - exp2f(acc_t[j][i] * sb[h] - lb[h]);
         ws[(r_lo + 8 * h) * ldw + c] = ModeTraits<MODE>::from_float(w);
       }
-    for (int idx = threadIdx.x; idx < BN * DV; idx += kThreads) {
-      const int k = idx / DV, d = idx % DV;  // consecutive threads read consecutive features of a bank row
-      const int n = n0 + k, dd = dv0 + d;
-      const float x = (n < p.K && dd < p.D) ? load_as_float(p.bank, n * p.ld_q + dd, p.bank_dtype) : 0.f;
-      qt[d * ldw + k] = ModeTraits<MODE>::from_float(x);
+    // qt[d][k] = Q[n0 + k][dv0 + d]; consecutive threads read consecutive features of a bank row
+    if (p.vec_q) {
+      for (int idx = threadIdx.x; idx < BN * (DV / 4); idx += kThreads) {
+        const int k = idx / (DV / 4), d = (idx % (DV / 4)) * 4;
+        const int n = n0 + k, dd = dv0 + d;
+        float x[4] = {0.f, 0.f, 0.f, 0.f};
+        if (n < p.K && dd < p.D) load4_as_float(p.bank, n * p.ld_q + dd, p.bank_dtype, x);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) qt[(d + i) * ldw + k] = ModeTraits<MODE>::from_float(x[i]);
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < BN * DV; idx += kThreads) {
+        const int k = idx / DV, d = idx % DV;
+        const int n = n0 + k, dd = dv0 + d;
+        const float x = (n < p.K && dd < p.D) ? load_as_float(p.bank, n * p.ld_q + dd, p.bank_dtype) : 0.f;
+        qt[d * ldw + k] = ModeTraits<MODE>::from_float(x);
+      }
     }
     __syncthreads();
     // acc_g[r][d] += sum_k ws[r][k] qt[d][k]: the same NT warp tile, now with K = BN.
