@@ -12,6 +12,7 @@ See python/README.md for every option.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -245,6 +246,7 @@ def main(argv=None) -> int:
     log(f"{args.dataset}: {len(data.train)} train / {len(data.test)} test images; device {ctx.device}, "
         f"{ctx.world} process(es); output {args.out_dir}")
     runner = StageRunner(ctx, cfg, data, make, log=log)
+    stopped = resume_error = None
     try:
         # ---- teacher
         if args.teacher_ckpt:
@@ -280,12 +282,17 @@ def main(argv=None) -> int:
                     m["ddp_bank_in_sync"].append(same)
                     log(f"[{stage.name}] RRD banks identical on all {ctx.world} ranks: {same}")
     except StopRequested as stop:
-        log(str(stop))
-        D.teardown(ctx)
-        return 0
+        stopped = str(stop)
     except ResumeError as exc:
+        resume_error = str(exc)
+    # (outside the except blocks, so the tracebacks and the stage's DDP wrapper are gone before teardown)
+    if stopped is not None or resume_error is not None:
+        gc.collect()
         D.teardown(ctx)
-        parser.error(str(exc))
+        if resume_error is not None:
+            parser.error(resume_error)
+        log(stopped)
+        return 0
 
     if ctx.is_main:
         summarise(methods)

@@ -135,7 +135,7 @@ def test_without_gather_banks_stay_local(tmp_path):
     assert not torch.equal(ranks[0]["bank"], ranks[1]["bank"])
 
 
-def _torchrun(tmp_path, *extra):
+def _torchrun(*extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), os.path.join(REPO, "python", "train.py"), "--no-progress",
@@ -145,22 +145,46 @@ def _torchrun(tmp_path, *extra):
     return proc
 
 
-def test_train_app_under_torchrun(tmp_path):
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """train.py on two gloo processes: a 1-epoch teacher and a 1-epoch RRD+KD student."""
+    out = tmp_path_factory.mktemp("ddp")
+    _torchrun("--teacher-epochs", 1, "--epochs", 1, "--methods", "kd_rrd", "--seeds", 1, "--out-dir", out)
+    return out
+
+
+def test_train_app_under_torchrun(ddp_run, tmp_path):
     """train.py with two gloo processes: the RRD banks stay in sync with gathering and diverge without."""
-    teacher_run = tmp_path / "t"
-    _torchrun(tmp_path, "--teacher-epochs", 1, "--epochs", 1, "--methods", "kd_rrd", "--out-dir", teacher_run)
-    res = json.loads((teacher_run / "results.json").read_text())
+    res = json.loads((ddp_run / "results.json").read_text())
     assert res["config"]["world_size"] == WORLD
     assert res["methods"]["kd_rrd"]["ddp_bank_in_sync"] == [True]
-    ckpt = torch.load(teacher_run / "seed0" / "kd_rrd" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(ddp_run / "seed0" / "kd_rrd" / "checkpoint.pt", weights_only=False)
     assert len(ckpt["rng_per_rank"]) == WORLD and len(ckpt["criterion_per_rank"]) == WORLD
     # DistributedSampler pads 1437 to 1438 samples (719 per rank); every rank's keys are enqueued
     assert int(ckpt["criterion_per_rank"][0]["bank_ptr"]) == 1438 % 1024
     local = tmp_path / "local"
-    _torchrun(tmp_path, "--teacher-ckpt", teacher_run / "teacher" / "final.pt", "--epochs", 1, "--methods",
-              "kd_rrd", "--no-gather-distributed", "--out-dir", local)
+    _torchrun("--teacher-ckpt", ddp_run / "teacher" / "final.pt", "--epochs", 1, "--methods", "kd_rrd", "--seeds", 1,
+              "--no-gather-distributed", "--out-dir", local)
     res = json.loads((local / "results.json").read_text())
     assert res["methods"]["kd_rrd"]["ddp_bank_in_sync"] == [False]
     ckpt = torch.load(local / "seed0" / "kd_rrd" / "checkpoint.pt", weights_only=False)
     assert int(ckpt["criterion_per_rank"][1]["bank_ptr"]) == 719 % 1024  # only this rank's 719 keys
 
+
+def test_ddp_resume_is_bit_exact(ddp_run, tmp_path):
+    """Stop after epoch 1 of 3 and resume, two ranks with per-rank banks (gathering off): the same weights,
+    banks, pointers and metrics as an uninterrupted two-rank run."""
+    common = ["--teacher-ckpt", ddp_run / "teacher" / "final.pt", "--epochs", 3, "--methods", "rrd", "--seeds", 1,
+              "--no-gather-distributed"]
+    _torchrun(*common, "--out-dir", tmp_path / "full")
+    assert "stopped after epoch 1" in _torchrun(*common, "--out-dir", tmp_path / "part", "--stop-after", 1).stdout
+    assert "after epoch 1" in _torchrun(*common, "--out-dir", tmp_path / "part", "--resume").stdout
+    a = torch.load(tmp_path / "full" / "seed0" / "rrd" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "part" / "seed0" / "rrd" / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3 and a["history"] == b["history"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for ra, rb in zip(a["criterion_per_rank"], b["criterion_per_rank"]):
+        for k in ra:
+            assert torch.equal(ra[k], rb[k]), k
+    assert not torch.equal(b["criterion_per_rank"][0]["bank"], b["criterion_per_rank"][1]["bank"])

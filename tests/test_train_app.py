@@ -122,7 +122,7 @@ def _same_state(a: dict, b: dict) -> None:
 def test_resume_is_bit_exact(smoke, tmp_path):
     out, _ = smoke
     teacher = out / "teacher" / "final.pt"
-    common = ["--teacher-ckpt", teacher, "--methods", "kd_rrd", "--epochs", 5, "--save-every", 4]
+    common = ["--teacher-ckpt", teacher, "--methods", "kd_rrd", "--epochs", 5, "--save-every", 4, "--seeds", 1]
     full = tmp_path / "full"
     part = tmp_path / "part"
     run_app(*common, "--out-dir", full)
@@ -155,7 +155,8 @@ def test_resume_is_bit_exact(smoke, tmp_path):
 def test_resume_extends_epochs_with_explicit_schedule(smoke, tmp_path):
     # the "run --epochs k, later --epochs n --resume" workflow: the lr schedule must not depend on --epochs
     out, _ = smoke
-    common = ["--teacher-ckpt", out / "teacher" / "final.pt", "--methods", "rrd", "--lr-decay-epochs", "3"]
+    common = ["--teacher-ckpt", out / "teacher" / "final.pt", "--methods", "rrd", "--lr-decay-epochs", "3",
+              "--seeds", 1]
     run_app(*common, "--epochs", 4, "--out-dir", tmp_path / "full")
     run_app(*common, "--epochs", 2, "--out-dir", tmp_path / "part")
     run_app(*common, "--epochs", 4, "--out-dir", tmp_path / "part", "--resume")
@@ -172,7 +173,7 @@ def test_resume_extends_epochs_with_explicit_schedule(smoke, tmp_path):
 
 def test_bf16_autocast_runs(smoke, tmp_path):
     out, _ = smoke
-    run_app("--teacher-ckpt", out / "teacher" / "final.pt", "--methods", "kd_rrd", "--epochs", 1, "--bf16",
+    run_app("--teacher-ckpt", out / "teacher" / "final.pt", "--methods", "kd_rrd", "--epochs", 1, "--bf16", "--seeds", 1,
             "--out-dir", tmp_path)
     res = json.loads((tmp_path / "results.json").read_text())
     row = res["histories"]["kd_rrd"][0][0]
@@ -215,6 +216,10 @@ def test_cifar_preset_defaults(app):
     assert (args.epochs, args.lr_decay_epochs, args.lr_decay_rate) == (240, [150, 180, 210], 0.1)
     assert (args.bank_size, args.feat_dim, args.kd_T) == (16384, 128, 4.0)
     assert (args.tau_s, args.tau_t, args.enqueue) == (0.04, 0.1, "after")
+    args = app.resolve_args(app.build_parser(), [])  # the offline digits demo
+    assert (args.dataset, args.teacher, args.student, args.bank_size, args.seeds, args.threads) == (
+        "digits", "digits_cnn", "digits_mlp", 1024, 3, 1)
+    assert args.methods == ["ce", "kd", "kd_rrd"] and (args.gamma, args.alpha, args.beta, args.kd_T) == (1, 1, 1, 4)
     args = app.resolve_args(app.build_parser(), ["--rrd-config", "authors2025", "--tau-s", "0.2"])
     assert (args.tau_s, args.tau_t, args.enqueue) == (0.2, 0.02, "before")
     assert app.scaled_milestones(240) == [150, 180, 210] and app.scaled_milestones(30) == [19, 22, 26]

@@ -1,6 +1,7 @@
 """torch.distributed setup for torchrun (NCCL on GPUs, gloo on CPU) and small collective helpers."""
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -43,7 +44,13 @@ def setup(device_arg: str) -> DistContext:
 
 
 def teardown(ctx: DistContext) -> None:
+    """Free what still uses the process group, wait for every rank (rank 0 may still be writing results),
+    then destroy the group. DDP wrappers sit in reference cycles: left to the collector at interpreter exit,
+    after destroy_process_group(), their reducers made gloo ranks abort intermittently ("terminate called
+    without an active exception")."""
     if ctx.distributed and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

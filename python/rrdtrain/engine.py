@@ -297,6 +297,9 @@ class StageRunner:
             if stop:
                 if bar is not None:
                     bar.close()
+                # Drop the DDP wrapper now: the exception's traceback keeps this frame alive, and a DDP reducer
+                # that outlives destroy_process_group() can abort the process at exit.
+                net = None  # noqa: F841
                 raise StopRequested(f"[{stage.name}] stopped after epoch {epoch} (--stop-after); continue with --resume")
         if bar is not None:
             bar.close()
