@@ -89,17 +89,30 @@ def _int_list(text: str) -> list[int]:
     return sorted(vals)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the None/False ones (those come from the dataset's preset or mean 'off')."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Train a teacher and distil a student with CE, KD and RRD (rrd_kernels.RRDLoss).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a teacher and distil a student with CE, KD and RRD (rrd_kernels.RRDLoss). "
+                    "Options left unset take the dataset's preset (see python/README.md).",
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("data and models")
     g.add_argument("--dataset", choices=sorted(PRESETS), default="digits",
                    help="digits: scikit-learn's bundled 8x8 digits (offline); cifar100: the paper's setting")
     g.add_argument("--data-dir", default=None, help="folder holding cifar-100-python/{train,test} (cifar100 only)")
-    g.add_argument("--teacher", choices=sorted(MODELS), default=None, help="teacher model (default: preset)")
-    g.add_argument("--student", choices=sorted(MODELS), default=None, help="student model (default: preset)")
+    models = ", ".join(sorted(MODELS))
+    g.add_argument("--teacher", choices=sorted(MODELS), default=None, metavar="MODEL",
+                   help=f"teacher model (preset: digits_cnn on digits, resnet32x4 on cifar100); one of {models}")
+    g.add_argument("--student", choices=sorted(MODELS), default=None, metavar="MODEL",
+                   help="student model (preset: digits_mlp on digits, resnet8x4 on cifar100)")
     g.add_argument("--teacher-ckpt", default=None,
                    help="load the teacher from this file (a final.pt written by this app, or a state_dict) "
                         "instead of training it")
@@ -110,29 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=int, default=None,
                    help="train every student method with seeds seed .. seed+N-1 (default: 3 on digits, 1 on cifar100)")
     g = p.add_argument_group("optimisation (default: the dataset's preset)")
-    g.add_argument("--epochs", type=int, default=None, help="student epochs")
-    g.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs")
-    g.add_argument("--batch-size", type=int, default=None, help="per-process batch size")
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--momentum", type=float, default=None)
-    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--epochs", type=int, default=None, help="student epochs (preset: 30 digits, 240 cifar100)")
+    g.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (preset: as --epochs)")
+    g.add_argument("--batch-size", type=int, default=None, help="per-process batch size (preset: 64)")
+    g.add_argument("--lr", type=float, default=None, help="SGD learning rate (preset: 0.05)")
+    g.add_argument("--momentum", type=float, default=None, help="SGD momentum (preset: 0.9)")
+    g.add_argument("--weight-decay", type=float, default=None, help="weight decay (preset: 5e-4)")
     g.add_argument("--lr-decay-epochs", type=_int_list, default=None,
                    help="epochs at which the lr is multiplied by --lr-decay-rate (default: 150,180,210 of 240, "
                         "scaled to --epochs)")
-    g.add_argument("--lr-decay-rate", type=float, default=None)
+    g.add_argument("--lr-decay-rate", type=float, default=None, help="lr factor at each decay epoch (preset: 0.1)")
     g = p.add_argument_group("loss")
     g.add_argument("--gamma", type=float, default=1.0, help="weight of the cross-entropy with the labels")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of KD in the methods that use it")
     g.add_argument("--beta", type=float, default=1.0, help="weight of RRD in the methods that use it")
-    g.add_argument("--kd-T", type=float, default=None, help="KD temperature (4 in the paper)")
+    g.add_argument("--kd-T", type=float, default=None, help="KD temperature (preset: 4, as the paper)")
     g.add_argument("--rrd-config", choices=sorted(RRD_CONFIGS), default="paper",
                    help="paper: tau_s 0.04, tau_t 0.1, enqueue after; authors2025: tau_s 0.1, tau_t 0.02, "
                         "enqueue before")
     g.add_argument("--tau-s", type=float, default=None, help="override the student temperature")
     g.add_argument("--tau-t", type=float, default=None, help="override the teacher temperature")
     g.add_argument("--enqueue", choices=["after", "before"], default=None, help="override the enqueue order")
-    g.add_argument("--bank-size", type=int, default=None, help="RRD memory bank size K")
-    g.add_argument("--feat-dim", type=int, default=None, help="RRD embedding size")
+    g.add_argument("--bank-size", type=int, default=None, help="RRD memory bank size K (preset: 1024 digits, 16384 cifar100)")
+    g.add_argument("--feat-dim", type=int, default=None, help="RRD embedding size (preset: 128)")
     g.add_argument("--no-gather-distributed", dest="gather_distributed", action="store_false",
                    help="under DDP, enqueue only this rank's teacher keys (banks differ per rank) instead of "
                         "all ranks' keys")
@@ -141,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on digits, torch's choice on cifar100)")
     g.add_argument("--out-dir", default=None, help="output folder (default: runs/<dataset>-<teacher>-<student>)")
-    g.add_argument("--save-every", type=int, default=None, help="write a checkpoint every N epochs (and at the end)")
+    g.add_argument("--save-every", type=int, default=None, help="write a checkpoint every N epochs, and at the end (preset: 5 digits, 10 cifar100)")
     g.add_argument("--resume", action="store_true",
                    help="continue every unfinished stage from its last checkpoint in --out-dir; finished ones "
                         "are loaded")
