@@ -187,5 +187,7 @@ def make_sampler(n: int, world: int, rank: int, seed: int) -> DistributedSampler
 
 
 def batches(indices: list[int], batch_size: int, device: torch.device):
+    """Index tensors of consecutive batches (one host-to-device copy per epoch)."""
+    order = torch.tensor(indices, dtype=torch.long).to(device)
     for start in range(0, len(indices), batch_size):
-        yield torch.tensor(indices[start : start + batch_size], dtype=torch.long, device=device)
+        yield order[start : start + batch_size]

@@ -367,8 +367,9 @@ class StageRunner:
         net.train()
         sampler.set_epoch(epoch)
         order = list(sampler)
-        # sums over samples: loss, ce, kd, rrd, correct, count
-        sums = torch.zeros(6, dtype=torch.float64, device=dev)
+        # sums over samples (on the device, read once per epoch: no per-step sync): loss, ce, kd, rrd, correct
+        sums = torch.zeros(5, dtype=torch.float64, device=dev)
+        count = 0
         zero = torch.zeros((), device=dev)
         n_batches = (len(order) + cfg.batch_size - 1) // cfg.batch_size
         inner = None
@@ -394,14 +395,16 @@ class StageRunner:
                 D.average_grads_(criterion.parameters(), ctx)
             optimizer.step()
             b = y.shape[0]
+            count += b
             with torch.no_grad():
                 correct = (logits_s.argmax(1) == y).sum()
                 sums += torch.stack([loss.detach().double() * b, ce.detach().double() * b, kd.detach().double() * b,
-                                     rrd.detach().double() * b, correct.double(), torch.tensor(float(b), dtype=torch.float64, device=dev)])
+                                     rrd.detach().double() * b, correct.double()])
             if inner is not None:
                 inner.update(1)
         if inner is not None:
             inner.close()
+        sums = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64, device=dev)])
         D.all_reduce_sum_(sums, ctx)
         s = sums.tolist()
         n = s[5]
