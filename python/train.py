@@ -198,6 +198,9 @@ def resolve_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
         )
     if args.dataset == "cifar100" and args.data_dir is None:
         p.error("--data-dir is required with --dataset cifar100 (the folder holding cifar-100-python/)")
+    for role in ("teacher", "student"):
+        if getattr(args, role) == "digits_mlp" and args.dataset != "digits":
+            p.error(f"--{role} digits_mlp reads 8x8 single-channel images: use it with --dataset digits only")
     if args.dataset == "digits" and args.data_dir is not None:
         p.error("--data-dir is only used with --dataset cifar100 (digits ships with scikit-learn)")
     if args.teacher_ckpt is not None and not os.path.isfile(args.teacher_ckpt):

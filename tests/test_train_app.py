@@ -237,6 +237,7 @@ def test_cifar_preset_defaults(app):
         (["--epochs", "0"], ["--epochs must be >= 1"]),
         (["--tau-s", "-1"], ["--tau-s must be > 0"]),
         (["--lr-decay-epochs", "a,b"], ["--lr-decay-epochs"]),
+        (["--dataset", "cifar100", "--data-dir", "x", "--student", "digits_mlp"], ["--student digits_mlp", "8x8"]),
     ],
 )
 def test_bad_arguments_are_reported_clearly(app, capsys, argv, needles):
