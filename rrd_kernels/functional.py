@@ -49,8 +49,8 @@ def rrd_loss(
     else:
         from .ops import rrd_forward
 
-        rows, _, _ = rrd_forward(
+        rows = rrd_forward(
             student, teacher.detach(), bank.detach(), tau_s, tau_t, objective == "kl", name
-        )
+        )[0]
         rows = rows.to(out_dtype)
     return reduce_rows(rows, reduction)

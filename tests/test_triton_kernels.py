@@ -1,0 +1,169 @@
+"""Triton kernels against the float64 reference (on the CPU through Triton's interpreter, or on a GPU).
+
+Kernel level: per-row CE and KL and the student gradient for random per-row upstream weights (every
+reduction is such a weighting), on both the unsplit and the split-bank paths.
+
+Tolerances (fp32): the reference is float64 on the same fp32 inputs, so what is left is the fp32 rounding
+of the dot products, which a logit multiplies by 1/tau: a logit's resolution is ~eps32 L with L = 1/min(tau).
+For tau >= 0.02 (L <= 50) the bounds are 1e-5 (loss) and 1e-4 (gradient); observed errors are ~1e-6, so a
+wrong term (a missing rescale, a dropped tile: >= 1e-3) cannot pass. Below, they grow with L/50: at tau
+0.005, 4e-5 and 4e-4. There the worst of 3200 sharp, tiny-K rows was 1.4e-5 (loss) and 1.5e-5 (gradient),
+while the same function computed by the reference in fp32 was off by up to 1e-1: no fp32 computation of
+the logits does 1e-5 at tau 0.005, and these kernels stay at the fp32 resolution of the logits.
+
+The float64 reference has limits of its own: where both softmaxes are one-hot to within 1e-15 (tau 0.005,
+tiny K) its q - p and log q at the argmax cancel in float64 too (1 - (1 - 5.8e-15) is off by 1%), while the
+kernels' cancellation-free form is right. So each comparison allows, besides the relative tolerance, the
+float64 resolution of the reference: an absolute floor of 64 eps64 L per row for the loss (L = the largest
+possible |logit|, 1/min(tau)) and 64 eps64 L w_i / ||S_i|| per row for the gradient. The floor is ~1e-12
+and only matters for losses or gradients below ~1e-7.
+"""
+import pytest
+import torch
+
+from conftest import have_triton, make_inputs, rel_err
+from rrd_kernels import rrd_reference
+
+pytestmark = pytest.mark.skipif(not have_triton(), reason="triton not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TEMPERATURES = [(0.04, 0.1), (0.1, 0.02), (0.005, 0.005)]
+
+
+def fp32_tolerances(tau_s, tau_t):
+    """(loss, gradient) relative tolerances for fp32 inputs (see the module docstring)."""
+    amplification = max(1.0, 1.0 / (50.0 * min(tau_s, tau_t)))
+    return 1e-5 * amplification, 1e-4 * amplification
+
+
+
+def run_kernels(s, t, q, tau_s, tau_t, kl, w, n_splits):
+    from rrd_kernels import triton_kernels as tk
+
+    rows, lse_s, lse_t, ref = tk.forward(s, t, q, tau_s, tau_t, kl, n_splits=n_splits)
+    grad = tk.backward(w, s, t, q, lse_s, lse_t, ref, tau_s, tau_t, n_splits=n_splits)
+    return rows, grad
+
+
+EPS64 = torch.finfo(torch.float64).eps
+
+
+def float64_floors(s, tau_s, tau_t, w):
+    """Absolute float64 resolution of the reference's per-row loss and of its gradient (see module doc)."""
+    L = 1.0 / min(tau_s, tau_t)
+    loss_floor = 64 * EPS64 * L * s.shape[0] ** 0.5
+    grad_floor = (64 * EPS64 * L * w.double() / s.double().norm(dim=1)).norm().item()
+    return loss_floor, grad_floor
+
+
+def assert_close(out, ref, tol, floor, what):
+    diff = (out.detach().double() - ref.detach().double()).norm().item()
+    bound = tol * ref.detach().double().norm().item() + floor
+    assert diff <= bound, f"{what}: |out - ref| = {diff:.3e} > {bound:.3e} (rel {rel_err(out, ref):.3e})"
+
+
+def reference_rows_and_grad(s, t, q, tau_s, tau_t, kl, w):
+    s64 = s.detach().double().requires_grad_()
+    rows = rrd_reference(s64, t.double(), q.double(), tau_s, tau_t, "kl" if kl else "ce", "none")
+    (grad,) = torch.autograd.grad((rows * w.double()).sum(), s64)
+    return rows.detach(), grad
+
+
+@pytest.mark.parametrize("n_splits", [1, 3], ids=["unsplit", "split"])
+@pytest.mark.parametrize("D", [16, 100, 128])
+@pytest.mark.parametrize("K", [1, 7, 1000, 4099])
+@pytest.mark.parametrize("B", [1, 3, 64])
+def test_fp32_matches_float64_reference(gen, B, K, D, n_splits):
+    s, t, q = make_inputs(B, K, D, gen, device=DEVICE)
+    w = torch.rand(B, generator=gen).to(DEVICE)
+    with _highest_precision():
+        for tau_s, tau_t in TEMPERATURES:
+            for kl in (False, True):
+                rows, grad = run_kernels(s, t, q, tau_s, tau_t, kl, w, n_splits)
+                ref_rows, ref_grad = reference_rows_and_grad(s, t, q, tau_s, tau_t, kl, w)
+                case = f"tau=({tau_s},{tau_t}) kl={kl}"
+                assert rows.dtype == torch.float32 and grad.dtype == torch.float32
+                loss_floor, grad_floor = float64_floors(s, tau_s, tau_t, w)
+                loss_tol, grad_tol = fp32_tolerances(tau_s, tau_t)
+                assert_close(rows, ref_rows, loss_tol, loss_floor, f"loss {case}")
+                assert_close(grad, ref_grad, grad_tol, grad_floor, f"grad {case}")
+
+
+def test_split_actually_splits():
+    from rrd_kernels.triton_kernels import make_plan
+
+    plan = make_plan(64, 4099, 128, torch.device("cpu"), n_splits=3)
+    assert plan.split and plan.n_splits == 3
+    assert make_plan(3, 7, 16, torch.device("cpu"), n_splits=3).n_splits == 1  # one tile: nothing to split
+    # Every split's chunk starts inside the bank (no empty chunk, so no -inf state to merge).
+    for K in (65, 129, 1000, 4099):
+        for n in (2, 3, 7, 50):
+            p = make_plan(5, K, 32, torch.device("cpu"), n_splits=n)
+            assert (p.n_splits - 1) * p.tiles_per_split * p.block_k < K
+
+
+def test_expanded_upstream_gradient_and_strided_inputs(gen):
+    """Upstream grads of a mean are stride-0 views; embeddings may be column slices of a wider tensor."""
+    wide = torch.randn(5, 40, generator=gen).to(DEVICE)
+    s, t = wide[:, :17], wide[:, 20:37]
+    q = torch.nn.functional.normalize(torch.randn(33, 17, generator=gen), dim=1).to(DEVICE)
+    w = torch.full((1,), 0.2, device=DEVICE).expand(5)
+    rows, grad = run_kernels(s, t, q, 0.1, 0.02, False, w, 1)
+    ref_rows, ref_grad = reference_rows_and_grad(s, t, q, 0.1, 0.02, False, w)
+    assert rel_err(rows, ref_rows) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-4
+
+
+def test_zero_student_row_follows_f_normalize(gen):
+    """A zero row normalises to 0 (eps clamp); its gradient is then w g / eps, as F.normalize's."""
+    s, t, q = make_inputs(4, 50, 16, gen, device=DEVICE)
+    s[2] = 0.0
+    w = torch.rand(4, generator=gen).to(DEVICE)
+    rows, grad = run_kernels(s, t, q, 0.1, 0.1, False, w, 1)
+    ref_rows, ref_grad = reference_rows_and_grad(s, t, q, 0.1, 0.1, False, w)
+    assert rel_err(rows, ref_rows) <= 1e-5
+    assert rel_err(grad, ref_grad) <= 1e-4
+
+
+@pytest.mark.parametrize("n_splits", [1, 4], ids=["unsplit", "split"])
+@pytest.mark.parametrize(
+    "dtype,bank_dtype",
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+def test_half_precision_no_worse_than_reference_in_same_dtype(gen, dtype, bank_dtype, n_splits):
+    """Rule for fp16/bf16: error vs float64 at most 2x the error of the reference computed in the
+    embeddings' dtype. Products run in the embeddings' dtype when it is fp16/bf16 (bank tiles are cast to
+    it; documented), so the float64 oracle gets the same rounded inputs: the bank rounded to that dtype.
+    Both errors are dominated by rounding the normalised embeddings and products to 8 (bf16) or 11 (fp16)
+    bits; the kernels accumulate and normalise in fp32, the reference's softmax and sums run in the low
+    dtype, so the kernels should be at least as good."""
+    B, K, D = 33, 777, 72
+    s, t, q = make_inputs(B, K, D, gen, dtype=dtype, bank_dtype=bank_dtype, device=DEVICE)
+    q_as_used = q.to(dtype).to(bank_dtype) if dtype != torch.float32 else q
+    w = torch.rand(B, generator=gen).to(DEVICE)
+    for tau_s, tau_t in TEMPERATURES[:2]:
+        rows, grad = run_kernels(s, t, q, tau_s, tau_t, False, w, n_splits)
+        ref_rows, ref_grad = reference_rows_and_grad(s, t, q_as_used, tau_s, tau_t, False, w)
+        low = s.detach().clone().requires_grad_()
+        low_rows = rrd_reference(low, t, q, tau_s, tau_t, "ce", "none")
+        (low_grad,) = torch.autograd.grad((low_rows * w.to(dtype)).sum(), low)
+        assert grad.dtype == dtype
+        floor = 1e-6  # fp32 embeddings with a bf16 bank: the "same dtype" reference is fp32, near exact
+        assert rel_err(rows, ref_rows) <= 2 * rel_err(low_rows, ref_rows) + floor
+        assert rel_err(grad, ref_grad) <= 2 * rel_err(low_grad, ref_grad) + floor
+
+
+class _highest_precision:
+    """fp32 products at fp32 accuracy whatever the session's default is."""
+
+    def __enter__(self):
+        self.old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision(self.old)
