@@ -74,8 +74,7 @@ def main() -> int:
         print("no CUDA device")
         return 2
     print(torch.cuda.get_device_name(), "| extension:", cuda_backend.build_info())
-    probe = torch.zeros(2, 8, device="cuda")
-    reason = cuda_backend.why_unusable(probe, probe, probe)
+    reason = cuda_backend.why_unusable(torch.device("cuda"), torch.float32, torch.float32, 2, 2, 8)
     if reason:
         print("cuda backend unusable:", reason)
         return 1

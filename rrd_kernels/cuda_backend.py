@@ -79,41 +79,41 @@ def _launch_env(index: int):
     return torch.cuda.device(index), torch.cuda.current_stream(index).cuda_stream
 
 
-def why_unusable(student, teacher, bank) -> str | None:
-    """None when the cuda backend can run on these tensors, else the reason. Never raises."""
+def why_unusable(device, dtype, bank_dtype, B, K, D) -> str | None:
+    """None when the cuda backend can run on inputs like these, else the reason. Never raises."""
     if _ext is None:
         return _runtime_problem()
-    if student.device.type != "cuda":
-        return f"the cuda backend needs CUDA tensors, got tensors on {student.device}"
-    if teacher.device != student.device or bank.device != student.device:
-        return f"student, teacher and bank must be on one device, got {student.device}, {teacher.device}, {bank.device}"
+    if device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got tensors on {device}"
     problem = _runtime_problem()
     if problem is not None:
         return problem
-    if student.dtype not in _DTYPE_CODES:
-        return f"the cuda backend supports float32/float16/bfloat16 embeddings, got {student.dtype}"
-    if teacher.dtype != student.dtype:
-        return f"teacher dtype {teacher.dtype} differs from student dtype {student.dtype}"
-    if bank.dtype not in _DTYPE_CODES:
-        return f"the cuda backend supports a float32/float16/bfloat16 bank, got {bank.dtype}"
-    if student.dim() != 2 or teacher.shape != student.shape or bank.dim() != 2 or bank.shape[1] != student.shape[1]:
-        return f"shapes must be B x D, B x D, K x D; got {tuple(student.shape)}, {tuple(teacher.shape)}, {tuple(bank.shape)}"
-    B, D = student.shape
-    K = bank.shape[0]
+    if dtype not in _DTYPE_CODES:
+        return f"the cuda backend supports float32/float16/bfloat16 embeddings, got {dtype}"
+    if bank_dtype not in _DTYPE_CODES:
+        return f"the cuda backend supports a float32/float16/bfloat16 bank, got {bank_dtype}"
     if B < 1 or K < 1 or D < 1:
         return f"empty input (B={B}, K={K}, D={D})"
     if D > MAX_D:
         return f"the cuda backend supports D <= {MAX_D}, got D = {D}"
     if K > 2**30:
         return f"the cuda backend supports K <= 2^30 bank rows, got {K}"
-    index = _device_index(student.device)
+    index = _device_index(device)
     if _capability(index) < (8, 0):
         return f"the cuda backend needs compute capability >= 8.0 (mma.sync bf16), got {_capability(index)}"
     return None
 
 
 def _require_usable(student, teacher, bank) -> None:
-    reason = why_unusable(student, teacher, bank)
+    if student.dim() != 2 or teacher.shape != student.shape or bank.dim() != 2 or bank.shape[1] != student.shape[1]:
+        raise RuntimeError(
+            f"backend='cuda': shapes must be B x D, B x D, K x D; got {tuple(student.shape)}, "
+            f"{tuple(teacher.shape)}, {tuple(bank.shape)}"
+        )
+    if teacher.device != student.device or bank.device != student.device or teacher.dtype != student.dtype:
+        raise RuntimeError("backend='cuda': student, teacher and bank must share a device; teacher the student's dtype")
+    B, D = student.shape
+    reason = why_unusable(student.device, student.dtype, bank.dtype, B, bank.shape[0], D)
     if reason is not None:
         raise RuntimeError(f"backend='cuda' cannot run this call: {reason}")
 
@@ -152,23 +152,9 @@ def _common(student, teacher, bank):
     return (s, t, q), args, index
 
 
-@functools.lru_cache(maxsize=None)
-def _op_returns_ref() -> bool:
-    """Whether the registered forward op returns the 4th output `ref` (the contract in backends.py that adds a
-    per-row reference bank row), or only (rows, lse_s, lse_t) as before. Read from the op's schema, so this
-    module works with either version of ops.py."""
-    try:
-        from . import ops  # noqa: F401  (registers the op)
-
-        return len(torch.ops.rrd_kernels.rrd_forward.default._schema.returns) == 4
-    except Exception:
-        return True
-
-
 def forward(student, teacher, bank, tau_s, tau_t, kl):
     """(rows, lse_s, lse_t, ref): per-row CE (or KL) and natural-log LSEs, float32; ref (int32, all 0) is the
-    reference bank row of the contract, which these kernels do not need (any valid index is exact). Without
-    `ref` in the op's schema: (rows, lse_s, lse_t)."""
+    reference bank row of the contract, which these kernels do not use (any valid index is exact)."""
     keep, args, index = _common(student, teacher, bank)
     B, K, D = args["B"], args["K"], args["D"]
     device = keep[0].device
@@ -184,22 +170,12 @@ def forward(student, teacher, bank, tau_s, tau_t, kl):
             chunk=plan["chunk"], part=part.data_ptr(), rows=rows.data_ptr(), lse_s=lse_s.data_ptr(),
             lse_t=lse_t.data_ptr(), stream=stream,
         )
-    if not _op_returns_ref():
-        return rows, lse_s, lse_t
     return rows, lse_s, lse_t, torch.zeros(B, dtype=torch.int32, device=device)
 
 
-def backward(grad_rows, student, teacher, bank, lse_s, lse_t, *rest):
+def backward(grad_rows, student, teacher, bank, lse_s, lse_t, ref, tau_s, tau_t):
     """dL/dS (B x D, student's dtype) for upstream per-row weights grad_rows (any stride, e.g. expanded).
-
-    Called as backward(grad_rows, student, teacher, bank, lse_s, lse_t, ref, tau_s, tau_t); the form without
-    ref is accepted too."""
-    if len(rest) == 3:
-        _ref, tau_s, tau_t = rest
-    elif len(rest) == 2:
-        tau_s, tau_t = rest
-    else:
-        raise TypeError(f"backward() takes ref (optional), tau_s, tau_t after lse_t; got {len(rest)} values")
+    ref is not used by these kernels (see forward)."""
     keep, args, index = _common(student, teacher, bank)
     B, K, D = args["B"], args["K"], args["D"]
     device = keep[0].device

@@ -112,7 +112,7 @@ def test_import_without_extension():
         import torch, rrd_kernels
         from rrd_kernels import cuda_backend
         S = torch.randn(3, 8); Q = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
-        reason = cuda_backend.why_unusable(S, S, Q)
+        reason = cuda_backend.why_unusable(S.device, S.dtype, Q.dtype, 3, 5, 8)
         assert reason and "not built" in reason, reason
         assert "cuda" in rrd_kernels.available_backends()  # cuda_backend itself imports without the extension
         try:
@@ -135,7 +135,7 @@ def test_cuda_backend_on_cpu_tensors_raises_clear_error():
 
     S = torch.randn(4, 8)
     Q = F.normalize(torch.randn(16, 8), dim=1)
-    reason = cuda_backend.why_unusable(S, S, Q)
+    reason = cuda_backend.why_unusable(S.device, S.dtype, Q.dtype, 4, 16, 8)
     assert isinstance(reason, str) and reason
     with pytest.raises(RuntimeError, match="cuda"):
         rrd_kernels.rrd_loss(S, S, Q, tau_s=0.1, tau_t=0.1, backend="cuda")
@@ -405,10 +405,10 @@ def emulated_cuda_backend(emu, monkeypatch):
     fake = EmulatedExtension(emu)
     real_why = cb.why_unusable
 
-    def why_unusable(student, teacher, bank):
-        if student.device.type == "cpu" and student.dtype in cb._DTYPE_CODES and bank.dtype in cb._DTYPE_CODES:
-            return None if student.shape[1] <= cb.MAX_D else "D too large"
-        return real_why(student, teacher, bank)
+    def why_unusable(device, dtype, bank_dtype, B, K, D):
+        if device.type == "cpu" and dtype in cb._DTYPE_CODES and bank_dtype in cb._DTYPE_CODES:
+            return None if D <= cb.MAX_D else "D too large"
+        return real_why(device, dtype, bank_dtype, B, K, D)
 
     monkeypatch.setattr(cb, "_ext", fake)
     monkeypatch.setattr(cb, "why_unusable", why_unusable)
@@ -463,12 +463,13 @@ def test_cuda_op_under_torch_compile(emulated_cuda_backend):
     T = torch.randn(9, 16, generator=gen)
     Q = F.normalize(torch.randn(70, 16, generator=gen), dim=1)
 
-    # Through the op itself: rrd_loss's backend choice (importlib in backends.py) is not traceable by dynamo.
-    from rrd_kernels.ops import rrd_forward
+    import rrd_kernels
+
+    torch._dynamo.reset()  # the backend choice is evaluated at trace time: no trace cached from other tests
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(s):
-        return rrd_forward(s, T, Q, 0.1, 0.02, False, "cuda")[0].mean() * 2
+        return rrd_kernels.rrd_loss(s, T, Q, tau_s=0.1, tau_t=0.02, backend="cuda") * 2
 
     Sg = S.clone().requires_grad_()
     step(Sg).backward()
