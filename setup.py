@@ -191,11 +191,12 @@ class NvccBuildExt(build_ext):
         report = ptxas_report(log, header)
         with open(os.path.join(build_dir, "ptxas-report.txt"), "w") as f:
             f.write(report)
-        try:
-            with open(os.path.join(CSRC, "ptxas-report.txt"), "w") as f:
-                f.write(report)
-        except OSError:
-            pass  # read-only source tree: the copy in the build directory remains
+        if archs == ["80", "90"]:  # the committed copy describes the default build only
+            try:
+                with open(os.path.join(CSRC, "ptxas-report.txt"), "w") as f:
+                    f.write(report)
+            except OSError:
+                pass  # read-only source tree: the copy in the build directory remains
         spills = [r for r in parse_ptxas(log) if r.get("spill_stores", 0) or r.get("spill_loads", 0)]
         if spills:
             self.warn(f"rrd_kernels: ptxas reports local-memory spills: {spills}")
