@@ -99,6 +99,11 @@ class RRDLoss(nn.Module):
             raise ValueError(
                 f"batch of {f_s.shape[0]} x {world} rank(s) is larger than the bank (bank_size={self.bank_size})"
             )
+        for name, f, head in (("f_s", f_s, self.embed_s), ("f_t", f_t, self.embed_t)):
+            if f.dtype != head.weight.dtype and not torch.is_autocast_enabled(f.device.type):
+                raise TypeError(f"{name} has dtype {f.dtype} but the {name[-1]} head's weights are {head.weight.dtype}")
+            if f.device != head.weight.device:
+                raise ValueError(f"{name} is on {f.device} but the module is on {head.weight.device}")
         student = self.embed_s(f_s)
         teacher = self.embed_t(f_t)
         # Everything that can fail is checked before the bank is touched, so a failed call leaves it as it was.

@@ -112,7 +112,8 @@ def test_pooled_feature_maps_are_flattened():
         (torch.randn(8), torch.randn(5, 12), ValueError, "f_s must be a batch"),
         (torch.randn(0, 8), torch.randn(0, 12), ValueError, "empty batch"),
         ([1.0] * 8, torch.randn(5, 12), TypeError, "f_s must be a torch.Tensor"),
-        (torch.randn(5, 8), torch.randn(5, 12, dtype=torch.float64), RuntimeError, ""),
+        (torch.randn(5, 8), torch.randn(5, 12, dtype=torch.float64), TypeError, "f_t has dtype torch.float64"),
+        (torch.randn(5, 8, device="meta"), torch.randn(5, 12), ValueError, "f_s is on meta"),
     ],
 )
 def test_failed_call_leaves_the_bank_unchanged(f_s, f_t, error, pattern):

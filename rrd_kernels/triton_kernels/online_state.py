@@ -39,7 +39,12 @@ def tile_count(x_masked):
 def merge_count(m_x, n_x, m_y, n_y):
     """(m, n) of the union of two sums 1 + n taken relative to maxima m_x, m_y. m_x may be -inf (empty)."""
     m = tl.maximum(m_x, m_y)
-    n = tl.where(m_y > m_x, (n_x + 1.0) * tl.exp2(m_x - m_y) + n_y, n_x + (n_y + 1.0) * tl.exp2(m_y - m_x))
+    # Each branch's exponent is <= 0 where that branch is taken; the clamp keeps the other one finite.
+    n = tl.where(
+        m_y > m_x,
+        (n_x + 1.0) * tl.exp2(tl.minimum(m_x - m_y, 0.0)) + n_y,
+        n_x + (n_y + 1.0) * tl.exp2(tl.minimum(m_y - m_x, 0.0)),
+    )
     return m, n
 
 
