@@ -102,12 +102,8 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
 
 def test_import_and_torch_backend_without_triton():
     code = (
-        "import sys, importlib.abc\n"
-        "class NoTriton(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'triton' or name.startswith('triton.'):\n"
-        "            raise ImportError('triton hidden for this test')\n"
-        "sys.meta_path.insert(0, NoTriton())\n"
+        "import sys\n"
+        "sys.modules['triton'] = None  # as if not installed: import fails, importlib.util.find_spec gives None\n"
         "import torch, rrd_kernels\n"
         "assert 'triton' not in rrd_kernels.available_backends(), rrd_kernels.available_backends()\n"
         "s = torch.randn(3, 8, requires_grad=True); q = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)\n"
@@ -117,12 +113,12 @@ def test_import_and_torch_backend_without_triton():
         "    rrd_kernels.rrd_loss(s, s, q, tau_s=0.1, tau_t=0.1, backend='triton')\n"
         "except RuntimeError as e:\n"
         "    print('refused:', e)\n"
-        "print('ok', 'triton' in sys.modules)\n"
+        "print('ok', sys.modules['triton'] is None)\n"
     )
     out = _run(code)
     assert out.returncode == 0, out.stderr
     assert "refused:" in out.stdout and "could not be imported" in out.stdout
-    assert "ok False" in out.stdout
+    assert "ok True" in out.stdout
 
 
 # ---- bad input: a clear error naming the argument ------------------------------------------------------

@@ -61,7 +61,10 @@ def rrd_bwd_kernel(
         a = dot_f32acc(s_hat, q_t, OP_DTYPE, PRECISION, UPCAST) * scale_a
         b = dot_f32acc(t_hat, q_t, OP_DTYPE, PRECISION, UPCAST) * scale_b
         # c = q_ik - p_ik, zero on padded bank rows; sigma sums it as the product will see it (rounded).
-        c = tl.where((ks < K)[None, :], tl.exp2(a - lse_a[:, None]) - tl.exp2(b - lse_b[:, None]), 0.0)
+        valid = (ks < K)[None, :]
+        c = tl.exp2(tl.where(valid, a - lse_a[:, None], float("-inf"))) - tl.exp2(
+            tl.where(valid, b - lse_b[:, None], float("-inf"))
+        )
         c = as_operand(c, OP_DTYPE, UPCAST)
         sigma += tl.sum(c.to(tl.float32), axis=1)
         acc += dot_f32acc(c, q, OP_DTYPE, PRECISION, UPCAST)
