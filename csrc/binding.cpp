@@ -45,7 +45,7 @@ template <class A> void set_inputs(A& a, uintptr_t student, uintptr_t teacher, u
 void forward(uintptr_t student, uintptr_t teacher, uintptr_t bank, int64_t ld_s, int64_t ld_t, int64_t ld_q,
              int B, int K, int D, int emb_dtype, int bank_dtype, int mode, double tau_s, double tau_t, bool kl,
              int num_splits, int chunk, uintptr_t part, uintptr_t rows, uintptr_t lse_s, uintptr_t lse_t,
-             int device, uintptr_t stream) {
+             uintptr_t ref, int device, uintptr_t stream) {
   rrd::ForwardArgs a;
   set_inputs(a, student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype, bank_dtype, mode, tau_s, tau_t,
              num_splits, chunk, device, stream);
@@ -54,6 +54,7 @@ void forward(uintptr_t student, uintptr_t teacher, uintptr_t bank, int64_t ld_s,
   a.rows = rows;
   a.lse_s = lse_s;
   a.lse_t = lse_t;
+  a.ref = ref;
   const std::string bad = rrd::check_args(a);
   if (!bad.empty()) throw std::invalid_argument("rrd_kernels._rrd_cuda.forward: " + bad);
   std::string err;
@@ -66,13 +67,14 @@ void forward(uintptr_t student, uintptr_t teacher, uintptr_t bank, int64_t ld_s,
 
 void backward(uintptr_t student, uintptr_t teacher, uintptr_t bank, int64_t ld_s, int64_t ld_t, int64_t ld_q,
               int B, int K, int D, int emb_dtype, int bank_dtype, int mode, double tau_s, double tau_t,
-              int num_splits, int chunk, uintptr_t lse_s, uintptr_t lse_t, uintptr_t grad_rows,
+              int num_splits, int chunk, uintptr_t lse_s, uintptr_t lse_t, uintptr_t ref, uintptr_t grad_rows,
               int64_t grad_stride, uintptr_t gpart, uintptr_t grad_student, int device, uintptr_t stream) {
   rrd::BackwardArgs a;
   set_inputs(a, student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype, bank_dtype, mode, tau_s, tau_t,
              num_splits, chunk, device, stream);
   a.lse_s = lse_s;
   a.lse_t = lse_t;
+  a.ref = ref;
   a.grad_rows = grad_rows;
   a.grad_stride = grad_stride;
   a.gpart = gpart;
@@ -104,12 +106,14 @@ PYBIND11_MODULE(_rrd_cuda, m) {
         py::arg("ld_t"), py::arg("ld_q"), py::arg("B"), py::arg("K"), py::arg("D"), py::arg("emb_dtype"),
         py::arg("bank_dtype"), py::arg("mode"), py::arg("tau_s"), py::arg("tau_t"), py::arg("kl"),
         py::arg("num_splits"), py::arg("chunk"), py::arg("part"), py::arg("rows"), py::arg("lse_s"),
-        py::arg("lse_t"), py::arg("device"), py::arg("stream"),
-        "Forward + merge kernels: per-row loss and natural-log LSEs (float32) into rows, lse_s, lse_t.");
+        py::arg("lse_t"), py::arg("ref"), py::arg("device"), py::arg("stream"),
+        "Forward + merge kernels: per-row loss and base-2 LSEs (float32) into rows, lse_s, lse_t, the "
+        "student's argmax bank row (int32) into ref.");
   m.def("backward", &backward, py::arg("student"), py::arg("teacher"), py::arg("bank"), py::arg("ld_s"),
         py::arg("ld_t"), py::arg("ld_q"), py::arg("B"), py::arg("K"), py::arg("D"), py::arg("emb_dtype"),
         py::arg("bank_dtype"), py::arg("mode"), py::arg("tau_s"), py::arg("tau_t"), py::arg("num_splits"),
-        py::arg("chunk"), py::arg("lse_s"), py::arg("lse_t"), py::arg("grad_rows"), py::arg("grad_stride"),
+        py::arg("chunk"), py::arg("lse_s"), py::arg("lse_t"), py::arg("ref"), py::arg("grad_rows"),
+        py::arg("grad_stride"),
         py::arg("gpart"), py::arg("grad_student"), py::arg("device"), py::arg("stream"),
         "Backward + finish kernels: dL/dS (B x D, embedding dtype) into grad_student.");
   m.def("forward_plan", [](int B, int K, int D, int num_sms) { return plan_dict(rrd::forward_plan(B, K, D, num_sms)); },

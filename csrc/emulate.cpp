@@ -41,7 +41,7 @@ void rrd_emu_plan(int backward, int B, int K, int D, int num_sms, int* out3, lon
 const char* rrd_emu_forward(const void* student, const void* teacher, const void* bank, long long ld_s,
                             long long ld_t, long long ld_q, int B, int K, int D, int emb_dtype,
                             int bank_dtype, int mode, double tau_s, double tau_t, int kl, int num_sms,
-                            float* rows, float* lse_s, float* lse_t) {
+                            float* rows, float* lse_s, float* lse_t, int* ref) {
   rrd::ForwardArgs a;
   a.student = uintptr_t(student);
   a.teacher = uintptr_t(teacher);
@@ -66,6 +66,7 @@ const char* rrd_emu_forward(const void* student, const void* teacher, const void
   a.rows = uintptr_t(rows);
   a.lse_s = uintptr_t(lse_s);
   a.lse_t = uintptr_t(lse_t);
+  a.ref = uintptr_t(ref);
   std::string e = rrd::check_args(a);
   if (e.empty()) e = rrd::run_forward(a);
   return result(e);
@@ -74,7 +75,7 @@ const char* rrd_emu_forward(const void* student, const void* teacher, const void
 const char* rrd_emu_backward(const void* student, const void* teacher, const void* bank, long long ld_s,
                              long long ld_t, long long ld_q, int B, int K, int D, int emb_dtype,
                              int bank_dtype, int mode, double tau_s, double tau_t, int num_sms,
-                             const float* lse_s, const float* lse_t, const float* grad_rows,
+                             const float* lse_s, const float* lse_t, const int* ref, const float* grad_rows,
                              long long grad_stride, void* grad_student) {
   rrd::BackwardArgs a;
   a.student = uintptr_t(student);
@@ -97,6 +98,7 @@ const char* rrd_emu_backward(const void* student, const void* teacher, const voi
   a.chunk = plan.chunk;
   a.lse_s = uintptr_t(lse_s);
   a.lse_t = uintptr_t(lse_t);
+  a.ref = uintptr_t(ref);
   a.grad_rows = uintptr_t(grad_rows);
   a.grad_stride = grad_stride;
   a.gpart = uintptr_t(gpart.data());
@@ -111,7 +113,7 @@ const char* rrd_emu_backward(const void* student, const void* teacher, const voi
 const char* rrd_emu_forward_raw(uintptr_t student, uintptr_t teacher, uintptr_t bank, long long ld_s,
                                 long long ld_t, long long ld_q, int B, int K, int D, int emb_dtype, int bank_dtype,
                                 int mode, double tau_s, double tau_t, int kl, int num_splits, int chunk,
-                                uintptr_t part, uintptr_t rows, uintptr_t lse_s, uintptr_t lse_t) {
+                                uintptr_t part, uintptr_t rows, uintptr_t lse_s, uintptr_t lse_t, uintptr_t ref) {
   rrd::ForwardArgs a;
   a.student = student;
   a.teacher = teacher;
@@ -134,6 +136,7 @@ const char* rrd_emu_forward_raw(uintptr_t student, uintptr_t teacher, uintptr_t 
   a.rows = rows;
   a.lse_s = lse_s;
   a.lse_t = lse_t;
+  a.ref = ref;
   std::string e = rrd::check_args(a);
   if (e.empty()) e = rrd::run_forward(a);
   return result(e);
@@ -142,7 +145,8 @@ const char* rrd_emu_forward_raw(uintptr_t student, uintptr_t teacher, uintptr_t 
 const char* rrd_emu_backward_raw(uintptr_t student, uintptr_t teacher, uintptr_t bank, long long ld_s,
                                  long long ld_t, long long ld_q, int B, int K, int D, int emb_dtype,
                                  int bank_dtype, int mode, double tau_s, double tau_t, int num_splits, int chunk,
-                                 uintptr_t lse_s, uintptr_t lse_t, uintptr_t grad_rows, long long grad_stride,
+                                 uintptr_t lse_s, uintptr_t lse_t, uintptr_t ref, uintptr_t grad_rows,
+                                 long long grad_stride,
                                  uintptr_t gpart, uintptr_t grad_student) {
   rrd::BackwardArgs a;
   a.student = student;
@@ -163,6 +167,7 @@ const char* rrd_emu_backward_raw(uintptr_t student, uintptr_t teacher, uintptr_t
   a.chunk = chunk;
   a.lse_s = lse_s;
   a.lse_t = lse_t;
+  a.ref = ref;
   a.grad_rows = grad_rows;
   a.grad_stride = grad_stride;
   a.gpart = gpart;

@@ -178,7 +178,16 @@ inline float __shfl_xor_sync(unsigned /*mask: all lanes take part in every call*
   return r;
 }
 
+inline int __shfl_xor_sync(unsigned /*mask*/, int v, int lane_mask) {
+  rrd_emu::my_slots()[0] = uint32_t(v);
+  rrd_emu::warp_sync();
+  const int r = int(rrd_emu::lane_slots(int(threadIdx.x % 32) ^ lane_mask)[0]);
+  rrd_emu::warp_sync();
+  return r;
+}
+
 namespace rrd {
+inline float bits_as_float(uint32_t x) { return rrd_emu::bits_to_float(x); }
 inline float bf16_bits_to_float(uint16_t x) { return rrd_emu::bits_to_float(uint32_t(x) << 16); }
 inline float f16_bits_to_float(uint16_t x) { return rrd_emu::half_bits_to_float(x); }
 inline uint16_t float_to_bf16_bits(float x) {  // round to nearest even (finite inputs)

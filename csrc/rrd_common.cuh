@@ -48,6 +48,7 @@ enum Mode : int {
 };
 
 #ifndef RRD_EMULATE
+RRD_DEVICE float bits_as_float(uint32_t x) { return __uint_as_float(x); }
 RRD_DEVICE float bf16_bits_to_float(uint16_t x) { return __uint_as_float(uint32_t(x) << 16); }
 RRD_DEVICE float f16_bits_to_float(uint16_t x) { return __half2float(__ushort_as_half(x)); }
 RRD_DEVICE uint16_t float_to_bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
@@ -220,31 +221,66 @@ template <int MODE, int KDIM> struct WarpTile16 {
 template <int KDIM> struct WarpTile<kMmaF16, KDIM> : WarpTile16<kMmaF16, KDIM> {};
 template <int KDIM> struct WarpTile<kMmaBF16, KDIM> : WarpTile16<kMmaBF16, KDIM> {};
 
-// ---- online dual softmax state (rrd-math.md, "One pass over the bank"), log2 units -------------------
-// m_a, z_a: running max and sum of 2^(a - m_a) for the student logits a (in log2 units: a = a_nat log2 e);
-// m_b, z_b: the same for the teacher logits b; u = sum 2^(b - m_b) a, v = sum 2^(b - m_b) b.
-// The empty state is (-inf, 0, -inf, 0, 0, 0). Every exp2 below has a finite second operand (the new max)
-// or both operands -inf excluded by a test, so -inf - -inf and 0 * -inf never occur.
+// ---- online dual softmax state, cancellation-free (rrd-math.md "One pass over the bank"; the Triton
+// backend's online_state.py), log2 units -------------------------------------------------------------
+// Logits a (student) and b (teacher) are in log2 units (a = a_nat log2 e). Per row:
+//   m_a, n_a:  max of a, and z_a - 1 where z_a = sum_k 2^(a_k - m_a): the maximum contributes the exact 1,
+//              n_a is the rest (other entries equal to the max add 1 each); likewise m_b, n_b for b;
+//   w = sum_k 2^(b_k - m_b) (m_a - a_k),   v = sum_k 2^(b_k - m_b) (m_b - b_k)   (non-negative terms);
+//   idx:       a bank row where a reaches m_a (the student's argmax; the backward's rounding guard).
+// Then CE = log2(1 + n_a) + w / z_b and H = log2(1 + n_b) + v / z_b (log2 units) with z_b = 1 + n_b, and
+// lse = m + log2(1 + n): no lse - u / z_b cancellation when a row's softmaxes are sharp and CE is tiny.
+// The empty state is (-inf, 0, -inf, 0, 0, 0, 0); a and b are finite on exactly the same columns, so a
+// state is empty iff m_a == -inf. No exp2 below sees -inf - -inf, and no inf meets a 0 in a product.
 struct RowState {
-  float m_a, z_a, m_b, z_b, u, v;
+  float m_a, n_a, m_b, n_b, w, v;
+  int idx;
 };
 
-RRD_DEVICE RowState empty_state() { return RowState{-INFINITY, 0.f, -INFINITY, 0.f, 0.f, 0.f}; }
+RRD_DEVICE RowState empty_state() { return RowState{-INFINITY, 0.f, -INFINITY, 0.f, 0.f, 0.f, 0}; }
 
-// Fold another partial state into s (merge of lanes, and of bank splits).
+// n of the union of two sums 1 + n_x (relative to max m_x) and 1 + n_y (relative to m_y), both finite.
+RRD_DEVICE float merge_count(float m_x, float n_x, float m_y, float n_y) {
+  return m_y > m_x ? fmaf(n_x + 1.f, exp2f(m_x - m_y), n_y) : fmaf(n_y + 1.f, exp2f(m_y - m_x), n_x);
+}
+
+// Fold another partial state into s (a tile into the running state, lanes of a row, bank splits).
+// w and v are rescaled by 2^(m_b - M_b) like z_b and shifted by (M - m) z_b when their reference max moves.
 RRD_DEVICE void merge_state(RowState& s, const RowState& o) {
-  const float ma = fmaxf(s.m_a, o.m_a);
-  if (ma != -INFINITY) {
-    s.z_a = s.z_a * exp2f(s.m_a - ma) + o.z_a * exp2f(o.m_a - ma);
-    s.m_a = ma;
+  if (o.m_a == -INFINITY) return;  // o is empty
+  if (s.m_a == -INFINITY) {       // s is empty
+    s = o;
+    return;
   }
-  const float mb = fmaxf(s.m_b, o.m_b);
-  if (mb != -INFINITY) {
-    const float rs = exp2f(s.m_b - mb), ro = exp2f(o.m_b - mb);
-    s.z_b = s.z_b * rs + o.z_b * ro;
-    s.u = s.u * rs + o.u * ro;
-    s.v = s.v * rs + o.v * ro;
-    s.m_b = mb;
+  const float ma = fmaxf(s.m_a, o.m_a), mb = fmaxf(s.m_b, o.m_b);
+  const float rs = exp2f(s.m_b - mb), ro = exp2f(o.m_b - mb);
+  const float zs = 1.f + s.n_b, zo = 1.f + o.n_b;
+  const float w = rs * fmaf(ma - s.m_a, zs, s.w) + ro * fmaf(ma - o.m_a, zo, o.w);
+  const float v = rs * fmaf(mb - s.m_b, zs, s.v) + ro * fmaf(mb - o.m_b, zo, o.v);
+  s.n_a = merge_count(s.m_a, s.n_a, o.m_a, o.n_a);
+  s.n_b = merge_count(s.m_b, s.n_b, o.m_b, o.n_b);
+  if (o.m_a > s.m_a) s.idx = o.idx;
+  s.m_a = ma;
+  s.m_b = mb;
+  s.w = w;
+  s.v = v;
+}
+
+// log2(1 + n) for n >= 0, accurate for tiny n (the log1p trick: the rounding of 1 + n cancels).
+RRD_DEVICE float log2_1p(float n) {
+  const float u = 1.f + n, d = u - 1.f;
+  return d == 0.f ? n * kLog2e : log2f(u) * (n / d);
+}
+
+// x as the mma of mode MODE sees it as an operand (fp32 SIMT: unchanged).
+RRD_DEVICE float as_operand(float x, int mode) {
+  switch (mode) {
+    case kMmaTF32: {
+      return bits_as_float(float_to_tf32(x) & 0xffffe000u);  // the bits the tensor core reads
+    }
+    case kMmaF16: return f16_bits_to_float(float_to_f16_bits(x));
+    case kMmaBF16: return bf16_bits_to_float(float_to_bf16_bits(x));
+    default: return x;
   }
 }
 

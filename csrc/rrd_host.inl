@@ -32,7 +32,10 @@ inline Plan make_plan(int B, int K, int D, int num_sms, bool backward) {
   const long long tiles_per_split = ceil_div(tiles, splits);
   plan.num_splits = int(ceil_div(tiles, tiles_per_split));
   plan.chunk = int(tiles_per_split * BN);
-  plan.workspace_floats = backward ? (long long)plan.num_splits * B * D : 6LL * plan.num_splits * B;
+  // forward: 7 planes of [num_splits][B] (6 float fields + the int32 argmax); backward: the partial
+  // gradient sums [num_splits][B][D], then the partial sigma [num_splits][B].
+  plan.workspace_floats =
+      backward ? (long long)plan.num_splits * B * (D + 1LL) : 7LL * plan.num_splits * B;
   return plan;
 }
 Plan forward_plan(int B, int K, int D, int num_sms) { return make_plan(B, K, D, num_sms, false); }
@@ -61,12 +64,12 @@ template <class A> std::string check_common(const A& a) {
 }
 std::string check_args(const ForwardArgs& a) {
   std::string e = check_common(a);
-  if (e.empty() && (!a.part || !a.rows || !a.lse_s || !a.lse_t)) e = "null output pointer";
+  if (e.empty() && (!a.part || !a.rows || !a.lse_s || !a.lse_t || !a.ref)) e = "null output pointer";
   return e;
 }
 std::string check_args(const BackwardArgs& a) {
   std::string e = check_common(a);
-  if (e.empty() && (!a.lse_s || !a.lse_t || !a.grad_rows || !a.gpart || !a.grad_student))
+  if (e.empty() && (!a.lse_s || !a.lse_t || !a.ref || !a.grad_rows || !a.gpart || !a.grad_student))
     e = "null pointer";
   return e;
 }
@@ -123,6 +126,7 @@ inline std::string run_forward(const ForwardArgs& a) {
   p.rows = reinterpret_cast<float*>(a.rows);
   p.lse_s = reinterpret_cast<float*>(a.lse_s);
   p.lse_t = reinterpret_cast<float*>(a.lse_t);
+  p.ref = reinterpret_cast<int*>(a.ref);
   p.kl = a.kl ? 1 : 0;
   const RRD_STREAM_T stream = reinterpret_cast<RRD_STREAM_T>(a.stream);
   switch (a.mode) {
@@ -138,10 +142,13 @@ inline std::string run_backward(const BackwardArgs& a) {
   fill_common(p, a);
   p.lse_s = reinterpret_cast<const float*>(a.lse_s);
   p.lse_t = reinterpret_cast<const float*>(a.lse_t);
+  p.ref = reinterpret_cast<const int*>(a.ref);
+  p.mode = a.mode;
   p.grad_rows = reinterpret_cast<const float*>(a.grad_rows);
   p.grad_stride = a.grad_stride;
   p.inv_tau_s = float(1.0 / a.tau_s);
   p.gpart = reinterpret_cast<float*>(a.gpart);
+  p.sigpart = p.gpart + (long long)a.num_splits * a.B * a.D;
   p.grad_student = reinterpret_cast<void*>(a.grad_student);
   const RRD_STREAM_T stream = reinterpret_cast<RRD_STREAM_T>(a.stream);
   switch (a.mode) {

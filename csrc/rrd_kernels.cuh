@@ -26,10 +26,12 @@ struct ForwardParams {
   float scale_s, scale_t;  // log2(e) / tau
   int vec_s, vec_t, vec_q; // 1: 4-element vector loads are aligned (pointer, row stride, D multiples of 4)
   int num_splits, chunk;   // split y covers bank rows [y chunk, min(K, (y + 1) chunk)); chunk % BN == 0
-  float* part;             // forward: [6][num_splits][B] partial states (m_a, z_a, m_b, z_b, u, v)
+  float* part;             // forward: [7][num_splits][B] partial states (m_a, n_a, m_b, n_b, w, v as
+                           // float planes, then idx as an int32 plane)
   float* rows;             // merge: [B] CE (or KL) per row
-  float* lse_s;            // merge: [B] natural-log LSE of the student logits
-  float* lse_t;            // merge: [B] natural-log LSE of the teacher logits
+  float* lse_s;            // merge: [B] LSE of the student logits, base 2 (what the backward uses)
+  float* lse_t;            // merge: [B] LSE of the teacher logits, base 2
+  int* ref;                // merge: [B] the student's argmax bank row per row (the backward's rounding guard)
   int kl;
 };
 
@@ -43,12 +45,15 @@ struct BackwardParams {
   float scale_s, scale_t;  // log2(e) / tau
   int vec_s, vec_t, vec_q;
   int num_splits, chunk;
-  const float* lse_s;      // [B] from the forward (natural log)
+  const float* lse_s;      // [B] from the forward (base 2)
   const float* lse_t;
+  const int* ref;          // [B] from the forward: the student's argmax bank row per row
+  int mode;                // the precision mode (how the finish kernel rounds Q_ref as the products saw it)
   const float* grad_rows;  // [B] upstream gradient per row, element stride grad_stride (0 when expanded)
   long long grad_stride;
   float inv_tau_s;
   float* gpart;            // [num_splits][B][D] partial sums of sum_k (q - p) Q_k
+  float* sigpart;          // [num_splits][B] partial sums of sum_k (q - p) (as rounded for the product)
   void* grad_student;      // B x D contiguous, dtype emb_dtype
 };
 
@@ -136,51 +141,50 @@ RRD_DEVICE void logit_tiles(const P& p, typename ModeTraits<MODE>::T* stage, int
 
 // Online update of one row's lane-local state with this lane's 16 logits of the tile (half h: row g + 8h).
 // a = acc_s * sa and b = acc_t * sb are the logits in log2 units; column 8 j + c of the lane's slice is
-// bank row col0 + 8 j + c and counts only when < K.
+// bank row col0 + 8 j + c and counts only when < K. The lane's 16 columns form a tile state (max, the
+// count n with the maximum's exact 1 left out, w, v, argmax), merged into the running state.
 RRD_DEVICE void online_update(RowState& s, const float (&acc_s)[8][4], const float (&acc_t)[8][4], int h,
                               float sa, float sb, int col0, int K) {
-  bool any = false;
   float mx_a = -INFINITY, mx_b = -INFINITY;
+  int arg = 0;
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
     for (int c = 0; c < 2; ++c)
       if (col0 + 8 * j + c < K) {
-        any = true;
-        mx_a = fmaxf(mx_a, acc_s[j][2 * h + c] * sa);
+        const float a = acc_s[j][2 * h + c] * sa;
+        if (a > mx_a) {
+          mx_a = a;
+          arg = col0 + 8 * j + c;
+        }
         mx_b = fmaxf(mx_b, acc_t[j][2 * h + c] * sb);
       }
-  if (!any) return;  // nothing valid in this lane's slice (tail tile): the state is unchanged
-  const float ma = fmaxf(s.m_a, mx_a), mb = fmaxf(s.m_b, mx_b);  // finite
-  const float ra = exp2f(s.m_a - ma), rb = exp2f(s.m_b - mb);    // 0 while the state is empty
-  s.z_a *= ra;
-  s.z_b *= rb;
-  s.u *= rb;
-  s.v *= rb;
+  if (mx_a == -INFINITY) return;  // nothing valid in this lane's slice (tail tile): the state is unchanged
+  float na = 0.f, nb = 0.f, ca = -1.f, cb = -1.f, w = 0.f, v = 0.f;  // ca, cb: (entries at the max) - 1
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
     for (int c = 0; c < 2; ++c)
       if (col0 + 8 * j + c < K) {
         const float a = acc_s[j][2 * h + c] * sa, b = acc_t[j][2 * h + c] * sb;
-        const float eb = exp2f(b - mb);
-        s.z_a += exp2f(a - ma);
-        s.z_b += eb;
-        s.u = fmaf(eb, a, s.u);
-        s.v = fmaf(eb, b, s.v);
+        const float ea = exp2f(a - mx_a), eb = exp2f(b - mx_b);
+        if (a == mx_a) ca += 1.f; else na += ea;
+        if (b == mx_b) cb += 1.f; else nb += eb;
+        w = fmaf(eb, mx_a - a, w);
+        v = fmaf(eb, mx_b - b, v);
       }
-  s.m_a = ma;
-  s.m_b = mb;
+  merge_state(s, RowState{mx_a, na + ca, mx_b, nb + cb, w, v, arg});
 }
 
 RRD_DEVICE RowState shfl_xor_state(const RowState& s, int off) {
   RowState o;
   o.m_a = __shfl_xor_sync(0xffffffffu, s.m_a, off);
-  o.z_a = __shfl_xor_sync(0xffffffffu, s.z_a, off);
+  o.n_a = __shfl_xor_sync(0xffffffffu, s.n_a, off);
   o.m_b = __shfl_xor_sync(0xffffffffu, s.m_b, off);
-  o.z_b = __shfl_xor_sync(0xffffffffu, s.z_b, off);
-  o.u = __shfl_xor_sync(0xffffffffu, s.u, off);
+  o.n_b = __shfl_xor_sync(0xffffffffu, s.n_b, off);
+  o.w = __shfl_xor_sync(0xffffffffu, s.w, off);
   o.v = __shfl_xor_sync(0xffffffffu, s.v, off);
+  o.idx = __shfl_xor_sync(0xffffffffu, s.idx, off);
   return o;
 }
 
@@ -190,7 +194,8 @@ template <int MODE> RRD_HOST_DEVICE constexpr int forward_smem_bytes() {
 }
 
 // ---- forward: grid (ceil(B / BM), num_splits), 128 threads ------------------------------------------
-// Writes the partial state of every row < B for its bank chunk to part[field][split][row].
+// Writes the partial state of every row < B for its bank chunk to part[field][split][row] (field 6, the
+// argmax, as int32 bits).
 template <int MODE>
 __global__ void __launch_bounds__(kThreads) rrd_forward_kernel(ForwardParams p) {
   using T = typename ModeTraits<MODE>::T;
@@ -229,19 +234,21 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_kernel(ForwardParams p) 
       if (row < p.B) {
         const long long stride = (long long)p.num_splits * p.B, at = (long long)split * p.B + row;
         p.part[0 * stride + at] = st[h].m_a;
-        p.part[1 * stride + at] = st[h].z_a;
+        p.part[1 * stride + at] = st[h].n_a;
         p.part[2 * stride + at] = st[h].m_b;
-        p.part[3 * stride + at] = st[h].z_b;
-        p.part[4 * stride + at] = st[h].u;
+        p.part[3 * stride + at] = st[h].n_b;
+        p.part[4 * stride + at] = st[h].w;
         p.part[5 * stride + at] = st[h].v;
+        reinterpret_cast<int*>(p.part + 6 * stride)[at] = st[h].idx;
       }
     }
   }
 }
 
 // ---- merge: grid ceil(B / 128), 128 threads; one thread per row --------------------------------------
-//   lse_a = m_a + log2 z_a, lse_b = m_b + log2 z_b (log2 units); CE = lse_a - u / z_b, H = lse_b - v / z_b
-// converted to natural units by ln 2. Every split holds >= 1 valid column, so z_a, z_b >= 1.
+//   CE = log2(1 + n_a) + w / z_b,  H = log2(1 + n_b) + v / z_b,  KL = CE - H   (log2 units, then times ln 2)
+//   lse_a = m_a + log2(1 + n_a), lse_b = m_b + log2(1 + n_b) (base 2), ref = the student's argmax.
+// Every split holds >= 1 valid column, so every split's state is non-empty (finite maxima).
 __global__ void __launch_bounds__(kThreads) rrd_merge_kernel(ForwardParams p) {
   const int row = blockIdx.x * kThreads + threadIdx.x;
   if (row >= p.B) return;
@@ -250,16 +257,17 @@ __global__ void __launch_bounds__(kThreads) rrd_merge_kernel(ForwardParams p) {
   for (int split = 0; split < p.num_splits; ++split) {
     const long long at = (long long)split * p.B + row;
     const RowState o{p.part[0 * stride + at], p.part[1 * stride + at], p.part[2 * stride + at],
-                     p.part[3 * stride + at], p.part[4 * stride + at], p.part[5 * stride + at]};
+                     p.part[3 * stride + at], p.part[4 * stride + at], p.part[5 * stride + at],
+                     reinterpret_cast<const int*>(p.part + 6 * stride)[at]};
     merge_state(s, o);
   }
-  const float lse_a = s.m_a + log2f(s.z_a), lse_b = s.m_b + log2f(s.z_b);
-  const float ce = lse_a - s.u / s.z_b;
-  // KL = CE - H = (lse_a - lse_b) - (u - v) / z_b, grouped so that like terms cancel first.
-  const float kl = (lse_a - lse_b) - (s.u - s.v) / s.z_b;
-  p.rows[row] = (p.kl ? kl : ce) * kLn2;
-  p.lse_s[row] = lse_a * kLn2;
-  p.lse_t[row] = lse_b * kLn2;
+  const float log_z_a = log2_1p(s.n_a), log_z_b = log2_1p(s.n_b), z_b = 1.f + s.n_b;
+  const float ce = log_z_a + s.w / z_b;
+  const float loss = p.kl ? ce - (log_z_b + s.v / z_b) : ce;
+  p.rows[row] = loss * kLn2;
+  p.lse_s[row] = s.m_a + log_z_a;
+  p.lse_t[row] = s.m_b + log_z_b;
+  p.ref[row] = s.idx;
 }
 
 template <int MODE> RRD_HOST_DEVICE constexpr int backward_smem_bytes() {
@@ -273,7 +281,9 @@ template <int MODE> RRD_HOST_DEVICE constexpr int backward_smem_bytes() {
 // For its rows, bank chunk and feature slice [dv0, dv0 + DV) the block accumulates
 //   G[r][d] = sum_k (q_rk - p_rk) Q_k[d],   q = 2^(a - lse_a), p = 2^(b - lse_b)   (log2 units)
 // as a second warp-tile product W (16 x BN per warp, in shared memory) times Q^T (staged transposed,
-// DV x BN), and writes it to gpart[split][row][d]. The staging buffers of the logit tiles and the W / Q^T
+// DV x BN), and writes it to gpart[split][row][d]. Blocks of the first feature slice also write
+//   sigma[r] = sum_k (q_rk - p_rk)   (each term as the product sees it: rounded to the mode's operand type)
+// to sigpart[split][row], for the finish kernel's rounding guard. The staging buffers of the logit tiles and the W / Q^T
 // buffers share the same shared memory (they are never live at the same time).
 template <int MODE>
 __global__ void __launch_bounds__(kThreads) rrd_backward_kernel(BackwardParams p) {
@@ -301,9 +311,10 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_kernel(BackwardParams p
     row_ok[h] = row < p.B;
     sa[h] = scale_s[r_lo + 8 * h];
     sb[h] = scale_t[r_lo + 8 * h];
-    la[h] = row_ok[h] ? p.lse_s[row] * kLog2e : 0.f;
-    lb[h] = row_ok[h] ? p.lse_t[row] * kLog2e : 0.f;
+    la[h] = row_ok[h] ? p.lse_s[row] : 0.f;  // base 2, as the forward saved them
+    lb[h] = row_ok[h] ? p.lse_t[row] : 0.f;
   }
+  float sig[2] = {0.f, 0.f};
 
   float acc_g[8][4];
 #pragma unroll
@@ -325,6 +336,7 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_kernel(BackwardParams p
         if (row_ok[h] && n0 + c < p.K)
           w = exp2f(acc_s[j][i] * sa[h] - la[h]) - exp2f(acc_t[j][i] * sb[h] - lb[h]);
         ws[(r_lo + 8 * h) * ldw + c] = ModeTraits<MODE>::from_float(w);
+        sig[h] += as_operand(w, MODE);
       }
     // qt[d][k] = Q[n0 + k][dv0 + d]; consecutive threads read consecutive features of a bank row
     if (p.vec_q) {
@@ -356,6 +368,13 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_kernel(BackwardParams p
       const int row = row0 + r_lo + 8 * (i >> 1), d = dv0 + 8 * j + 2 * t + (i & 1);
       if (row < p.B && d < p.D) p.gpart[((long long)split * p.B + row) * p.D + d] = acc_g[j][i];
     }
+  // The 4 lanes of a quad hold disjoint columns of the same two rows: add their sigma up.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    sig[h] += __shfl_xor_sync(0xffffffffu, sig[h], 1);
+    sig[h] += __shfl_xor_sync(0xffffffffu, sig[h], 2);
+    if (blockIdx.z == 0 && t == 0 && row_ok[h]) p.sigpart[(long long)split * p.B + row0 + r_lo + 8 * h] = sig[h];
+  }
 }
 
 // Sum over the block of one float per thread (all threads get the result).
@@ -372,13 +391,20 @@ RRD_DEVICE float block_sum(float x, float* red /* [kWarps] shared */) {
 }
 
 // ---- finish: grid B, 128 threads; one block per row ---------------------------------------------------
-//   g = (1 / tau_s) sum_splits gpart;  n = max(||S||, eps);  s = S / n
-//   dL/dS = w (g - s (s . g)) / n
+//   g = (1 / tau_s) (sum_splits gpart - sigma Q_r),  sigma = sum_splits sigpart,  r = ref[row];
+//   n = max(||S||, eps);  s = S / n;  dL/dS = w (g - s (s . g)) / n
+// Rounding guard: sum_k (q - p) = 0 exactly, so subtracting sigma Q_r changes nothing algebraically; but
+// the computed q - p is off mostly where q or p is near 1, i.e. at the student's argmax r, and there the
+// subtraction cancels that error (Q_r rounded as the products saw the bank, so the cancellation is exact).
 __global__ void __launch_bounds__(kThreads) rrd_finish_kernel(BackwardParams p) {
   RRD_DECLARE_SMEM(smem);  // kWarps floats (dynamic shared memory, so the host emulation can provide it)
   float* red = reinterpret_cast<float*>(smem);
   constexpr int kPer = kMaxD / kThreads;
   const int row = blockIdx.x;
+  float sigma = 0.f;
+  for (int split = 0; split < p.num_splits; ++split) sigma += p.sigpart[(long long)split * p.B + row];
+  int r = p.ref[row];
+  r = r < 0 ? 0 : (r >= p.K ? p.K - 1 : r);  // any valid row is exact; never read outside the bank
   float x[kPer], gv[kPer];
   float ss = 0.f;
 #pragma unroll
@@ -391,7 +417,8 @@ __global__ void __launch_bounds__(kThreads) rrd_finish_kernel(BackwardParams p) 
       float acc = 0.f;
       for (int split = 0; split < p.num_splits; ++split)
         acc += p.gpart[((long long)split * p.B + row) * p.D + d];
-      gv[e] = acc * p.inv_tau_s;
+      const float q_r = as_operand(load_as_float(p.bank, (long long)r * p.ld_q + d, p.bank_dtype), p.mode);
+      gv[e] = fmaf(-sigma, q_r, acc) * p.inv_tau_s;
     }
     ss = fmaf(x[e], x[e], ss);
   }

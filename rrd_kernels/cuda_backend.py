@@ -7,10 +7,13 @@ stride, allocates the outputs and workspaces, and passes data_ptr()s. Nothing he
 device. Importing this module always works; without the extension every call says why it cannot run.
 
 Kernels (csrc/rrd_kernels.cuh, structure as rrd-math.md and the Triton backend):
-    forward:  grid (row blocks of 64, bank splits) -> partial online dual-softmax state per (split, row)
-    merge:    per row -> CE (or KL), natural-log LSE of the student and teacher logits
-    backward: grid (row blocks, bank splits, 64-feature slices) -> partial sum_k (q - p) Q_k per split
-    finish:   per row -> sum over splits, / tau_s, normalisation Jacobian, x upstream weight -> dL/dS
+    forward:  grid (row blocks of 64, bank splits) -> partial online dual-softmax state per (split, row),
+              in the cancellation-free form of the Triton backend (max, count - 1, W, V, argmax)
+    merge:    per row -> CE (or KL), base-2 LSE of the student and teacher logits, the student's argmax
+    backward: grid (row blocks, bank splits, 64-feature slices) -> partial sum_k (q - p) Q_k and
+              sigma = sum_k (q - p) per split
+    finish:   per row -> sum over splits, minus sigma Q_argmax (rounding guard), / tau_s, normalisation
+              Jacobian, x upstream weight -> dL/dS
 Precision: bf16 / fp16 embeddings use mma.sync on tensor cores (m16n8k16, bank converted to the embedding
 dtype, fp32 accumulation); fp32 embeddings follow torch.get_float32_matmul_precision(): "highest" -> fp32 FMA,
 "high" / "medium" -> TF32 mma.sync (m16n8k8).
@@ -153,8 +156,8 @@ def _common(student, teacher, bank):
 
 
 def forward(student, teacher, bank, tau_s, tau_t, kl):
-    """(rows, lse_s, lse_t, ref): per-row CE (or KL) and natural-log LSEs, float32; ref (int32, all 0) is the
-    reference bank row of the contract, which these kernels do not use (any valid index is exact)."""
+    """(rows, lse_s, lse_t, ref): per-row CE (or KL), float32; base-2 LSEs of the student and teacher logits,
+    float32; ref, int32: the student's argmax bank row per row (the backward's rounding guard)."""
     keep, args, index = _common(student, teacher, bank)
     B, K, D = args["B"], args["K"], args["D"]
     device = keep[0].device
@@ -163,29 +166,32 @@ def forward(student, teacher, bank, tau_s, tau_t, kl):
     rows = torch.empty(B, dtype=torch.float32, device=device)
     lse_s = torch.empty_like(rows)
     lse_t = torch.empty_like(rows)
+    ref = torch.empty(B, dtype=torch.int32, device=device)
     context, stream = _launch_env(index)
     with context:
         _ext.forward(
             **args, tau_s=float(tau_s), tau_t=float(tau_t), kl=bool(kl), num_splits=plan["num_splits"],
             chunk=plan["chunk"], part=part.data_ptr(), rows=rows.data_ptr(), lse_s=lse_s.data_ptr(),
-            lse_t=lse_t.data_ptr(), stream=stream,
+            lse_t=lse_t.data_ptr(), ref=ref.data_ptr(), stream=stream,
         )
-    return rows, lse_s, lse_t, torch.zeros(B, dtype=torch.int32, device=device)
+    return rows, lse_s, lse_t, ref
 
 
 def backward(grad_rows, student, teacher, bank, lse_s, lse_t, ref, tau_s, tau_t):
-    """dL/dS (B x D, student's dtype) for upstream per-row weights grad_rows (any stride, e.g. expanded).
-    ref is not used by these kernels (see forward)."""
+    """dL/dS (B x D, student's dtype) for upstream per-row weights grad_rows (any stride, e.g. expanded);
+    lse_s, lse_t, ref as the forward returned them (ref outside [0, K) is clamped by the kernel: any bank row
+    is algebraically exact, the argmax is the accurate one)."""
     keep, args, index = _common(student, teacher, bank)
     B, K, D = args["B"], args["K"], args["D"]
     device = keep[0].device
-    for name, x in (("grad_rows", grad_rows), ("lse_s", lse_s), ("lse_t", lse_t)):
+    for name, x in (("grad_rows", grad_rows), ("lse_s", lse_s), ("lse_t", lse_t), ("ref", ref)):
         if x.device != device or x.dim() != 1 or x.shape[0] != B:
             raise RuntimeError(f"backend='cuda': {name} must be a ({B},) tensor on {device}, got "
                                f"{tuple(x.shape)} on {x.device}")
     grad_rows = grad_rows.detach().to(torch.float32)  # keeps an expanded (stride 0) view as it is
     lse_s = lse_s.detach().to(torch.float32).contiguous()
     lse_t = lse_t.detach().to(torch.float32).contiguous()
+    ref = ref.detach().to(torch.int32).contiguous()
     plan = _ext.backward_plan(B, K, D, _num_sms(index))
     gpart = torch.empty(plan["workspace_floats"], dtype=torch.float32, device=device)
     grad = torch.empty((B, D), dtype=keep[0].dtype, device=device)
@@ -193,7 +199,7 @@ def backward(grad_rows, student, teacher, bank, lse_s, lse_t, ref, tau_s, tau_t)
     with context:
         _ext.backward(
             **args, tau_s=float(tau_s), tau_t=float(tau_t), num_splits=plan["num_splits"], chunk=plan["chunk"],
-            lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(), grad_rows=grad_rows.data_ptr(),
+            lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(), ref=ref.data_ptr(), grad_rows=grad_rows.data_ptr(),
             grad_stride=grad_rows.stride(0) if B > 1 else 0, gpart=gpart.data_ptr(), grad_student=grad.data_ptr(),
             stream=stream,
         )

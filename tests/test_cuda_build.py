@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import ctypes
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -187,7 +188,7 @@ def test_binding_errors_are_exceptions():
     ext = pytest.importorskip("rrd_kernels._rrd_cuda", reason="extension not built")
     base = dict(student=0, teacher=0, bank=0, ld_s=8, ld_t=8, ld_q=8, B=2, K=3, D=8, emb_dtype=0, bank_dtype=0,
                 mode=0, tau_s=0.1, tau_t=0.1, kl=False, num_splits=1, chunk=64, part=0, rows=0, lse_s=0, lse_t=0,
-                device=0, stream=0)
+                ref=0, device=0, stream=0)
     with pytest.raises(ValueError, match="null input pointer"):
         ext.forward(**base)
     with pytest.raises(ValueError, match="D must be"):
@@ -198,7 +199,8 @@ def test_binding_errors_are_exceptions():
     assert plan["num_splits"] * plan["chunk"] >= 16384 and plan["chunk"] % 64 == 0
     count, err = ext.runtime_status()
     if err:  # no usable GPU here: a well-formed call reaches the CUDA runtime and comes back as RuntimeError
-        good = {**base, "student": 8, "teacher": 8, "bank": 8, "part": 8, "rows": 8, "lse_s": 8, "lse_t": 8}
+        good = {**base, "student": 8, "teacher": 8, "bank": 8, "part": 8, "rows": 8, "lse_s": 8, "lse_t": 8,
+                "ref": 8}
         with pytest.raises(RuntimeError, match="cuda"):
             ext.forward(**good)
 
@@ -221,6 +223,13 @@ def emu(tmp_path_factory):
     lib = ctypes.CDLL(so)
     lib.rrd_emu_forward.restype = ctypes.c_char_p
     lib.rrd_emu_backward.restype = ctypes.c_char_p
+    ptr, i, ll, dbl = ctypes.c_size_t, ctypes.c_int, ctypes.c_longlong, ctypes.c_double
+    lib.rrd_emu_forward_raw.argtypes = [ptr, ptr, ptr, ll, ll, ll, i, i, i, i, i, i, dbl, dbl, i, i, i,
+                                        ptr, ptr, ptr, ptr, ptr]
+    lib.rrd_emu_forward_raw.restype = ctypes.c_char_p
+    lib.rrd_emu_backward_raw.argtypes = [ptr, ptr, ptr, ll, ll, ll, i, i, i, i, i, i, dbl, dbl, i, i,
+                                         ptr, ptr, ptr, ptr, ll, ptr, ptr]
+    lib.rrd_emu_backward_raw.restype = ctypes.c_char_p
     return lib
 
 
@@ -231,25 +240,27 @@ UNIT = {0: 2.0**-24, 1: 2.0**-11, 2: 2.0**-11, 3: 2.0**-8}
 
 
 def emu_run(lib, S, T, Q, mode, tau_s, tau_t, kl, num_sms, grad_rows, ld_pad=0):
-    """Forward and backward through the emulated kernels; S/T/Q may be row-padded views (ld = D + ld_pad)."""
+    """Forward and backward through the emulated kernels; S/T/Q may be row-padded views (ld = D + ld_pad).
+    Returns (rows, lse_s, lse_t, grad, ref): LSEs in base 2 (as the kernels keep them), ref the argmax."""
     B, D = S.shape
     K = Q.shape[0]
     c = ctypes.c_void_p
     L = ctypes.c_longlong
     rows, lse_s, lse_t = torch.empty(B), torch.empty(B), torch.empty(B)
+    ref = torch.full((B,), -7, dtype=torch.int32)
     err = lib.rrd_emu_forward(c(S.data_ptr()), c(T.data_ptr()), c(Q.data_ptr()), L(S.stride(0)), L(T.stride(0)),
                               L(Q.stride(0)), B, K, D, CODES[S.dtype], CODES[Q.dtype], mode,
                               ctypes.c_double(tau_s), ctypes.c_double(tau_t), int(kl), num_sms,
-                              c(rows.data_ptr()), c(lse_s.data_ptr()), c(lse_t.data_ptr()))
+                              c(rows.data_ptr()), c(lse_s.data_ptr()), c(lse_t.data_ptr()), c(ref.data_ptr()))
     assert err is None, err
     grad = torch.empty(B, D, dtype=S.dtype)
     err = lib.rrd_emu_backward(c(S.data_ptr()), c(T.data_ptr()), c(Q.data_ptr()), L(S.stride(0)), L(T.stride(0)),
                                L(Q.stride(0)), B, K, D, CODES[S.dtype], CODES[Q.dtype], mode,
                                ctypes.c_double(tau_s), ctypes.c_double(tau_t), num_sms, c(lse_s.data_ptr()),
-                               c(lse_t.data_ptr()), c(grad_rows.data_ptr()), L(grad_rows.stride(0)),
-                               c(grad.data_ptr()))
+                               c(lse_t.data_ptr()), c(ref.data_ptr()), c(grad_rows.data_ptr()),
+                               L(grad_rows.stride(0)), c(grad.data_ptr()))
     assert err is None, err
-    return rows, lse_s, lse_t, grad
+    return rows, lse_s, lse_t, grad, ref
 
 
 def padded(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -294,7 +305,8 @@ def test_emulated_kernels_match_float64_reference(emu, case):
     # upstream weights: an expanded (stride 0) view for one case, else distinct per row
     w = torch.full((1,), 0.5).expand(B) if B == 17 else torch.linspace(0.5, 1.5, B)
 
-    rows, lse_s, lse_t, grad = emu_run(emu, S, T, Q, mode, tau_s, tau_t, kl, num_sms, w, pad)
+    rows, lse_s, lse_t, grad, argmax = emu_run(emu, S, T, Q, mode, tau_s, tau_t, kl, num_sms, w, pad)
+    lse_s, lse_t = lse_s.double() * math.log(2), lse_t.double() * math.log(2)  # base 2 -> natural
 
     S64 = S.double().requires_grad_()
     T64, Q64 = T.double(), Q.double()
@@ -311,6 +323,11 @@ def test_emulated_kernels_match_float64_reference(emu, case):
     assert (rows.double() - ref.detach()).abs().max().item() <= tol
     assert (lse_s.double() - ref_lse_s.detach()).abs().max().item() <= tol
     assert (lse_t.double() - ref_lse_t.detach()).abs().max().item() <= tol
+    # ref: a bank row where the student's logit reaches its maximum, to within the logits' rounding
+    logits_s = F.normalize(S64.detach(), dim=1, eps=1e-12) @ Q64.T / tau_s
+    assert ((argmax >= 0) & (argmax < K)).all(), argmax
+    at_ref = logits_s.gather(1, argmax.long()[:, None])[:, 0]
+    assert (logits_s.amax(1) - at_ref).max().item() <= tol
     # Gradients row by row, relative to the row's natural scale w_r / (tau_s max(||S_r||, eps)) (|q - p| <= 1,
     # unit bank rows): exact zeros (K = 1) and the huge gradient of a zero row (1 / eps, as F.normalize) alike.
     g_ref = S64.grad
@@ -352,14 +369,7 @@ class EmulatedExtension:
     BUILD_INFO = "host emulation"
 
     def __init__(self, lib):
-        self.lib = lib
-        ptr, i, ll, dbl = ctypes.c_size_t, ctypes.c_int, ctypes.c_longlong, ctypes.c_double
-        lib.rrd_emu_forward_raw.argtypes = [ptr, ptr, ptr, ll, ll, ll, i, i, i, i, i, i, dbl, dbl, i, i, i,
-                                            ptr, ptr, ptr, ptr]
-        lib.rrd_emu_forward_raw.restype = ctypes.c_char_p
-        lib.rrd_emu_backward_raw.argtypes = [ptr, ptr, ptr, ll, ll, ll, i, i, i, i, i, i, dbl, dbl, i, i,
-                                             ptr, ptr, ptr, ll, ptr, ptr]
-        lib.rrd_emu_backward_raw.restype = ctypes.c_char_p
+        self.lib = lib  # raw entry points' signatures: set by the emu fixture
         self.calls = []
 
     def runtime_status(self):
@@ -378,18 +388,20 @@ class EmulatedExtension:
         return self._plan(True, B, K, D, num_sms)
 
     def forward(self, *, student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype, bank_dtype, mode, tau_s,
-                tau_t, kl, num_splits, chunk, part, rows, lse_s, lse_t, device, stream):
+                tau_t, kl, num_splits, chunk, part, rows, lse_s, lse_t, ref, device, stream):
         self.calls.append(("forward", mode, ld_s, ld_t, ld_q))
         err = self.lib.rrd_emu_forward_raw(student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype, bank_dtype,
-                                           mode, tau_s, tau_t, int(kl), num_splits, chunk, part, rows, lse_s, lse_t)
+                                           mode, tau_s, tau_t, int(kl), num_splits, chunk, part, rows, lse_s, lse_t,
+                                           ref)
         if err:
             raise RuntimeError(err.decode())
 
     def backward(self, *, student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype, bank_dtype, mode, tau_s,
-                 tau_t, num_splits, chunk, lse_s, lse_t, grad_rows, grad_stride, gpart, grad_student, device, stream):
+                 tau_t, num_splits, chunk, lse_s, lse_t, ref, grad_rows, grad_stride, gpart, grad_student, device,
+                 stream):
         self.calls.append(("backward", mode, grad_stride))
         err = self.lib.rrd_emu_backward_raw(student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype,
-                                            bank_dtype, mode, tau_s, tau_t, num_splits, chunk, lse_s, lse_t,
+                                            bank_dtype, mode, tau_s, tau_t, num_splits, chunk, lse_s, lse_t, ref,
                                             grad_rows, grad_stride, gpart, grad_student)
         if err:
             raise RuntimeError(err.decode())
@@ -477,3 +489,4 @@ def test_cuda_op_under_torch_compile(emulated_cuda_backend):
     (rrd_reference(S64, T.double(), Q.double(), 0.1, 0.02, "ce", "mean") * 2).backward()
     assert torch.allclose(Sg.grad.double(), S64.grad, rtol=1e-4, atol=1e-6)
     assert [c[0] for c in emulated_cuda_backend.calls] == ["forward", "backward"]
+
