@@ -490,3 +490,67 @@ def test_cuda_op_under_torch_compile(emulated_cuda_backend):
     assert torch.allclose(Sg.grad.double(), S64.grad, rtol=1e-4, atol=1e-6)
     assert [c[0] for c in emulated_cuda_backend.calls] == ["forward", "backward"]
 
+
+# ---- accuracy for sharp softmaxes: the Triton tests' bounds on the emulated kernels ---------------------
+
+
+def emu_run_splits(lib, s, t, q, tau_s, tau_t, kls, w, n_splits, mode=0):
+    """The emulated kernels with the bank cut into n_splits chunks (as near as whole 64-row tiles allow; 1:
+    the unsplit path), through the binding-level entry points with host-allocated, NaN-poisoned workspaces.
+    Runs the forward once per objective in kls and the backward once (its gradient is the same for CE and
+    KL). Returns ({kl: rows}, grad, ref)."""
+    B, D = s.shape
+    K = q.shape[0]
+    tiles = -(-K // 64)
+    per = -(-tiles // n_splits)
+    splits, chunk = -(-tiles // per), per * 64
+    args = (s.data_ptr(), t.data_ptr(), q.data_ptr(), s.stride(0), t.stride(0), q.stride(0), B, K, D,
+            CODES[s.dtype], CODES[q.dtype], mode, tau_s, tau_t)
+    lse_s, lse_t = torch.empty(B), torch.empty(B)
+    ref = torch.full((B,), -7, dtype=torch.int32)
+    out = {}
+    for kl in kls:
+        part = torch.full((7 * splits * B,), float("nan"))
+        rows = torch.empty(B)
+        err = lib.rrd_emu_forward_raw(*args, int(kl), splits, chunk, part.data_ptr(), rows.data_ptr(),
+                                      lse_s.data_ptr(), lse_t.data_ptr(), ref.data_ptr())
+        assert err is None, err
+        out[kl] = rows
+    gpart = torch.full((splits * B * (D + 1),), float("nan"))
+    grad = torch.empty(B, D)
+    err = lib.rrd_emu_backward_raw(*args, splits, chunk, lse_s.data_ptr(), lse_t.data_ptr(), ref.data_ptr(),
+                                   w.data_ptr(), w.stride(0), gpart.data_ptr(), grad.data_ptr())
+    assert err is None, err
+    return out, grad, ref
+
+
+# The grid of test_triton_kernels.py::test_fp32_matches_float64_reference, thinned for the emulator's speed
+# on a 2-core machine: every (B, K) pair; for K <= 64 (one bank tile, where split and unsplit are the same
+# path) every D; for the multi-tile banks one D per (B, K), each both unsplit and split over 3 chunks.
+SHARP_CASES = [(B, K, D, 1) for B in (1, 3, 64) for K in (1, 7) for D in (16, 100, 128)] + [
+    (B, K, D, n) for (B, K, D) in ((1, 1000, 100), (1, 4099, 128), (3, 1000, 128), (3, 4099, 16),
+                                   (64, 1000, 16), (64, 4099, 100)) for n in (1, 3)
+]
+
+
+@pytest.mark.parametrize("B,K,D,n_splits", SHARP_CASES, ids=lambda v: str(v))
+def test_emulated_fp32_meets_triton_bounds(emu, gen, B, K, D, n_splits):
+    """fp32 "highest" (SIMT FMA) against float64 with test_triton_kernels' bounds (relative fp32 tolerance
+    growing as 1/tau below 0.02, plus the reference's own float64 floor): at tau 0.005 with a tiny bank a row's
+    CE / KL can be 1e-4..1e-12 and q - p at the argmax is 1 - 1, which only the cancellation-free forward
+    state and the backward's rounding guard resolve. Fresh random inputs and per-row weights every run."""
+    from conftest import make_inputs
+    from test_triton_kernels import TEMPERATURES, assert_close, float64_floors, fp32_tolerances, reference_rows_and_grad
+
+    s, t, q = make_inputs(B, K, D, gen)
+    w = torch.rand(B, generator=gen)
+    for tau_s, tau_t in TEMPERATURES:
+        rows, grad, ref = emu_run_splits(emu, s, t, q, tau_s, tau_t, (False, True), w, n_splits)
+        assert ((ref >= 0) & (ref < K)).all(), ref
+        loss_floor, grad_floor = float64_floors(s, tau_s, tau_t, w)
+        loss_tol, grad_tol = fp32_tolerances(tau_s, tau_t)
+        for kl in (False, True):
+            ref_rows, ref_grad = reference_rows_and_grad(s, t, q, tau_s, tau_t, kl, w)
+            case = f"tau=({tau_s},{tau_t}) kl={kl} splits={n_splits}"
+            assert_close(rows[kl], ref_rows, loss_tol, loss_floor, f"loss {case}")
+            assert_close(grad, ref_grad, grad_tol, grad_floor, f"grad {case}")
