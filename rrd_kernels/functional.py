@@ -42,15 +42,10 @@ def rrd_loss(
     """
     tau_s, tau_t = check_rrd_inputs(student, teacher, bank, tau_s, tau_t, objective, reduction)
     name = resolve_backend(backend, student, teacher, bank)
-    out_dtype = loss_dtype(student.dtype)
     if name == "torch":
         rows = rrd_reference(student, teacher.detach(), bank.detach(), tau_s, tau_t, objective, "none")
-        rows = rows.to(out_dtype)
     else:
         from .ops import rrd_forward
 
-        rows = rrd_forward(
-            student, teacher.detach(), bank.detach(), tau_s, tau_t, objective == "kl", name
-        )[0]
-        rows = rows.to(out_dtype)
-    return reduce_rows(rows, reduction)
+        rows = rrd_forward(student, teacher.detach(), bank.detach(), tau_s, tau_t, objective == "kl", name)[0]
+    return reduce_rows(rows.to(loss_dtype(student.dtype)), reduction)
