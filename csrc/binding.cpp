@@ -18,37 +18,15 @@ namespace py = pybind11;
 
 namespace {
 
-template <class A> void set_inputs(A& a, uintptr_t student, uintptr_t teacher, uintptr_t bank, int64_t ld_s,
-                                   int64_t ld_t, int64_t ld_q, int B, int K, int D, int emb_dtype,
-                                   int bank_dtype, int mode, double tau_s, double tau_t, int num_splits,
-                                   int chunk, int device, uintptr_t stream) {
-  a.student = student;
-  a.teacher = teacher;
-  a.bank = bank;
-  a.ld_s = ld_s;
-  a.ld_t = ld_t;
-  a.ld_q = ld_q;
-  a.B = B;
-  a.K = K;
-  a.D = D;
-  a.emb_dtype = emb_dtype;
-  a.bank_dtype = bank_dtype;
-  a.mode = mode;
-  a.tau_s = tau_s;
-  a.tau_t = tau_t;
-  a.num_splits = num_splits;
-  a.chunk = chunk;
-  a.device = device;
-  a.stream = stream;
-}
-
 void forward(uintptr_t student, uintptr_t teacher, uintptr_t bank, int64_t ld_s, int64_t ld_t, int64_t ld_q,
              int B, int K, int D, int emb_dtype, int bank_dtype, int mode, double tau_s, double tau_t, bool kl,
              int num_splits, int chunk, uintptr_t part, uintptr_t rows, uintptr_t lse_s, uintptr_t lse_t,
              uintptr_t ref, int device, uintptr_t stream) {
   rrd::ForwardArgs a;
-  set_inputs(a, student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype, bank_dtype, mode, tau_s, tau_t,
-             num_splits, chunk, device, stream);
+  rrd::set_common_args(a, student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype, bank_dtype, mode, tau_s,
+                        tau_t, num_splits, chunk);
+  a.device = device;
+  a.stream = stream;
   a.kl = kl;
   a.part = part;
   a.rows = rows;
@@ -70,8 +48,10 @@ void backward(uintptr_t student, uintptr_t teacher, uintptr_t bank, int64_t ld_s
               int num_splits, int chunk, uintptr_t lse_s, uintptr_t lse_t, uintptr_t ref, uintptr_t grad_rows,
               int64_t grad_stride, uintptr_t gpart, uintptr_t grad_student, int device, uintptr_t stream) {
   rrd::BackwardArgs a;
-  set_inputs(a, student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype, bank_dtype, mode, tau_s, tau_t,
-             num_splits, chunk, device, stream);
+  rrd::set_common_args(a, student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype, bank_dtype, mode, tau_s,
+                        tau_t, num_splits, chunk);
+  a.device = device;
+  a.stream = stream;
   a.lse_s = lse_s;
   a.lse_t = lse_t;
   a.ref = ref;

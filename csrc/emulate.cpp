@@ -43,25 +43,11 @@ const char* rrd_emu_forward(const void* student, const void* teacher, const void
                             int bank_dtype, int mode, double tau_s, double tau_t, int kl, int num_sms,
                             float* rows, float* lse_s, float* lse_t, int* ref) {
   rrd::ForwardArgs a;
-  a.student = uintptr_t(student);
-  a.teacher = uintptr_t(teacher);
-  a.bank = uintptr_t(bank);
-  a.ld_s = ld_s;
-  a.ld_t = ld_t;
-  a.ld_q = ld_q;
-  a.B = B;
-  a.K = K;
-  a.D = D;
-  a.emb_dtype = emb_dtype;
-  a.bank_dtype = bank_dtype;
-  a.mode = mode;
-  a.tau_s = tau_s;
-  a.tau_t = tau_t;
-  a.kl = kl != 0;
   const rrd::Plan plan = rrd::forward_plan(B, K, D, num_sms);
+  rrd::set_common_args(a, uintptr_t(student), uintptr_t(teacher), uintptr_t(bank), ld_s, ld_t, ld_q, B, K, D,
+                        emb_dtype, bank_dtype, mode, tau_s, tau_t, plan.num_splits, plan.chunk);
+  a.kl = kl != 0;
   std::vector<float> part(size_t(plan.workspace_floats), NAN);  // poisoned: every entry must be written
-  a.num_splits = plan.num_splits;
-  a.chunk = plan.chunk;
   a.part = uintptr_t(part.data());
   a.rows = uintptr_t(rows);
   a.lse_s = uintptr_t(lse_s);
@@ -78,24 +64,10 @@ const char* rrd_emu_backward(const void* student, const void* teacher, const voi
                              const float* lse_s, const float* lse_t, const int* ref, const float* grad_rows,
                              long long grad_stride, void* grad_student) {
   rrd::BackwardArgs a;
-  a.student = uintptr_t(student);
-  a.teacher = uintptr_t(teacher);
-  a.bank = uintptr_t(bank);
-  a.ld_s = ld_s;
-  a.ld_t = ld_t;
-  a.ld_q = ld_q;
-  a.B = B;
-  a.K = K;
-  a.D = D;
-  a.emb_dtype = emb_dtype;
-  a.bank_dtype = bank_dtype;
-  a.mode = mode;
-  a.tau_s = tau_s;
-  a.tau_t = tau_t;
   const rrd::Plan plan = rrd::backward_plan(B, K, D, num_sms);
+  rrd::set_common_args(a, uintptr_t(student), uintptr_t(teacher), uintptr_t(bank), ld_s, ld_t, ld_q, B, K, D,
+                        emb_dtype, bank_dtype, mode, tau_s, tau_t, plan.num_splits, plan.chunk);
   std::vector<float> gpart(size_t(plan.workspace_floats), NAN);  // poisoned: every entry must be written
-  a.num_splits = plan.num_splits;
-  a.chunk = plan.chunk;
   a.lse_s = uintptr_t(lse_s);
   a.lse_t = uintptr_t(lse_t);
   a.ref = uintptr_t(ref);
@@ -115,23 +87,9 @@ const char* rrd_emu_forward_raw(uintptr_t student, uintptr_t teacher, uintptr_t 
                                 int mode, double tau_s, double tau_t, int kl, int num_splits, int chunk,
                                 uintptr_t part, uintptr_t rows, uintptr_t lse_s, uintptr_t lse_t, uintptr_t ref) {
   rrd::ForwardArgs a;
-  a.student = student;
-  a.teacher = teacher;
-  a.bank = bank;
-  a.ld_s = ld_s;
-  a.ld_t = ld_t;
-  a.ld_q = ld_q;
-  a.B = B;
-  a.K = K;
-  a.D = D;
-  a.emb_dtype = emb_dtype;
-  a.bank_dtype = bank_dtype;
-  a.mode = mode;
-  a.tau_s = tau_s;
-  a.tau_t = tau_t;
+  rrd::set_common_args(a, student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype, bank_dtype, mode, tau_s,
+                        tau_t, num_splits, chunk);
   a.kl = kl != 0;
-  a.num_splits = num_splits;
-  a.chunk = chunk;
   a.part = part;
   a.rows = rows;
   a.lse_s = lse_s;
@@ -149,22 +107,8 @@ const char* rrd_emu_backward_raw(uintptr_t student, uintptr_t teacher, uintptr_t
                                  long long grad_stride,
                                  uintptr_t gpart, uintptr_t grad_student) {
   rrd::BackwardArgs a;
-  a.student = student;
-  a.teacher = teacher;
-  a.bank = bank;
-  a.ld_s = ld_s;
-  a.ld_t = ld_t;
-  a.ld_q = ld_q;
-  a.B = B;
-  a.K = K;
-  a.D = D;
-  a.emb_dtype = emb_dtype;
-  a.bank_dtype = bank_dtype;
-  a.mode = mode;
-  a.tau_s = tau_s;
-  a.tau_t = tau_t;
-  a.num_splits = num_splits;
-  a.chunk = chunk;
+  rrd::set_common_args(a, student, teacher, bank, ld_s, ld_t, ld_q, B, K, D, emb_dtype, bank_dtype, mode, tau_s,
+                        tau_t, num_splits, chunk);
   a.lse_s = lse_s;
   a.lse_t = lse_t;
   a.ref = ref;

@@ -41,6 +41,29 @@ struct BackwardArgs {
   uintptr_t stream = 0;
 };
 
+// The fields ForwardArgs and BackwardArgs share, filled the same way by the binding and the emulation.
+template <class Args>
+void set_common_args(Args& a, uintptr_t student, uintptr_t teacher, uintptr_t bank, int64_t ld_s, int64_t ld_t,
+                     int64_t ld_q, int B, int K, int D, int emb_dtype, int bank_dtype, int mode, double tau_s,
+                     double tau_t, int num_splits, int chunk) {
+  a.student = student;
+  a.teacher = teacher;
+  a.bank = bank;
+  a.ld_s = ld_s;
+  a.ld_t = ld_t;
+  a.ld_q = ld_q;
+  a.B = B;
+  a.K = K;
+  a.D = D;
+  a.emb_dtype = emb_dtype;
+  a.bank_dtype = bank_dtype;
+  a.mode = mode;
+  a.tau_s = tau_s;
+  a.tau_t = tau_t;
+  a.num_splits = num_splits;
+  a.chunk = chunk;
+}
+
 // How a call is split over the bank, and the workspace it needs.
 struct Plan {
   int num_splits = 1;   // grid y
