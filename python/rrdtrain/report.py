@@ -82,7 +82,7 @@ def zoom_ylim(teacher_acc: float, bands: list, start: int) -> tuple[float, float
 
 
 def save_plot(path: str, title: str, teacher: dict, methods: dict) -> None:
-    """Two panels: every epoch on the full scale, and the last two thirds of training zoomed in on where
+    """Two panels: every epoch on the full scale, and the last third of training zoomed in on where
     the methods differ. Lines: mean over seeds; bands: mean +- sample std over seeds; teacher dashed."""
     import matplotlib
 
@@ -104,7 +104,7 @@ def save_plot(path: str, title: str, teacher: dict, methods: dict) -> None:
             line = ax.plot(x, mean, label=f"{m['label']}: {m['final_mean']:.2f}")[0]
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     epochs = len(bands[0][0])
-    start = epochs // 3
+    start = epochs - max(1, epochs // 3)  # the last third: after the first lr decay, where the methods settle
     for ax in (full, zoom):
         ax.axhline(teacher["test_acc"], color="k", linestyle="--", linewidth=1.2,
                    label=f"teacher {teacher['arch']}: {teacher['test_acc']:.2f}")
@@ -112,6 +112,7 @@ def save_plot(path: str, title: str, teacher: dict, methods: dict) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     full.set_ylabel("test accuracy (%)")
+    full.set_ylim(top=max(100.0, teacher["test_acc"]) + 1.0)  # the teacher's line clear of the frame
     full.set_title("all epochs")
     if epochs > start + 1:
         zoom.set_xlim(start + 1, epochs)
