@@ -314,7 +314,7 @@ def test_augmentation_is_pad_crop_flip(app):
     assert 0 < int(flip.sum()) < 16 and len(set(dy.tolist())) > 1
 
 
-def test_t_quantiles():
+def test_t_quantiles(app):
     from rrdtrain.stats import t_quantile_975
 
     assert t_quantile_975(4) == 2.776 and t_quantile_975(1) == 12.706  # the textbook values
@@ -325,7 +325,7 @@ def test_t_quantiles():
         assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4), df
 
 
-def test_paired_diff_interval():
+def test_paired_diff_interval(app):
     from rrdtrain.stats import paired_diff
 
     # differences 1, 2, 3: mean 2, sample std 1, half width t_{0.975,2} / sqrt(3) = 4.303 / 1.732
@@ -353,7 +353,7 @@ def _fake_methods(finals: dict) -> dict:
             for name, accs in finals.items()}
 
 
-def test_table_marks_resolved_differences():
+def test_table_marks_resolved_differences(app):
     from rrdtrain.report import format_table, summarise
 
     methods = summarise(_fake_methods({
@@ -373,7 +373,7 @@ def test_table_marks_resolved_differences():
     assert "vs KD" not in format_table("t", {"arch": "t", "test_acc": 99.0}, only, 2)
 
 
-def test_plot_zooms_on_the_methods_and_keeps_the_teacher(tmp_path):
+def test_plot_zooms_on_the_methods_and_keeps_the_teacher(app, tmp_path):
     from rrdtrain.report import save_plot, summarise, zoom_ylim
 
     # bands from epoch index 1 on span 93..97; the teacher at 99 stays inside; epoch 0 (at 10) is left out
