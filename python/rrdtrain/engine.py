@@ -381,7 +381,7 @@ class StageRunner:
             x = self.pre.train(self.train_set.images[idx], aug_gen)
             y = self.train_set.labels[idx]
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                if teacher is not None:
+                if teacher is not None and (stage.alpha or stage.beta):  # the student alone needs no teacher pass
                     with torch.no_grad():
                         f_t, logits_t = teacher(x)
                 f_s, logits_s = net(x)
