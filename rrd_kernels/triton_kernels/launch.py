@@ -78,57 +78,85 @@ def make_plan(B: int, K: int, D: int, student_dtype: torch.dtype, limits: Device
 
 def forward(student, teacher, bank, tau_s, tau_t, kl, n_splits=None):
     student, teacher, bank = _row_major(student), _row_major(teacher), _row_major(bank)
+    with _on(student.device):
+        plan = make_plan(student.shape[0], bank.shape[0], student.shape[1], student.dtype, n_splits=n_splits)
+        part, part_idx = forward_states(student, teacher, bank, tau_s, tau_t, plan)
+        # The contract's lse_s slot carries lse_s - lse_t (base 2): see backward.py for why.
+        return merge_states(part, part_idx, kl)
+
+
+def forward_states(student, teacher, bank, tau_s, tau_t, plan: Plan):
+    """Partial online-softmax states of every row over each of plan.n_splits chunks of the bank:
+    ([N_STATE, n_splits, B] float32, [n_splits, B] int32 argmax rows of this bank)."""
     B, D = student.shape
     K = bank.shape[0]
-    f32 = dict(device=student.device, dtype=torch.float32)
-    with _on(student.device):
-        plan = make_plan(B, K, D, student.dtype, n_splits=n_splits)
-        t = plan.tiles
-        rows, lse_diff, lse_t = torch.empty(B, **f32), torch.empty(B, **f32), torch.empty(B, **f32)
-        ref = torch.empty(B, device=student.device, dtype=torch.int32)
-        part = torch.empty((N_STATE, plan.n_splits, B), **f32)
-        part_idx = torch.empty((plan.n_splits, B), device=student.device, dtype=torch.int32)
-        rrd_fwd_kernel[(plan.n_row_blocks, plan.n_splits)](
-            student, teacher, bank, part, part_idx,
-            B, K, D, student.stride(0), teacher.stride(0), bank.stride(0),
-            LOG2E / tau_s, LOG2E / tau_t,
-            plan.tiles_per_split,
-            OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
-            BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_DK=t.block_dk,
-            num_warps=t.fwd_warps, num_stages=t.fwd_stages,
-        )
-        rrd_merge_kernel[(triton.cdiv(B, MERGE_BLOCK_B),)](
-            part, part_idx, rows, lse_diff, lse_t, ref, B, plan.n_splits, int(bool(kl)), BLOCK_B=MERGE_BLOCK_B
-        )
-    # The contract's lse_s slot carries lse_s - lse_t (base 2): see backward.py for why.
+    t = plan.tiles
+    part = torch.empty((N_STATE, plan.n_splits, B), device=student.device, dtype=torch.float32)
+    part_idx = torch.empty((plan.n_splits, B), device=student.device, dtype=torch.int32)
+    rrd_fwd_kernel[(plan.n_row_blocks, plan.n_splits)](
+        student, teacher, bank, part, part_idx,
+        B, K, D, student.stride(0), teacher.stride(0), bank.stride(0),
+        LOG2E / tau_s, LOG2E / tau_t,
+        plan.tiles_per_split,
+        OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
+        BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_DK=t.block_dk,
+        num_warps=t.fwd_warps, num_stages=t.fwd_stages,
+    )
+    return part, part_idx
+
+
+def merge_states(part, part_idx, kl):
+    """Fold [N_STATE, n, B] partial states (splits of a bank, or shards of it on other ranks) into
+    (rows, lse_s - lse_t, lse_t, ref) of the backend contract."""
+    n, B = part_idx.shape
+    f32 = dict(device=part.device, dtype=torch.float32)
+    rows, lse_diff, lse_t = torch.empty(B, **f32), torch.empty(B, **f32), torch.empty(B, **f32)
+    ref = torch.empty(B, device=part.device, dtype=torch.int32)
+    rrd_merge_kernel[(triton.cdiv(B, MERGE_BLOCK_B),)](
+        part, part_idx, rows, lse_diff, lse_t, ref, B, n, int(bool(kl)), BLOCK_B=MERGE_BLOCK_B
+    )
     return rows, lse_diff, lse_t, ref
 
 
 def backward(grad_rows, student, teacher, bank, lse_s, lse_t, ref, tau_s, tau_t, n_splits=None):
     student, teacher, bank = _row_major(student), _row_major(teacher), _row_major(bank)
+    with _on(student.device):
+        plan = make_plan(student.shape[0], bank.shape[0], student.shape[1], student.dtype, n_splits=n_splits)
+        part, part_sigma = backward_sums(student, teacher, bank, lse_s, lse_t, tau_s, tau_t, plan)
+        return backward_finish(part, part_sigma, bank, ref, student, grad_rows, tau_s)
+
+
+def backward_sums(student, teacher, bank, lse_diff, lse_t, tau_s, tau_t, plan: Plan):
+    """Per chunk of the bank, sum_k (q_ik - p_ik) Q_k and sigma_i = sum_k (q_ik - p_ik):
+    ([n_splits, B, d_pad] float32, [n_splits, B] float32)."""
     B, D = student.shape
     K = bank.shape[0]
+    t = plan.tiles
+    part = torch.empty((plan.n_splits, B, plan.d_pad), device=student.device, dtype=torch.float32)
+    part_sigma = torch.empty((plan.n_splits, B), device=student.device, dtype=torch.float32)
+    rrd_bwd_kernel[(plan.n_row_blocks, plan.n_splits, plan.n_dslices)](
+        student, teacher, bank, lse_diff, lse_t, part, part_sigma,
+        B, K, D, plan.d_pad, student.stride(0), teacher.stride(0), bank.stride(0),
+        LOG2E / tau_s, LOG2E / tau_t,
+        plan.tiles_per_split,
+        OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
+        BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_DK=t.block_dk, BLOCK_DV=t.block_dv,
+        num_warps=t.bwd_warps, num_stages=t.bwd_stages,
+    )
+    return part, part_sigma
+
+
+def backward_finish(part, part_sigma, bank, ref, student, grad_rows, tau_s):
+    """dL/dS from the partial sums [n, B, d_pad] and sigmas [n, B]: add them up, subtract sigma_i bank[ref_i]
+    (the rounding guard), scale by 1/tau_s and the upstream weights, apply the normalisation Jacobian."""
+    n, B, d_pad = part.shape
+    D = student.shape[1]
     grad_rows = grad_rows.to(torch.float32)  # may be an expanded (stride-0) view: strides are passed on
-    with _on(student.device):
-        plan = make_plan(B, K, D, student.dtype, n_splits=n_splits)
-        t = plan.tiles
-        grad_student = torch.empty_like(student)
-        part = torch.empty((plan.n_splits, B, plan.d_pad), device=student.device, dtype=torch.float32)
-        part_sigma = torch.empty((plan.n_splits, B), device=student.device, dtype=torch.float32)
-        rrd_bwd_kernel[(plan.n_row_blocks, plan.n_splits, plan.n_dslices)](
-            student, teacher, bank, lse_s, lse_t, part, part_sigma,
-            B, K, D, plan.d_pad, student.stride(0), teacher.stride(0), bank.stride(0),
-            LOG2E / tau_s, LOG2E / tau_t,
-            plan.tiles_per_split,
-            OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
-            BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_DK=t.block_dk, BLOCK_DV=t.block_dv,
-            num_warps=t.bwd_warps, num_stages=t.bwd_stages,
-        )
-        rrd_bwd_finish_kernel[(triton.cdiv(B, FINISH.block_b),)](
-            part, part_sigma, student, bank, ref, grad_rows, grad_student, B, K, D, plan.d_pad,
-            student.stride(0), bank.stride(0), grad_rows.stride(0), grad_student.stride(0), 1.0 / tau_s,
-            plan.n_splits,
-            OP_DTYPE=_op_dtype(student), UPCAST=interpreting(), BLOCK_B=FINISH.block_b, BLOCK_DK=FINISH.block_dk,
-            num_warps=FINISH.num_warps,
-        )
+    grad_student = torch.empty_like(student)
+    rrd_bwd_finish_kernel[(triton.cdiv(B, FINISH.block_b),)](
+        part, part_sigma, student, bank, ref, grad_rows, grad_student, B, bank.shape[0], D, d_pad,
+        student.stride(0), bank.stride(0), grad_rows.stride(0), grad_student.stride(0), 1.0 / tau_s, n,
+        OP_DTYPE=_op_dtype(student), UPCAST=interpreting(), BLOCK_B=FINISH.block_b, BLOCK_DK=FINISH.block_dk,
+        num_warps=FINISH.num_warps,
+    )
     return grad_student
