@@ -335,3 +335,23 @@ def test_bad_input_fails_on_every_rank(ranks, world):
         assert "different bank_size" in r["k_msg"], r["k_msg"]
         assert "different feat_dim" in r["d_msg"], r["d_msg"]
         assert "backend='cuda' has no sharded-bank pieces" in r["cuda_msg"], r["cuda_msg"]
+
+
+@needs_gloo
+def test_train_app_shard_bank_under_torchrun(tmp_path):
+    """train.py --shard-bank on two gloo processes: per-rank shards in checkpoint.pt, the full bank in final.pt."""
+    import json
+
+    from test_ddp import _torchrun
+
+    _torchrun("--teacher-epochs", 1, "--epochs", 1, "--methods", "rrd", "--seeds", 1, "--shard-bank",
+              "--bank-size", 1001, "--out-dir", tmp_path)
+    stage = tmp_path / "seed0" / "rrd"
+    shards = torch.load(stage / "checkpoint.pt", weights_only=False)["criterion_per_rank"]
+    final = torch.load(stage / "final.pt", weights_only=True)["criterion"]
+    assert [s["bank_shard_range"].tolist() for s in shards] == [[0, 501, 1001], [501, 1001, 1001]]
+    assert final["bank"].shape == (1001, 128) and "bank_shard_range" not in final
+    assert torch.equal(merge_bank_shards(shards)["bank"], final["bank"])
+    assert int(final["bank_ptr"]) == 1438 % 1001  # DistributedSampler pads 1437 to 2 x 719; every key enqueued
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["methods"]["rrd"]["ddp_bank_in_sync"] == [True]
