@@ -52,11 +52,17 @@ def _merge_splits(part: torch.Tensor, part_idx: torch.Tensor):
     return torch.stack([m_a, n_a, m_b, n_b, w, v]), idx
 
 
-def forward_partial(student, teacher, shard, tau_s, tau_t, k_offset, n_splits=None):
+def _prepared(student, teacher, shard, n_splits):
+    """Row-major operands, the sizes and the launch plan for N all-gathered rows against this shard (the
+    launcher's forward and backward start the same way)."""
     student, teacher, shard = _row_major(student), _row_major(teacher), _row_major(shard)
     N, D = student.shape
     K = shard.shape[0]
-    plan = make_plan(N, K, D, student.device, n_splits)
+    return student, teacher, shard, N, K, D, make_plan(N, K, D, student.device, n_splits)
+
+
+def forward_partial(student, teacher, shard, tau_s, tau_t, k_offset, n_splits=None):
+    student, teacher, shard, N, K, D, plan = _prepared(student, teacher, shard, n_splits)
     f32 = dict(device=student.device, dtype=torch.float32)
     part = torch.empty((N_STATE, plan.n_splits, N), **f32)
     part_idx = torch.empty((plan.n_splits, N), device=student.device, dtype=torch.int32)
@@ -89,10 +95,7 @@ def merge_states(planes, idx, kl):
 
 
 def backward_partial(student, teacher, shard, lse_s, lse_t, tau_s, tau_t, n_splits=None):
-    student, teacher, shard = _row_major(student), _row_major(teacher), _row_major(shard)
-    N, D = student.shape
-    K = shard.shape[0]
-    plan = make_plan(N, K, D, student.device, n_splits)
+    student, teacher, shard, N, K, D, plan = _prepared(student, teacher, shard, n_splits)
     f32 = dict(device=student.device, dtype=torch.float32)
     part = torch.empty((plan.n_splits, N, plan.block_d), **f32)
     part_sigma = torch.empty((plan.n_splits, N), **f32)
