@@ -95,13 +95,15 @@ def resolve_backend(backend: str, student, teacher, bank) -> str:
     return _choose(backend, student.device, student.dtype, bank.dtype, B, bank.shape[0], D)
 
 
-def sharded_backend(backend: str, student, shard, n_rows: int) -> tuple[str, object]:
+def sharded_backend(backend: str, student, shard, n_rows: int, bank_size: int) -> tuple[str, object]:
     """(name, module) of the sharded pieces for ``n_rows`` all-gathered rows like ``student`` against this
-    rank's ``shard``: "auto" takes triton on a CUDA device where it is usable, else torch. A backend without
-    sharded pieces, or one that cannot run these tensors, is an error naming it."""
+    rank's ``shard`` of a ``bank_size``-row bank: "auto" takes triton on a CUDA device where it is usable,
+    else torch. A backend without sharded pieces, or one that cannot run these tensors, is an error naming it.
+    Depends on host values the ranks share, so every rank makes the same choice (or raises)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    args = (student.device, student.dtype, shard.dtype, n_rows, shard.shape[0], student.shape[1])
+    # The global K: the pieces return global row indices (int32 in the Triton kernels).
+    args = (student.device, student.dtype, shard.dtype, n_rows, bank_size, student.shape[1])
     if backend == "auto":
         name = "triton" if student.device.type == "cuda" and unusable_reason("triton", *args) is None else "torch"
     elif backend not in SHARDED_MODULES:

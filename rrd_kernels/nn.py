@@ -219,7 +219,7 @@ class RRDLoss(nn.Module):
         layout = self.layout
         check_peers(student.shape[0], self.bank_size, self.feat_dim, layout)
         # Same choice on every rank (same config and shapes): an error is raised by all ranks together.
-        _, pieces = sharded_backend(self.backend, student, self.bank, student.shape[0] * layout.world)
+        _, pieces = sharded_backend(self.backend, student, self.bank, student.shape[0] * layout.world, self.bank_size)
         # One all-gather of [S | T] serves the loss (all N = B W rows against this shard) and the enqueue.
         st = all_gather_rows(torch.cat([student.detach(), teacher.detach()], dim=1))
         s_all, t_all = st[:, : self.feat_dim], st[:, self.feat_dim :]

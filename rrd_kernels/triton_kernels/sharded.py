@@ -78,7 +78,7 @@ def forward_partial(student, teacher, shard, tau_s, tau_t, k_offset, n_splits=No
         num_warps=plan.num_warps,
     )
     planes, idx = _merge_splits(part, part_idx) if plan.n_splits > 1 else (part[:, 0], part_idx[0])
-    return planes, idx + k_offset  # int32: the launcher's checks keep the global K below 2^31
+    return planes, idx + k_offset  # global row index, int32 (sharded_backend checked the global K)
 
 
 def merge_states(planes, idx, kl):
