@@ -1,26 +1,24 @@
 """Host side of the Triton backend's sharded-bank pieces (contract in rrd_kernels/backends.py).
 
-A shard of the bank on another rank is a bank split on another device, so the existing kernels serve
-unchanged: rrd_fwd_kernel with SPLIT=True writes the per-split partial state, rrd_merge_kernel merges the
-W ranks' states exactly as it merges splits, rrd_bwd_kernel with SPLIT=True writes the partial sums, and
-rrd_bwd_finish_kernel applies the rounding guard and the normalisation Jacobian to the reduced sums, with
-the gathered reference rows passed as a bank of N rows and ref = arange(N).
+A shard of the bank on another rank is a bank split on another device, so the launcher's own pieces serve:
+forward_states gives the per-split partial states over this shard (merged here into one state per row, so
+what crosses ranks does not grow with the split count), merge_states folds the W ranks' states exactly as it
+folds splits, backward_sums gives the partial sums, and backward_finish applies the rounding guard and the
+normalisation Jacobian to the reduced sums, with the gathered reference rows passed as a bank of N rows and
+ref = arange(N).
 
-State planes: the kernels' N_STATE = 6 (m_a, n_a, m_b, n_b, W, V of online_state.py, log2 units); LSEs
-are base 2, as the unsharded backward reads them.
+State planes: N_STATE = 6 (m_a, n_a, m_b, n_b, W, V of online_state.py, log2 units). As in the unsharded
+backend, the contract's lse_s slot carries lse_s - lse_t (base 2) and lse_t is base 2.
 """
 from __future__ import annotations
 
 import torch
-import triton
 
-from .backward import rrd_bwd_finish_kernel, rrd_bwd_kernel
-from .common import LOG2E
-from .forward import N_STATE, rrd_fwd_kernel, rrd_merge_kernel
-from .launch import _fp32_precision, _op_dtype, _row_major, interpreting, make_plan
+from .forward import N_STATE
+from .launch import _on, _row_major, backward_finish as _finish, backward_sums, forward_states, make_plan
+from .launch import merge_states as _merge
 
 PLANES = N_STATE
-MERGE_BLOCK = 128
 
 
 def _merge_count(m_x, n_x, m_y, n_y):
@@ -53,79 +51,38 @@ def _merge_splits(part: torch.Tensor, part_idx: torch.Tensor):
 
 
 def _prepared(student, teacher, shard, n_splits):
-    """Row-major operands, the sizes and the launch plan for N all-gathered rows against this shard (the
-    launcher's forward and backward start the same way)."""
+    """Row-major operands and the launch plan for N all-gathered rows against this shard."""
     student, teacher, shard = _row_major(student), _row_major(teacher), _row_major(shard)
     N, D = student.shape
-    K = shard.shape[0]
-    return student, teacher, shard, N, K, D, make_plan(N, K, D, student.device, n_splits)
+    return student, teacher, shard, make_plan(N, shard.shape[0], D, student.dtype, n_splits=n_splits)
 
 
 def forward_partial(student, teacher, shard, tau_s, tau_t, k_offset, n_splits=None):
-    student, teacher, shard, N, K, D, plan = _prepared(student, teacher, shard, n_splits)
-    f32 = dict(device=student.device, dtype=torch.float32)
-    part = torch.empty((N_STATE, plan.n_splits, N), **f32)
-    part_idx = torch.empty((plan.n_splits, N), device=student.device, dtype=torch.int32)
-    unused = torch.empty(1, **f32)  # the finished-row outputs: not written with SPLIT=True
-    rrd_fwd_kernel[(plan.n_row_blocks, plan.n_splits)](
-        student, teacher, shard, unused, unused, unused, part_idx, part, part_idx,
-        N, K, D, student.stride(0), teacher.stride(0), shard.stride(0),
-        LOG2E / tau_s, LOG2E / tau_t,
-        plan.tiles_per_split,
-        KL=False, SPLIT=True,
-        OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
-        BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d,
-        num_warps=plan.num_warps,
-    )
+    with _on(student.device):
+        student, teacher, shard, plan = _prepared(student, teacher, shard, n_splits)
+        part, part_idx = forward_states(student, teacher, shard, tau_s, tau_t, plan)
     planes, idx = _merge_splits(part, part_idx) if plan.n_splits > 1 else (part[:, 0], part_idx[0])
     return planes, idx + k_offset  # global row index, int32 (sharded_backend checked the global K)
 
 
 def merge_states(planes, idx, kl):
-    W, _, N = planes.shape
-    part = planes.transpose(0, 1).contiguous()  # [N_STATE, W, N]: the ranks are the splits
-    part_idx = idx.to(torch.int32).contiguous()
-    f32 = dict(device=planes.device, dtype=torch.float32)
-    rows, lse_s, lse_t = torch.empty(N, **f32), torch.empty(N, **f32), torch.empty(N, **f32)
-    ref = torch.empty(N, device=planes.device, dtype=torch.int32)
-    rrd_merge_kernel[(triton.cdiv(N, MERGE_BLOCK),)](
-        part, part_idx, rows, lse_s, lse_t, ref, N, W, KL=bool(kl), BLOCK_B=MERGE_BLOCK
-    )
-    return rows, lse_s, lse_t, ref
+    with _on(planes.device):
+        # [W, N_STATE, N] -> [N_STATE, W, N]: the ranks are the splits.
+        return _merge(planes.transpose(0, 1).contiguous(), idx.to(torch.int32).contiguous(), kl)
 
 
 def backward_partial(student, teacher, shard, lse_s, lse_t, tau_s, tau_t, n_splits=None):
-    student, teacher, shard, N, K, D, plan = _prepared(student, teacher, shard, n_splits)
-    f32 = dict(device=student.device, dtype=torch.float32)
-    part = torch.empty((plan.n_splits, N, plan.block_d), **f32)
-    part_sigma = torch.empty((plan.n_splits, N), **f32)
-    ref = torch.empty(1, device=student.device, dtype=torch.int32)  # REF, W, DS: not read with SPLIT=True
-    rrd_bwd_kernel[(plan.n_row_blocks, plan.n_splits)](
-        student, teacher, shard, lse_s.contiguous(), lse_t.contiguous(), ref, lse_s, student, part, part_sigma,
-        N, K, D, student.stride(0), teacher.stride(0), shard.stride(0), 0, student.stride(0),
-        LOG2E / tau_s, LOG2E / tau_t, 1.0 / tau_s,
-        plan.tiles_per_split,
-        SPLIT=True,
-        OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
-        BLOCK_B=plan.block_b, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d,
-        num_warps=plan.num_warps,
-    )
-    return part.sum(dim=0)[:, :D], part_sigma.sum(dim=0)
+    with _on(student.device):
+        student, teacher, shard, plan = _prepared(student, teacher, shard, n_splits)
+        part, part_sigma = backward_sums(
+            student, teacher, shard, lse_s.contiguous(), lse_t.contiguous(), tau_s, tau_t, plan
+        )
+    return part.sum(dim=0)[:, : student.shape[1]], part_sigma.sum(dim=0)
 
 
 def backward_finish(acc, sigma, q_ref, student, grad_rows, tau_s):
     student, q_ref = _row_major(student), _row_major(q_ref)
-    N, D = student.shape
-    block_d = max(16, triton.next_power_of_2(D))
-    part = acc.new_zeros((1, N, block_d))
-    part[0, :, :D] = acc
-    grad_rows = grad_rows.to(torch.float32)
-    grad_student = torch.empty_like(student)
+    N = student.shape[0]
     ref = torch.arange(N, device=student.device, dtype=torch.int32)  # row i of q_ref is row i's reference
-    finish_block = 32 if block_d <= 256 else 16
-    rrd_bwd_finish_kernel[(triton.cdiv(N, finish_block),)](
-        part, sigma.contiguous().view(1, N), student, q_ref, ref, grad_rows, grad_student, N, D,
-        student.stride(0), q_ref.stride(0), grad_rows.stride(0), grad_student.stride(0), 1.0 / tau_s, 1,
-        OP_DTYPE=_op_dtype(student), UPCAST=interpreting(), BLOCK_B=finish_block, BLOCK_D=block_d,
-    )
-    return grad_student
+    with _on(student.device):
+        return _finish(acc.contiguous()[None], sigma.contiguous()[None], q_ref, ref, student, grad_rows, tau_s)
