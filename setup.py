@@ -46,12 +46,7 @@ def _load_gate():
 gate = _load_gate()
 
 
-def find_nvcc() -> str | None:
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
+find_nvcc = gate.find_nvcc  # CUDA_HOME / CUDA_PATH, else nvcc on PATH
 
 
 def cuda_archs() -> list[str]:

@@ -137,7 +137,7 @@ summarize
 
 # 5. the benchmark rows, each its own run with its own floor; the bench turns SIGTERM into "interrupted" rows
 #    and still writes its files
-pack() { tar -C "$WORK" -czf "$OUT/bench-results.tar.gz" --exclude triton-cache . 2>>"$LOG"; }
+pack() { tar -C "$WORK" --exclude=./triton-cache -czf "$OUT/bench-results.tar.gz" . 2>>"$LOG"; }
 step bench-fp32 110 "$OUT/bench.log" $PY -m bench --preset paper --B 64 --K 16384 --D 128 --dtypes float32 \
     --out "$WORK/paper" --no-progress --no-plots ${BENCH_ARGS:-}
 pack; summarize

@@ -120,7 +120,10 @@ def _device_problem(index: int, mode: int) -> str | None:
     # Launches do not opt in to more than the default per-block shared memory (cudaFuncSetAttribute), so
     # what counts is shared_memory_per_block (48 KiB on every CUDA GPU so far; 49152 when torch is too old
     # to report it). The kernels' needs are <= 48 KiB by a static_assert; this guards a device that gives less.
-    need = max(_ext.launch_smem(mode).values())
+    launch_smem = getattr(_ext, "launch_smem", None)
+    if launch_smem is None:  # a module built from older sources (build_info() says which)
+        return "rrd_kernels._rrd_cuda is older than this package (no launch_smem); rebuild it (pip install -e .)"
+    need = max(launch_smem(mode).values())
     have = getattr(props, "shared_memory_per_block", 48 * 1024)
     if need > have:
         return (f"the cuda backend's {_MODE_NAMES[mode]} kernels need {need} bytes of shared memory per block; "
