@@ -525,6 +525,43 @@ def test_rrd_loss_cuda_backend_glue_on_emulated_kernels(emulated_cuda_backend, d
     assert (Sg.grad.double() - S64.grad).abs().max().item() <= (8 * u / tau_s + 2.0**-8) * S64.grad.abs().max().item()
 
 
+def test_cuda_launches_run_under_the_tensors_device(emulated_cuda_backend, monkeypatch):
+    """Every launch happens inside the device context of the tensors' own device (not the current one) and
+    on that device's stream: _launch_env gets the tensors' device index, and both entry points are called
+    between entering and leaving its context."""
+    import contextlib
+
+    from rrd_kernels import cuda_backend as cb
+
+    log = []
+
+    @contextlib.contextmanager
+    def device_context(index):
+        log.append(("enter", index))
+        yield
+        log.append(("exit", index))
+
+    fake = emulated_cuda_backend
+    for name in ("forward", "backward"):
+        real = getattr(fake, name)
+
+        def launch(*args, _real=real, _name=name, **kwargs):
+            log.append((_name, kwargs["device"], kwargs["stream"]))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(fake, name, launch)
+    monkeypatch.setattr(cb, "_device_index", lambda device: 3)
+    monkeypatch.setattr(cb, "_launch_env", lambda index: (device_context(index), 1000 + index))
+    gen = torch.Generator().manual_seed(3)
+    S, T = torch.randn(5, 16, generator=gen), torch.randn(5, 16, generator=gen)
+    Q = F.normalize(torch.randn(70, 16, generator=gen), dim=1)
+    torch.set_float32_matmul_precision("highest")
+    rows, lse_s, lse_t, ref = cb.forward(S, T, Q, 0.1, 0.02, False)
+    cb.backward(torch.ones(5), S, T, Q, lse_s, lse_t, ref, 0.1, 0.02)
+    assert log == [("enter", 3), ("forward", 3, 1003), ("exit", 3), ("enter", 3), ("backward", 3, 1003),
+                   ("exit", 3)]
+
+
 def test_cuda_op_under_torch_compile(emulated_cuda_backend):
     from rrd_kernels.reference import rrd_reference
 
