@@ -25,7 +25,7 @@ CASES = [  # embeddings, bank, objective: the fp32 FMA path and a 16-bit mma pat
 ]
 
 
-def run(backend: str, B: int = 70, K: int = 130, D: int = 40) -> bool:
+def run(backend: str, B: int = 70, K: int = 130, D: int = 40, device: str = "cuda") -> bool:
     import rrd_kernels
     from rrd_kernels.backends import unusable_reason
 
@@ -33,18 +33,19 @@ def run(backend: str, B: int = 70, K: int = 130, D: int = 40) -> bool:
     ok = True
     gen = torch.Generator().manual_seed(0)
     for dtype, bank_dtype, objective in CASES:
-        reason = unusable_reason(backend, torch.device("cuda"), dtype, bank_dtype, B, K, D)
+        reason = unusable_reason(backend, torch.device(device), dtype, bank_dtype, B, K, D)
         if reason is not None:
             print(f"{backend}: cannot run {dtype}: {reason}", flush=True)
             return False
-        padded = torch.randn(B, D + 3, generator=gen).to("cuda", dtype)
+        padded = torch.randn(B, D + 3, generator=gen).to(device, dtype)
         student = padded[:, :D].requires_grad_()  # row stride D + 3
-        teacher = torch.randn(B, D, generator=gen).to("cuda", dtype)
-        bank = F.normalize(torch.randn(K, D, generator=gen), dim=1).to("cuda", bank_dtype)
+        teacher = torch.randn(B, D, generator=gen).to(device, dtype)
+        bank = F.normalize(torch.randn(K, D, generator=gen), dim=1).to(device, bank_dtype)
         loss = rrd_kernels.rrd_loss(student, teacher, bank, tau_s=0.1, tau_t=0.02, objective=objective,
                                     backend=backend)
         (grad,) = torch.autograd.grad(loss, student)
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         finite = bool(torch.isfinite(loss).item()) and bool(torch.isfinite(grad).all().item())
         ok &= finite
         print(f"{backend} {dtype} bank {bank_dtype} {objective}: loss {loss.item():.6f}, |grad| "

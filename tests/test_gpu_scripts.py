@@ -147,3 +147,15 @@ def test_gpu_small_case_asks_the_contract(monkeypatch):
     assert small.run("cuda") is False
     assert seen and seen[0][0] == "cuda" and seen[0][1] == torch.device("cuda")
     assert re.search(r"\d", str(seen[0][4:]))  # B, K, D passed as numbers
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is the CPU stand-in for the GPU one")
+def test_gpu_small_case_runs_under_the_triton_interpreter():
+    """The sanitizer's small case end to end (padded student rows, fp32 and bf16 with an fp32 bank, CE and
+    KL) through the Triton interpreter on the CPU (~15 s), so the script is known to run before a GPU sees it."""
+    from conftest import have_triton
+
+    if not have_triton():
+        pytest.skip("triton not installed")
+    small = load("bench/gpu_small_case.py", "gpu_small_case")
+    assert small.run("triton", device="cpu") is True
