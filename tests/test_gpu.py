@@ -201,3 +201,20 @@ def test_auto_picks_a_kernel_backend_on_gpu(gen):
 
     s, t, q = make_inputs(4, 100, 32, gen, device="cuda")
     assert resolve_backend("auto", s, t, q) != "torch"
+
+
+@pytest.mark.gpu_quick
+@pytest.mark.parametrize("where", ["student", "teacher", "bank"])
+def test_non_finite_input_gives_nan_on_gpu(gen, backend, where):
+    """GPUs' max ignores NaN (fmaxf): a kernel that let it reach its reductions would return a finite loss."""
+    s, t, q = make_inputs(5, 700, 128, gen, device="cuda")
+    {"student": s, "teacher": t, "bank": q}[where][2, 3] = float("nan")
+    student = s.clone().requires_grad_()
+    rows = rrd_loss(student, t, q, tau_s=0.1, tau_t=0.05, reduction="none", backend=backend)
+    rows.sum().backward()
+    bad = torch.zeros(5, dtype=torch.bool, device="cuda")
+    bad[:] = where == "bank"
+    bad[2] = True
+    assert torch.equal(torch.isnan(rows), bad)
+    assert torch.equal(torch.isnan(student.grad).all(dim=1), bad)
+    assert torch.isfinite(student.grad[~bad]).all()
