@@ -177,3 +177,27 @@ class _highest_precision:
 
     def __exit__(self, *exc):
         torch.set_float32_matmul_precision(self.old)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's choice of GPU tiles")
+@pytest.mark.parametrize("family", ["sm_80", "sm_86", "sm_90"])
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest")])
+def test_gpu_family_tiles_match_float64(gen, monkeypatch, family, dtype, precision):
+    """The tile plans a GPU of each family gets (run here by the interpreter): odd B, K and D so that every
+    mask, feature chunk, output slice and split boundary is partial."""
+    monkeypatch.setenv("RRD_TRITON_ARCH", family)
+    s, t, q = make_inputs(33, 300, 100, gen, dtype=dtype)
+    w = torch.rand(33, generator=gen)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        rows, grad = run_kernels(s, t, q, 0.04, 0.1, False, w, 3)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    ref_rows, ref_grad = reference_rows_and_grad(s, t, q, 0.04, 0.1, False, w)
+    if dtype == torch.float32:  # the interpreter computes tf32 dots as fp32: the fp32 bounds hold
+        assert rel_err(rows, ref_rows) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-4
+    else:
+        # bf16 rows and bank are the operands as given (exact products, fp32 sums): the loss is fp32-exact;
+        # the gradient is rounded to bf16 twice (q - p as a product operand, then the output): 2^-9 each.
+        assert rel_err(rows, ref_rows) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-2
