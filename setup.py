@@ -7,12 +7,15 @@ headers), so the build needs only nvcc, a host C++ compiler and pybind11, and wo
   * RRD_SKIP_CUDA_BUILD=1 skips the extension (the package then installs without it);
   * the CUDA runtime is linked statically (-cudart static), so the module depends only on the driver;
   * ninja runs the two compilations in parallel when available (the `ninja` build requirement);
-  * the ptxas resource report (registers, spills per kernel per arch) is written to
-    <build_temp>/ptxas-report.txt and copied to csrc/ptxas-report.txt.
+  * ninja missing: the two compilations run as plain parallel subprocesses; pybind11 missing: the package
+    installs without the extension and says why (as without nvcc);
+  * the ptxas resource report (registers, spills per kernel per arch) of this build is written to
+    <build_temp>/ptxas-report.txt; the committed csrc/ptxas-report.txt is the compile gate's table
+    (csrc/resource_gate.py: every kernel for sm_80, sm_86 and sm_90, with shared memory and limits).
 """
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import os
 import re
 import shlex
@@ -30,25 +33,20 @@ CSRC = os.path.join(ROOT, "csrc")
 EXT_NAME = "rrd_kernels._rrd_cuda"
 CU_SOURCES = ["csrc/rrd_cuda.cu"]
 CXX_SOURCES = ["csrc/binding.cpp"]
-# Every file whose content changes the compiled module (hashed into BUILD_INFO and the ptxas report).
-HASHED = ["rrd_api.h", "rrd_common.cuh", "rrd_kernels.cuh", "rrd_host.inl", "rrd_cuda.cu", "binding.cpp"]
 
 
-def source_hash() -> str:
-    """sha256 (first 16 hex digits) of the sources the extension is built from; tests compare it."""
-    h = hashlib.sha256()
-    for name in HASHED:
-        with open(os.path.join(CSRC, name), "rb") as f:
-            h.update(name.encode() + b"\0" + f.read() + b"\0")
-    return h.hexdigest()[:16]
+def _load_gate():
+    """csrc/resource_gate.py (source hash, ptxas parsing), loaded by path: csrc is not a package."""
+    spec = importlib.util.spec_from_file_location("rrd_resource_gate", os.path.join(CSRC, "resource_gate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def find_nvcc() -> str | None:
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
+gate = _load_gate()
+
+
+find_nvcc = gate.find_nvcc  # CUDA_HOME / CUDA_PATH, else nvcc on PATH
 
 
 def cuda_archs() -> list[str]:
@@ -72,28 +70,6 @@ def find_ninja() -> str | None:
     return shutil.which("ninja")
 
 
-def parse_ptxas(log: str) -> list[dict]:
-    """Per-kernel records from `nvcc -Xptxas -v` output: name, arch, registers, stack, spill stores/loads."""
-    records, current = [], None
-    for line in log.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line)
-        if m:
-            current = {"name": m.group(1), "arch": m.group(2)}
-            records.append(current)
-            continue
-        if current is None:
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            current["registers"] = int(m.group(1))
-            s = re.search(r"(\d+) bytes smem", line)
-            current["static_smem"] = int(s.group(1)) if s else 0
-    return records
-
-
 def demangle(names: list[str]) -> list[str]:
     cxxfilt = shutil.which("c++filt")
     if not cxxfilt or not names:
@@ -107,7 +83,7 @@ def demangle(names: list[str]) -> list[str]:
 
 
 def ptxas_report(log: str, header: list[str]) -> str:
-    records = parse_ptxas(log)
+    records = gate.parse_ptxas(log)
     pretty = demangle([r["name"] for r in records])
     lines = [f"# {h}" for h in header]
     lines.append("#")
@@ -118,8 +94,7 @@ def ptxas_report(log: str, header: list[str]) -> str:
             f" {r.get('spill_loads', -1):>8} {r.get('static_smem', 0):>5}  {name}"
         )
     lines.append("#")
-    lines.append("# dynamic shared memory per block (not in ptxas' count): forward 28160 B (fp32 modes) /")
-    lines.append("# 15872 B (fp16/bf16); backward 35328 B / 18944 B; finish 16 B (see rrd_kernels.cuh)")
+    lines.append("# dynamic shared memory per kernel and the per-arch limits: csrc/ptxas-report.txt (the gate)")
     lines.append("#")
     lines.append("# raw ptxas output:")
     lines.extend(line.rstrip() for line in log.splitlines() if line.strip() and "Compile time" not in line)
@@ -131,6 +106,10 @@ class CUDAExtension(Extension):
 
 
 class NvccBuildExt(build_ext):
+    def run(self):
+        notice_skip()  # also for a bare `setup.py build_ext --inplace`
+        super().run()
+
     def build_extension(self, ext):
         if not isinstance(ext, CUDAExtension):
             return super().build_extension(ext)
@@ -148,7 +127,7 @@ class NvccBuildExt(build_ext):
 
         version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip()
         version = next((v for v in version.splitlines() if "release" in v), version or "unknown")
-        digest = source_hash()
+        digest = gate.source_hash()
         newest = max(archs, key=lambda a: int(re.match(r"\d+", a).group()))
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
@@ -183,7 +162,7 @@ class NvccBuildExt(build_ext):
         log = "".join(open(obj + ".log", encoding="utf-8", errors="replace").read() for obj in cu_objs)
         header = [
             "ptxas resource usage of rrd_kernels._rrd_cuda, regenerated by every build of the extension (setup.py)",
-            f"source hash {digest} (csrc: {', '.join(HASHED)})",
+            f"source hash {digest} (csrc: {', '.join(gate.HASHED)})",
             f"nvcc: {version}",
             f"targets: sm_{', sm_'.join(archs)} SASS + compute_{newest} PTX",
             "columns: registers per thread, stack frame bytes, spill store / load bytes, static shared memory bytes",
@@ -191,13 +170,7 @@ class NvccBuildExt(build_ext):
         report = ptxas_report(log, header)
         with open(os.path.join(build_dir, "ptxas-report.txt"), "w") as f:
             f.write(report)
-        if archs == ["80", "90"]:  # the committed copy describes the default build only
-            try:
-                with open(os.path.join(CSRC, "ptxas-report.txt"), "w") as f:
-                    f.write(report)
-            except OSError:
-                pass  # read-only source tree: the copy in the build directory remains
-        spills = [r for r in parse_ptxas(log) if r.get("spill_stores", 0) or r.get("spill_loads", 0)]
+        spills = [r for r in gate.parse_ptxas(log) if r.get("spill_stores", 0) or r.get("spill_loads", 0)]
         if spills:
             self.warn(f"rrd_kernels: ptxas reports local-memory spills: {spills}")
 
@@ -242,17 +215,27 @@ def skip_reason() -> str | None:
         return "RRD_SKIP_CUDA_BUILD is set"
     if find_nvcc() is None:
         return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    if importlib.util.find_spec("pybind11") is None:
+        return "pybind11 is not installed (a build requirement; with --no-build-isolation it must be in the environment)"
     return None
 
 
-class BuildPyWithNotice(build_py):
-    """Says once per build (build_py runs once, unlike the setup.py evaluations) when the extension is skipped."""
+_noticed = []
 
+
+def notice_skip() -> None:
+    """Says once per process (setup.py is evaluated several times per pip install) that the extension is
+    skipped and why."""
+    reason = skip_reason()
+    if reason and not _noticed:
+        _noticed.append(reason)
+        print(f"rrd_kernels: {reason}: installing without the CUDA extension (backend='cuda' will be "
+              "unavailable; the torch and triton backends are unaffected)", file=sys.stderr)
+
+
+class BuildPyWithNotice(build_py):
     def run(self):
-        reason = skip_reason()
-        if reason:
-            print(f"rrd_kernels: {reason}: installing without the CUDA extension (backend='cuda' will be "
-                  "unavailable; the torch and triton backends are unaffected)", file=sys.stderr)
+        notice_skip()
         super().run()
 
 

@@ -46,7 +46,8 @@ MD_COLUMNS = [
     ("timing", "timing"), ("status", "status"), ("median_ms", "median ms"), ("p20_ms", "p20"),
     ("p80_ms", "p80"), ("peak_extra_mib", "extra MiB"), ("floor_ms", "floor ms"), ("pct_of_floor", "% floor"),
     ("pct_of_floor_recompute", "% floor (5 prod.)"), ("speedup_vs_eager", "x eager"),
-    ("loss_rel_err", "loss err"), ("grad_rel_err", "grad err"), ("reason", "reason"),
+    ("loss_rel_err", "loss err"), ("grad_rel_err", "grad err"), ("first_call_s", "1st call s"),
+    ("reason", "reason"),
 ]
 
 

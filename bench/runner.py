@@ -27,7 +27,7 @@ COLUMNS = [
     "B", "K", "D", "dtype", "tau_s", "tau_t", "provider", "mode", "timing", "status", "reason",
     "median_ms", "p20_ms", "p80_ms", "reps", "input_sets", "peak_extra_mib",
     "floor_ms", "pct_of_floor", "floor_recompute_ms", "pct_of_floor_recompute", "speedup_vs_eager",
-    "loss_rel_err", "grad_rel_err", "grad_rows_checked", "loss_tol", "grad_tol",
+    "loss_rel_err", "grad_rel_err", "grad_rows_checked", "loss_tol", "grad_tol", "first_call_s",
     "copy_GBps", "matmul_TFLOPs",
 ]
 
@@ -269,12 +269,19 @@ class Runner:
         lt, gt = check.thresholds(cfg.dtype, self.tf32_possible)
         errs = dict(loss_tol=lt, grad_tol=gt, grad_rows_checked=int(ref.rows.numel()),
                     input_sets=len(sets))
-        # 1. build and check against float64
+        # 1. build and check against float64; the first forward + backward (synchronised) includes the
+        #    kernels' JIT compilation (Triton, torch.compile): reported as first_call_s
         try:
+            t_first = time.perf_counter()
             fn = providers.build(provider, cfg)
             x = sets[0]
             loss = fn(x.student, x.teacher, x.bank)
             (grad,) = torch.autograd.grad(loss, x.student)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            errs["first_call_s"] = time.perf_counter() - t_first
+            print(f"first call (build + compile + fwd + bwd) {provider} {cfg.label()}: "
+                  f"{errs['first_call_s']:.1f} s", flush=True)
             loss_err, grad_err = check.compare(ref, loss, grad)
             del loss, grad
         except Exception as exc:

@@ -100,6 +100,16 @@ PYBIND11_MODULE(_rrd_cuda, m) {
         py::arg("B"), py::arg("K"), py::arg("D"), py::arg("num_sms"));
   m.def("backward_plan", [](int B, int K, int D, int num_sms) { return plan_dict(rrd::backward_plan(B, K, D, num_sms)); },
         py::arg("B"), py::arg("K"), py::arg("D"), py::arg("num_sms"));
+  m.def("launch_smem", [](int mode) {
+        const rrd::SmemUse u = rrd::launch_smem(mode);
+        py::dict d;
+        d["forward"] = u.forward;
+        d["merge"] = u.merge;
+        d["backward"] = u.backward;
+        d["finish"] = u.finish;
+        return d;
+      },
+      py::arg("mode"), "Dynamic shared memory per block (bytes) of each kernel of a precision mode (0..3).");
   m.def("runtime_status", [] {
         int n = 0;
         const std::string err = rrd::cuda_runtime_status(&n);

@@ -72,6 +72,15 @@ struct Plan {
   int64_t workspace_floats = 0;
 };
 
+// Dynamic shared memory per block (bytes) that each kernel of a precision mode is launched with. The
+// kernels declare no static shared memory (csrc/resource_gate.py checks ptxas' count), so this is all a
+// block asks for; every entry is <= 48 KiB, what any CUDA device gives a block without opting in through
+// cudaFuncSetAttribute (static_assert in rrd_host.inl), so no launch needs the opt-in.
+struct SmemUse {
+  int forward = 0, merge = 0, backward = 0, finish = 0;
+};
+SmemUse launch_smem(int mode);
+
 Plan forward_plan(int B, int K, int D, int num_sms);
 Plan backward_plan(int B, int K, int D, int num_sms);
 

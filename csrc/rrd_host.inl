@@ -12,9 +12,35 @@
 
 namespace rrd {
 
-static_assert(forward_smem_bytes<kSimtF32>() <= 48 * 1024, "forward needs no opt-in shared memory");
-static_assert(backward_smem_bytes<kSimtF32>() <= 48 * 1024, "backward needs no opt-in shared memory");
-static_assert(backward_smem_bytes<kMmaBF16>() <= 48 * 1024, "backward needs no opt-in shared memory");
+constexpr int kSmemWithoutOptIn = 48 * 1024;  // per block, on every CUDA device, without cudaFuncSetAttribute
+constexpr int kFinishSmemBytes = kWarps * int(sizeof(float));  // block_sum's partial sums
+constexpr int kMergeSmemBytes = 0;
+
+template <int MODE> constexpr SmemUse smem_use() {
+  SmemUse u;
+  u.forward = forward_smem_bytes<MODE>();
+  u.merge = kMergeSmemBytes;
+  u.backward = backward_smem_bytes<MODE>();
+  u.finish = kFinishSmemBytes;
+  return u;
+}
+template <int MODE> constexpr bool fits_without_opt_in() {
+  return smem_use<MODE>().forward <= kSmemWithoutOptIn && smem_use<MODE>().backward <= kSmemWithoutOptIn &&
+         smem_use<MODE>().finish <= kSmemWithoutOptIn;
+}
+static_assert(fits_without_opt_in<kSimtF32>() && fits_without_opt_in<kMmaTF32>() &&
+                  fits_without_opt_in<kMmaF16>() && fits_without_opt_in<kMmaBF16>(),
+              "a kernel needs > 48 KiB of shared memory: launches would need cudaFuncSetAttribute opt-in and "
+              "why_unusable a per-device check against shared_memory_per_block_optin");
+
+SmemUse launch_smem(int mode) {
+  switch (mode) {
+    case kSimtF32: return smem_use<kSimtF32>();
+    case kMmaTF32: return smem_use<kMmaTF32>();
+    case kMmaF16: return smem_use<kMmaF16>();
+    default: return smem_use<kMmaBF16>();
+  }
+}
 
 inline long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
 
@@ -104,16 +130,16 @@ template <class P, class A> void fill_common(P& p, const A& a) {
 
 template <int MODE> std::string launch_forward(const ForwardParams& p, RRD_STREAM_T stream) {
   const dim3 grid(unsigned(ceil_div(p.B, BM)), unsigned(p.num_splits), 1);
-  RRD_LAUNCH(rrd_forward_kernel<MODE>, grid, dim3(kThreads, 1, 1), forward_smem_bytes<MODE>(), stream, p);
-  RRD_LAUNCH(rrd_merge_kernel, dim3(unsigned(ceil_div(p.B, kThreads)), 1, 1), dim3(kThreads, 1, 1), 0,
-             stream, p);
+  RRD_LAUNCH(rrd_forward_kernel<MODE>, grid, dim3(kThreads, 1, 1), smem_use<MODE>().forward, stream, p);
+  RRD_LAUNCH(rrd_merge_kernel, dim3(unsigned(ceil_div(p.B, kThreads)), 1, 1), dim3(kThreads, 1, 1),
+             smem_use<MODE>().merge, stream, p);
   return "";
 }
 
 template <int MODE> std::string launch_backward(const BackwardParams& p, RRD_STREAM_T stream) {
   const dim3 grid(unsigned(ceil_div(p.B, BM)), unsigned(p.num_splits), unsigned(ceil_div(p.D, DV)));
-  RRD_LAUNCH(rrd_backward_kernel<MODE>, grid, dim3(kThreads, 1, 1), backward_smem_bytes<MODE>(), stream, p);
-  RRD_LAUNCH(rrd_finish_kernel, dim3(unsigned(p.B), 1, 1), dim3(kThreads, 1, 1), kWarps * sizeof(float),
+  RRD_LAUNCH(rrd_backward_kernel<MODE>, grid, dim3(kThreads, 1, 1), smem_use<MODE>().backward, stream, p);
+  RRD_LAUNCH(rrd_finish_kernel, dim3(unsigned(p.B), 1, 1), dim3(kThreads, 1, 1), smem_use<MODE>().finish,
              stream, p);
   return "";
 }

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-gather-distributed", dest="gather_distributed", action="store_false",
                    help="under DDP, enqueue only this rank's teacher keys (banks differ per rank) instead of "
                         "all ranks' keys")
+    g.add_argument("--shard-bank", action="store_true",
+                   help="under DDP, each process stores only its 1/W of the --bank-size rows (RRDLoss("
+                        "shard_bank=True)); same loss as the gathered bank")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
@@ -192,6 +195,8 @@ def resolve_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     if args.stop_after is not None and args.stop_after < 1:
         p.error(f"--stop-after must be >= 1, got {args.stop_after}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.shard_bank and not args.gather_distributed:
+        p.error("--shard-bank shards the one gathered bank: it cannot be combined with --no-gather-distributed")
     if any(METHODS[m][2] for m in args.methods) and args.batch_size * world > args.bank_size:
         p.error(
             f"--batch-size {args.batch_size} x {world} process(es) is larger than the RRD bank "
@@ -251,7 +256,7 @@ def main(argv=None) -> int:
         dataset=args.dataset, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, lr_decay_epochs=args.lr_decay_epochs, lr_decay_rate=args.lr_decay_rate,
         kd_T=args.kd_T, bank_size=args.bank_size, feat_dim=args.feat_dim, tau_s=args.tau_s, tau_t=args.tau_t,
-        enqueue=args.enqueue, gather_distributed=args.gather_distributed, bf16=args.bf16,
+        enqueue=args.enqueue, gather_distributed=args.gather_distributed, bf16=args.bf16, shard_bank=args.shard_bank,
         save_every=args.save_every, stop_after=args.stop_after, resume=args.resume, progress=args.progress,
     )
 
@@ -295,7 +300,8 @@ def main(argv=None) -> int:
                 res = runner.run(stage, teacher=teacher)
                 m["histories"].append(res["history"])
                 if res["criterion"] is not None and ctx.distributed:
-                    banks = D.gather_objects(res["criterion"].bank.detach().cpu(), ctx)
+                    crit = res["criterion"]  # a sharded bank is in sync when its pointer is
+                    banks = D.gather_objects((crit.bank_ptr if crit.bank_is_sharded else crit.bank).detach().cpu(), ctx)
                     same = all(torch.equal(b, banks[0]) for b in banks)
                     m["ddp_bank_in_sync"].append(same)
                     log(f"[{stage.name}] RRD banks identical on all {ctx.world} ranks: {same}")

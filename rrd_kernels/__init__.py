@@ -3,6 +3,7 @@ from .backends import available_backends
 from .functional import rrd_loss
 from .nn import RRDLoss
 from .reference import rrd_reference
+from .shard_bank import merge_bank_shards
 
-__all__ = ["rrd_loss", "RRDLoss", "rrd_reference", "available_backends"]
+__all__ = ["rrd_loss", "RRDLoss", "rrd_reference", "available_backends", "merge_bank_shards"]
 __version__ = "0.1.0"

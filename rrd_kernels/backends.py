@@ -16,6 +16,26 @@ A kernel backend is a module with three functions (the contract the op in ops.py
         dL/dS for upstream per-row weights grad_rows (may be an expanded, stride-0 view), in student's dtype.
 
 "torch" is the reference in plain PyTorch with autograd; it needs no module here.
+
+Sharded bank (RRDLoss(shard_bank=True), rrd_kernels/sharded_loss.py). Each rank holds rows [lo, hi) of the
+global bank and works on the all-gathered batch (N = B x W rows); a backend that supports it has a module
+in SHARDED_MODULES with four functions (the split/merge of rrd-math's "Sharding the bank across ranks"):
+
+    forward_partial(student, teacher, shard, tau_s, tau_t, k_offset, n_splits=None) -> (planes, idx)
+        The per-row partial online-softmax state over this shard: planes [P, N] (floats, layout private to
+        the backend; P fixed per backend and dtype) and idx [N] (int, the student's argmax as a GLOBAL bank
+        row, i.e. local + k_offset).
+    merge_states(planes [W, P, N], idx [W, N], kl) -> (rows, lse_s, lse_t, ref)
+        The W shards' states of the same N rows merged: what the unsharded forward returns for them.
+    backward_partial(student, teacher, shard, lse_s, lse_t, tau_s, tau_t, n_splits=None) -> (acc, sigma)
+        acc [N, D] = sum_k (q_ik - p_ik) Q_k and sigma [N] = sum_k (q_ik - p_ik) over this shard's rows
+        (fp32, or float64 for float64 inputs), from the merged (global) LSEs.
+    backward_finish(acc, sigma, q_ref, student, grad_rows, tau_s) -> grad_student
+        From the summed acc, sigma and the global reference rows q_ref [N, D] (bank row ref_i, wherever it
+        lives): g = (acc - sigma q_ref) / tau_s, then the upstream weights and the normalisation Jacobian.
+        Any q_ref row is algebraically exact (sum_k (q - p) = 0); the argmax row cancels rounding.
+
+"cuda" has no sharded pieces yet (its split path would serve; not wired).
 """
 from __future__ import annotations
 
@@ -27,6 +47,10 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 KERNEL_MODULES = {
     "triton": "rrd_kernels.triton_kernels",
     "cuda": "rrd_kernels.cuda_backend",
+}
+SHARDED_MODULES = {
+    "torch": "rrd_kernels.sharded_reference",
+    "triton": "rrd_kernels.triton_kernels.sharded",
 }
 # Order in which "auto" tries the kernel backends on a CUDA device (first usable wins).
 AUTO_ORDER = ("triton",)
@@ -69,6 +93,28 @@ def resolve_backend(backend: str, student, teacher, bank) -> str:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     B, D = student.shape
     return _choose(backend, student.device, student.dtype, bank.dtype, B, bank.shape[0], D)
+
+
+def sharded_backend(backend: str, student, shard, n_rows: int, bank_size: int) -> tuple[str, object]:
+    """(name, module) of the sharded pieces for ``n_rows`` all-gathered rows like ``student`` against this
+    rank's ``shard`` of a ``bank_size``-row bank: "auto" takes triton on a CUDA device where it is usable,
+    else torch. A backend without sharded pieces, or one that cannot run these tensors, is an error naming it.
+    Depends on host values the ranks share, so every rank makes the same choice (or raises)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    # The global K: the pieces return global row indices (int32 in the Triton kernels).
+    args = (student.device, student.dtype, shard.dtype, n_rows, bank_size, student.shape[1])
+    if backend == "auto":
+        name = "triton" if student.device.type == "cuda" and unusable_reason("triton", *args) is None else "torch"
+    elif backend not in SHARDED_MODULES:
+        raise RuntimeError(f"backend={backend!r} has no sharded-bank pieces (shard_bank=True); use one of "
+                           f"{sorted(SHARDED_MODULES)} or 'auto'")
+    else:
+        name = backend
+        reason = None if name == "torch" else unusable_reason(name, *args)
+        if reason is not None:
+            raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
+    return name, importlib.import_module(SHARDED_MODULES[name])
 
 
 def available_backends() -> list[str]:

@@ -35,6 +35,8 @@ except ImportError as exc:  # not built (no nvcc at install time, or RRD_SKIP_CU
 MAX_D = 512
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MODE_FP32_FMA, MODE_TF32_MMA, MODE_FP16_MMA, MODE_BF16_MMA = 0, 1, 2, 3
+_MODE_NAMES = {MODE_FP32_FMA: "fp32 FMA", MODE_TF32_MMA: "TF32 mma", MODE_FP16_MMA: "fp16 mma",
+               MODE_BF16_MMA: "bf16 mma"}
 
 
 def extension_available() -> bool:
@@ -63,13 +65,13 @@ def _runtime_problem() -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _properties(index: int):
+    """torch.cuda.get_device_properties(index), once per device (it never changes in a process)."""
+    return torch.cuda.get_device_properties(index)
 
 
-@functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return _properties(index).multi_processor_count
 
 
 def _device_index(device: torch.device) -> int:
@@ -83,7 +85,11 @@ def _launch_env(index: int):
 
 
 def why_unusable(device, dtype, bank_dtype, B, K, D) -> str | None:
-    """None when the cuda backend can run on inputs like these, else the reason. Never raises."""
+    """None when the cuda backend can run on inputs like these, else the reason (so backend="auto" can fall
+    back and say why). Refuses exactly what cannot run: no extension, a CUDA runtime that cannot run or sees
+    no device, non-CUDA tensors, dtypes other than fp32/fp16/bf16, empty inputs, D > 512, K > 2^30, and,
+    from the device's own properties, compute capability < 8.0 or less shared memory per block than the
+    kernels of this precision mode are launched with. Never raises for a visible device."""
     if _ext is None:
         return _runtime_problem()
     if device.type != "cuda":
@@ -101,9 +107,27 @@ def why_unusable(device, dtype, bank_dtype, B, K, D) -> str | None:
         return f"the cuda backend supports D <= {MAX_D}, got D = {D}"
     if K > 2**30:
         return f"the cuda backend supports K <= 2^30 bank rows, got {K}"
-    index = _device_index(device)
-    if _capability(index) < (8, 0):
-        return f"the cuda backend needs compute capability >= 8.0 (mma.sync bf16), got {_capability(index)}"
+    return _device_problem(_device_index(device), _mode(dtype))
+
+
+def _device_problem(index: int, mode: int) -> str | None:
+    """Why device `index` cannot run the kernels of precision `mode`, from its properties, else None."""
+    props = _properties(index)
+    capability = (props.major, props.minor)
+    if capability < (8, 0):
+        return (f"the cuda backend needs compute capability >= 8.0 (bf16/tf32 mma.sync, cvt.rna.tf32), got "
+                f"{capability[0]}.{capability[1]} on cuda:{index} ({props.name})")
+    # Launches do not opt in to more than the default per-block shared memory (cudaFuncSetAttribute), so
+    # what counts is shared_memory_per_block (48 KiB on every CUDA GPU so far; 49152 when torch is too old
+    # to report it). The kernels' needs are <= 48 KiB by a static_assert; this guards a device that gives less.
+    launch_smem = getattr(_ext, "launch_smem", None)
+    if launch_smem is None:  # a module built from older sources (build_info() says which)
+        return "rrd_kernels._rrd_cuda is older than this package (no launch_smem); rebuild it (pip install -e .)"
+    need = max(launch_smem(mode).values())
+    have = getattr(props, "shared_memory_per_block", 48 * 1024)
+    if need > have:
+        return (f"the cuda backend's {_MODE_NAMES[mode]} kernels need {need} bytes of shared memory per block; "
+                f"cuda:{index} ({props.name}) gives {have}")
     return None
 
 

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ._validate import check_choice, check_rrd_inputs, check_temperature
-from .backends import BACKENDS
+from .backends import BACKENDS, sharded_backend
 from .bank import distributed_world, enqueue_, gather_keys, random_unit_rows
-from .functional import rrd_loss
-from .reference import NORM_EPS, OBJECTIVES
+from .functional import loss_dtype, rrd_loss
+from .reference import NORM_EPS, OBJECTIVES, reduce_rows
+from .shard_bank import SHARD_KEY, ShardLayout, enqueue_sharded_, gather_shards, random_unit_rows_range
+from .sharded_loss import all_gather_rows, check_peers, sharded_rrd_rows
 
 ENQUEUE_ORDERS = ("after", "before")
 
@@ -49,8 +52,15 @@ class RRDLoss(nn.Module):
         (in rank order) before the enqueue so every rank holds the same bank; the loss uses the local batch.
         Every rank must then use the same batch size.
 
-    Buffers ``bank`` (bank_size x feat_dim, random unit rows at init) and ``bank_ptr`` (the next row to
-    write, a device tensor) are saved in the state_dict.
+    shard_bank: under an initialised process group of W > 1 ranks (at construction), each rank stores only
+        its contiguous shard of the global bank_size-row FIFO (sizes differ by at most one row) and every step
+        is the computation of gather_distributed=True against the whole bank (docs/sharded-bank.md). Needs
+        gather_distributed=True and the same batch size on every rank; the backward is a collective. Without
+        a process group, or with W = 1, the module is the unsharded one.
+
+    Buffers ``bank`` (bank_size x feat_dim, random unit rows at init; this rank's rows when sharded) and
+    ``bank_ptr`` (the next row to write, global, a device tensor) are saved in the state_dict; a sharded
+    module also saves ``bank_shard_range`` ([lo, hi, K]) and loads unsharded state_dicts (keeping its rows).
     """
 
     def __init__(
@@ -65,6 +75,7 @@ class RRDLoss(nn.Module):
         objective: str = "ce",
         backend: str = "auto",
         gather_distributed: bool = True,
+        shard_bank: bool = False,
     ):
         super().__init__()
         self.s_dim = _positive_int(s_dim, "s_dim")
@@ -80,14 +91,78 @@ class RRDLoss(nn.Module):
         self.gather_distributed = bool(gather_distributed)
         self.embed_s = nn.Linear(s_dim, feat_dim)
         self.embed_t = nn.Linear(t_dim, feat_dim)
-        self.register_buffer("bank", random_unit_rows(bank_size, feat_dim))
+        if shard_bank and not gather_distributed:
+            raise ValueError("shard_bank=True needs gather_distributed=True: a sharded bank is one global FIFO "
+                             "that every rank's keys go into")
+        self.shard_bank = bool(shard_bank)
+        # The layout is fixed at construction: the buffer's size depends on it.
+        world = distributed_world() if shard_bank else 1
+        self.layout = ShardLayout(bank_size, world, dist.get_rank()) if world > 1 else None
+        if self.layout is not None:
+            if bank_size < world:
+                raise ValueError(f"bank_size={bank_size} is smaller than the {world} ranks it is sharded over")
+            # One seed from the global RNG (the same on every rank seeded alike) fixes the whole bank.
+            seed = int(torch.randint(0, 2**62, (1,)))
+            bank = random_unit_rows_range(bank_size, feat_dim, self.layout.lo, self.layout.hi, seed)
+        else:
+            bank = random_unit_rows(bank_size, feat_dim)
+        self.register_buffer("bank", bank)
         self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long))
+
+    @property
+    def bank_is_sharded(self) -> bool:
+        return self.layout is not None
 
     def extra_repr(self) -> str:
         return (
             f"bank_size={self.bank_size}, feat_dim={self.feat_dim}, tau_s={self.tau_s}, tau_t={self.tau_t}, "
             f"enqueue={self.enqueue!r}, objective={self.objective!r}, backend={self.backend!r}"
+            + (f", shard_bank rows [{self.layout.lo}, {self.layout.hi}) of {self.layout.world} ranks"
+               if self.layout is not None else "")
         )
+
+    def gather_bank(self) -> torch.Tensor:
+        """The full bank_size x feat_dim bank (a copy). For a sharded bank this is a collective: every rank
+        must call it, and every rank gets the whole bank."""
+        if self.layout is None:
+            return self.bank.detach().clone()
+        return gather_shards(self.bank.detach(), self.layout)
+
+    def full_state_dict(self) -> dict:
+        """state_dict with the full bank (collective when sharded): what an unsharded module, or a sharded one
+        with any number of ranks, loads."""
+        state = self.state_dict()
+        if self.layout is not None:
+            state.pop(SHARD_KEY)
+            state["bank"] = self.gather_bank()
+        return state
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout is not None:
+            destination[prefix + SHARD_KEY] = torch.tensor([self.layout.lo, self.layout.hi, self.bank_size])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # load_state_dict passes its own shallow copy of the caller's dict: replacing entries is safe.
+        shard_range = state_dict.pop(prefix + SHARD_KEY, None)
+        bank = state_dict.get(prefix + "bank")
+        lo, hi = (self.layout.lo, self.layout.hi) if self.layout is not None else (0, self.bank_size)
+        if shard_range is not None:
+            saved = tuple(int(v) for v in shard_range)
+            if saved != (lo, hi, self.bank_size):
+                error_msgs.append(
+                    f"{prefix}bank holds rows [{saved[0]}, {saved[1]}) of a {saved[2]}-row sharded bank, this "
+                    f"module needs rows [{lo}, {hi}) of {self.bank_size}: merge the per-rank state_dicts with "
+                    f"rrd_kernels.merge_bank_shards(...) (or save full_state_dict()) and load that"
+                )
+                # Nothing of the bank's state loads (the pointer belongs with the rows): it stays as it was.
+                state_dict[prefix + "bank"] = self.bank
+                state_dict[prefix + "bank_ptr"] = self.bank_ptr
+        elif bank is not None and self.layout is not None and bank.shape[0] == self.bank_size:
+            state_dict[prefix + "bank"] = bank[lo:hi]  # an unsharded bank: keep this rank's rows
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         f_s = _features(f_s, "f_s", self.s_dim)
@@ -95,7 +170,13 @@ class RRDLoss(nn.Module):
         if f_s.shape[0] != f_t.shape[0]:
             raise ValueError(f"f_s and f_t must have the same batch size, got {f_s.shape[0]} and {f_t.shape[0]}")
         world = distributed_world() if self.gather_distributed else 1
-        if f_s.shape[0] * world > self.bank_size:
+        if self.shard_bank and self.layout is None and world > 1:
+            raise RuntimeError("RRDLoss(shard_bank=True) was built without a process group of more than one rank; "
+                               "build it after torch.distributed.init_process_group")
+        if self.layout is not None and world != self.layout.world:
+            raise RuntimeError(f"RRDLoss(shard_bank=True) was built for {self.layout.world} ranks, the process group "
+                               f"now has {world}")
+        if self.layout is None and f_s.shape[0] * world > self.bank_size:
             raise ValueError(
                 f"batch of {f_s.shape[0]} x {world} rank(s) is larger than the bank (bank_size={self.bank_size})"
             )
@@ -108,6 +189,9 @@ class RRDLoss(nn.Module):
         teacher = self.embed_t(f_t)
         # Everything that can fail is checked before the bank is touched, so a failed call leaves it as it was.
         check_rrd_inputs(student, teacher, self.bank, self.tau_s, self.tau_t, self.objective)
+
+        if self.layout is not None:
+            return self._sharded_forward(student, teacher)
 
         keys = F.normalize(teacher.detach(), dim=1, eps=NORM_EPS)
         if world > 1:
@@ -130,3 +214,24 @@ class RRDLoss(nn.Module):
         if self.enqueue == "after":
             enqueue_(self.bank, self.bank_ptr, keys)
         return loss
+
+    def _sharded_forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        layout = self.layout
+        check_peers(student.shape[0], self.bank_size, self.feat_dim, layout)
+        # Same choice on every rank (same config and shapes): an error is raised by all ranks together.
+        _, pieces = sharded_backend(self.backend, student, self.bank, student.shape[0] * layout.world, self.bank_size)
+        # One all-gather of [S | T] serves the loss (all N = B W rows against this shard) and the enqueue.
+        st = all_gather_rows(torch.cat([student.detach(), teacher.detach()], dim=1))
+        s_all, t_all = st[:, : self.feat_dim], st[:, self.feat_dim :]
+        keys = F.normalize(t_all, dim=1, eps=NORM_EPS)  # row-wise: the rows gather_keys would have gathered
+        if self.enqueue == "before":
+            enqueue_sharded_(self.bank, self.bank_ptr, keys, layout.lo, self.bank_size)
+            shard = self.bank
+        else:
+            # The backward still needs the shard as it was; the enqueue below writes into it in place.
+            shard = self.bank.clone() if torch.is_grad_enabled() and student.requires_grad else self.bank
+        rows = sharded_rrd_rows(student, s_all, t_all, shard, layout, pieces, self.tau_s, self.tau_t,
+                                self.objective == "kl")
+        if self.enqueue == "after":
+            enqueue_sharded_(self.bank, self.bank_ptr, keys, layout.lo, self.bank_size)
+        return reduce_rows(rows.to(loss_dtype(student.dtype)), "mean")

@@ -20,9 +20,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.fixture
 def gen(request):
-    """A fresh random generator per test; its seed is in the test id's failure report (printed)."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")
+    """A fresh random generator per test. Its seed is printed (pytest shows it with a failure's output);
+    RRD_TEST_SEED=<seed> replays it."""
+    seed = int(os.environ.get("RRD_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"seed={seed} (replay: RRD_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
 
 

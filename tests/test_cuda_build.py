@@ -1,7 +1,9 @@
 """The CUDA backend without a GPU: build, ptxas report, error behaviour, and the kernels run in host emulation.
 
-* The extension: built for sm_80 and sm_90 (+ PTX), from the current sources, with no local-memory spills.
-  Skipped where nvcc is absent (or RRD_SKIP_CUDA_BUILD is set, for the installed-module checks).
+* The compile gate (csrc/resource_gate.py): every kernel compiled for sm_80, sm_86 and sm_90 has no stack
+  frame or spills and fits the per-block registers and shared memory; its committed table
+  (csrc/ptxas-report.txt) is current and clean. The extension: built for sm_80 and sm_90 (+ PTX) from the
+  current sources. Skipped where nvcc is absent (or RRD_SKIP_CUDA_BUILD is set, for the installed module).
 * Without a GPU or without the extension: `import rrd_kernels` works and backend="cuda" raises a clear
   RuntimeError.
 * The kernels: csrc/emulate.cpp compiles the very kernel source with the host C++ compiler, every CUDA
@@ -10,9 +12,7 @@
 """
 from __future__ import annotations
 
-import ast
 import ctypes
-import hashlib
 import math
 import os
 import re
@@ -27,16 +27,11 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-KERNELS = 10  # 4 forward + 4 backward instantiations, merge, finish
-ARCHS = ("sm_80", "sm_90")
+sys.path.insert(0, CSRC)
+import resource_gate as gate  # noqa: E402  (csrc/resource_gate.py: not a package)
 
-
-def find_nvcc():
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
+ARCHS = ("sm_80", "sm_90")  # what the extension ships (the gate compiles sm_86 too)
+find_nvcc = gate.find_nvcc
 
 
 def find_cuobjdump():
@@ -55,46 +50,6 @@ def find_cuobjdump():
 needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found: the CUDA extension is not built here")
 skip_build = os.environ.get("RRD_SKIP_CUDA_BUILD", "0") not in ("", "0")
 
-
-def source_hash() -> str:
-    """The hash setup.py stamps into the module and the report, computed from setup.py's own file list."""
-    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
-    hashed = next(
-        ast.literal_eval(node.value)
-        for node in tree.body
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "HASHED"
-    )
-    h = hashlib.sha256()
-    for name in hashed:
-        with open(os.path.join(CSRC, name), "rb") as f:
-            h.update(name.encode() + b"\0" + f.read() + b"\0")
-    return h.hexdigest()[:16]
-
-
-def parse_ptxas(log: str) -> list[dict]:
-    records, cur = [], None
-    for line in log.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line)
-        if m:
-            cur = {"name": m.group(1), "arch": m.group(2)}
-            records.append(cur)
-        elif cur is not None:
-            m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-            if m:
-                cur["stack"], cur["spill_stores"], cur["spill_loads"] = map(int, m.groups())
-            m = re.search(r"Used (\d+) registers", line)
-            if m:
-                cur["registers"] = int(m.group(1))
-    return records
-
-
-def check_no_spills(records: list[dict]) -> None:
-    for arch in ARCHS:
-        mine = [r for r in records if r["arch"] == arch]
-        assert len(mine) == KERNELS, f"{arch}: expected {KERNELS} kernels in the ptxas output, got {len(mine)}"
-        for r in mine:
-            assert "registers" in r and "spill_stores" in r, r
-            assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, f"spills: {r}"
 
 
 # ---- import and error behaviour (always run) ------------------------------------------------------------
@@ -144,6 +99,48 @@ def test_cuda_backend_on_cpu_tensors_raises_clear_error():
     assert torch.isfinite(rrd_kernels.rrd_loss(S, S, Q, tau_s=0.1, tau_t=0.1, backend="auto"))
 
 
+class _SmemOnlyExtension:
+    """What why_unusable asks the extension: runtime status and each mode's launch shared memory (the
+    numbers of csrc/ptxas-report.txt)."""
+
+    SMEM = {0: 35328, 1: 35328, 2: 18944, 3: 18944}
+
+    def runtime_status(self):
+        return 1, ""
+
+    def launch_smem(self, mode):
+        return {"forward": 0, "merge": 0, "backward": self.SMEM[mode], "finish": 16}
+
+
+@pytest.mark.parametrize(
+    "major,minor,smem,dtype,precision,refused",
+    [(9, 0, 49152, torch.float32, "highest", None), (8, 6, 49152, torch.float32, "highest", None),
+     (8, 0, 49152, torch.bfloat16, "highest", None), (7, 5, 65536, torch.bfloat16, "highest", "capability"),
+     (8, 9, 32768, torch.float32, "highest", "shared memory"), (8, 9, 32768, torch.float32, "high", "shared memory"),
+     (8, 9, 32768, torch.float16, "highest", None)],
+)
+def test_why_unusable_judges_the_device_by_its_properties(monkeypatch, major, minor, smem, dtype, precision, refused):
+    """The device part of why_unusable: compute capability and shared memory per block come from the
+    tensors' device's properties, and the shared memory needed from the precision mode of the call."""
+    import types
+
+    from rrd_kernels import cuda_backend as cb
+
+    props = types.SimpleNamespace(major=major, minor=minor, name="fake GPU", shared_memory_per_block=smem,
+                                  multi_processor_count=100)
+    asked = []
+    monkeypatch.setattr(cb, "_ext", _SmemOnlyExtension())
+    monkeypatch.setattr(cb, "_runtime_problem", lambda: None)
+    monkeypatch.setattr(cb, "_properties", lambda index: asked.append(index) or props)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    reason = cb.why_unusable(torch.device("cuda", 3), dtype, torch.float32, 64, 16384, 128)
+    assert asked == [3]  # the tensors' device, not the current one
+    if refused is None:
+        assert reason is None
+    else:
+        assert reason is not None and refused in reason and "cuda:3" in reason, reason
+
+
 # ---- the built extension (needs nvcc) ------------------------------------------------------------------
 
 
@@ -151,7 +148,7 @@ def test_cuda_backend_on_cpu_tensors_raises_clear_error():
 @pytest.mark.skipif(skip_build, reason="RRD_SKIP_CUDA_BUILD is set")
 def test_extension_built_for_sm80_sm90_from_current_sources():
     ext = pytest.importorskip("rrd_kernels._rrd_cuda", reason="extension not built (pip install -e . with nvcc)")
-    assert ext.BUILD_INFO.startswith(f"source {source_hash()};"), (
+    assert ext.BUILD_INFO.startswith(f"source {gate.source_hash()};"), (
         f"the built module ({ext.BUILD_INFO}) is stale: csrc changed since; rebuild (pip install -e .)"
     )
     cuobjdump = find_cuobjdump()
@@ -164,22 +161,59 @@ def test_extension_built_for_sm80_sm90_from_current_sources():
     assert re.search(r"\.sm_\d+\.ptx", ptx), ptx  # PTX for the newest arch, for newer GPUs
 
 
-@needs_nvcc
-def test_committed_ptxas_report_is_current_and_has_no_spills():
-    report = open(os.path.join(CSRC, "ptxas-report.txt")).read()
-    assert f"source hash {source_hash()}" in report, "csrc/ptxas-report.txt is stale: rebuild and commit it"
-    check_no_spills(parse_ptxas(report))
+def test_committed_gate_table_is_current_and_clean():
+    """csrc/ptxas-report.txt (the gate's table) was made from these sources and records no violation, for
+    every kernel on every gated arch. Needs no nvcc: a stale table fails here, so refresh it with
+    `python csrc/resource_gate.py --write` whenever csrc changes."""
+    report = open(gate.REPORT).read()
+    assert f"source hash {gate.source_hash()}" in report, (
+        "csrc/ptxas-report.txt is stale: run `python csrc/resource_gate.py --write` and commit it")
+    assert "violations: 0" in report and "FAIL" not in report, report
+    rows = [line.split() for line in report.splitlines() if line.startswith("  sm_")]
+    for arch in gate.ARCHS:
+        mine = [r for r in rows if r[0] == arch]
+        assert len(mine) == gate.KERNELS, (arch, mine)
+        for r in mine:
+            regs, stack, spill_st, spill_ld, smem_st, smem_dyn, limit = map(int, r[1:8])
+            assert stack <= gate.MAX_STACK and spill_st == spill_ld == 0, r
+            assert smem_st + smem_dyn <= min(limit, gate.SMEM_OPT_IN[arch]), r
+            assert regs * gate.THREADS <= gate.REGS_PER_SM, r
+
+
+def test_gate_flags_what_does_not_fit():
+    """The gate's rule itself, on made-up ptxas records: a stack frame, spills, too many registers and
+    too much shared memory are each a violation; a clean record is not."""
+    def record(arch, key, **over):
+        name = {"merge": "_ZN3rrd16rrd_merge_kernelENS_13ForwardParamsE",
+                "finish": "_ZN3rrd17rrd_finish_kernelENS_14BackwardParamsE"}.get(key)
+        if name is None:
+            kind, mode = key.split()
+            name = f"_ZN3rrd{len(kind) + 11}rrd_{kind}_kernelILi{mode}EEEvNS_13ForwardParamsE"
+        return {"name": name, "arch": arch, "registers": 100, "stack": 0, "spill_stores": 0, "spill_loads": 0,
+                "static_smem": 0, **over}
+
+    keys = [f"{k} {m}" for k in ("forward", "backward") for m in range(4)] + ["merge", "finish"]
+    smem = {k: 1024 for k in keys}
+    clean = [record("sm_86", k) for k in keys]
+    rows, problems = gate.evaluate(clean, smem, ("sm_86",))
+    assert problems == [] and all(r["verdict"] == "ok" for r in rows)
+    for bad, what in [({"stack": 16}, "stack"), ({"spill_loads": 4}, "spills"), ({"registers": 255 + 1}, "registers"),
+                      ({"static_smem": gate.SMEM_WITHOUT_OPT_IN}, "shared memory")]:
+        records = [record("sm_86", k, **(bad if k == "backward 0" else {})) for k in keys]
+        rows, problems = gate.evaluate(records, smem, ("sm_86",))
+        assert len(problems) == 1 and "backward 0" in problems[0] and what in problems[0], (bad, problems)
+    _, problems = gate.evaluate(clean[:-1], smem, ("sm_86",))
+    assert any("expected" in p for p in problems)
 
 
 @needs_nvcc
-def test_fresh_compile_sm80_sm90_has_no_spills(tmp_path):
-    """Compile the kernels now (both archs, ~30 s on 2 cores) and read ptxas' own report."""
-    cmd = [find_nvcc(), "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "--threads=2", "-I" + CSRC,
-           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
-           "-c", os.path.join(CSRC, "rrd_cuda.cu"), "-o", str(tmp_path / "rrd_cuda.o")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    check_no_spills(parse_ptxas(out.stdout + out.stderr))
+def test_fresh_compile_gate_every_kernel_fits_sm80_sm86_sm90():
+    """Compile every kernel now for sm_80, sm_86 and sm_90 (~50 s on 2 cores), with the dynamic shared memory
+    the launches pass (rrd::launch_smem, read by a compiled probe): no compile error, no stack frame or
+    spills, registers and shared memory within each arch's per-block limits."""
+    text, problems, records = gate.run_gate(threads=2)
+    assert problems == [], "\n".join(problems) + "\n" + text
+    assert {r["arch"] for r in records} == set(gate.ARCHS)
 
 
 @needs_nvcc
@@ -359,6 +393,31 @@ def test_emulated_vector_and_scalar_staging_agree_bitwise(emu, dtype, bank_dtype
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("extra", [0, 1], ids=["vector-loads", "scalar-loads"])
+def test_emulated_row_offsets_past_2_31_elements(emu, extra):
+    """Row offsets are 64-bit: student, teacher and bank rows 2^30 + 8 (+1) elements apart, so row 2 starts
+    past 2^31 elements (an int32 `row * stride` would wrap and read elsewhere). The rows live in one sparse
+    4 GiB fp16 buffer (only the pages touched are backed); outputs must equal those of compact copies."""
+    B = K = 3
+    D = 8
+    ld = 2**30 + 8 + extra
+    assert (B - 1) * ld > 2**31
+    try:
+        buf = torch.empty((B - 1) * ld + 3 * D + 8, dtype=torch.float16)
+    except RuntimeError as exc:  # no room for the address range on this machine
+        pytest.skip(f"cannot reserve a 4 GiB buffer: {exc}")
+    S, T, Q = (buf.as_strided((B, D), (ld, 1), storage_offset=k * D) for k in range(3))
+    gen = torch.Generator().manual_seed(5)
+    S.copy_(torch.randn(B, D, generator=gen))
+    T.copy_(torch.randn(B, D, generator=gen))
+    Q.copy_(F.normalize(torch.randn(K, D, generator=gen), dim=1))
+    w = torch.linspace(0.5, 1.5, B)
+    far = emu_run(emu, S, T, Q, 2, 0.04, 0.1, True, 2, w)
+    near = emu_run(emu, S.contiguous(), T.contiguous(), Q.contiguous(), 2, 0.04, 0.1, True, 2, w)
+    for a, b in zip(far, near):
+        assert torch.equal(a, b)
+
+
 # ---- the Python glue (cuda_backend.py -> op -> autograd -> torch.compile) over the emulated kernels -----
 
 
@@ -464,6 +523,43 @@ def test_rrd_loss_cuda_backend_glue_on_emulated_kernels(emulated_cuda_backend, d
     u = max(UNIT[mode], UNIT[3] if bank_dtype == torch.bfloat16 and dtype != bank_dtype else 0)
     assert abs(loss.item() - ref.item()) <= B * (8 * u / tau_s + 2e-5)
     assert (Sg.grad.double() - S64.grad).abs().max().item() <= (8 * u / tau_s + 2.0**-8) * S64.grad.abs().max().item()
+
+
+def test_cuda_launches_run_under_the_tensors_device(emulated_cuda_backend, monkeypatch):
+    """Every launch happens inside the device context of the tensors' own device (not the current one) and
+    on that device's stream: _launch_env gets the tensors' device index, and both entry points are called
+    between entering and leaving its context."""
+    import contextlib
+
+    from rrd_kernels import cuda_backend as cb
+
+    log = []
+
+    @contextlib.contextmanager
+    def device_context(index):
+        log.append(("enter", index))
+        yield
+        log.append(("exit", index))
+
+    fake = emulated_cuda_backend
+    for name in ("forward", "backward"):
+        real = getattr(fake, name)
+
+        def launch(*args, _real=real, _name=name, **kwargs):
+            log.append((_name, kwargs["device"], kwargs["stream"]))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(fake, name, launch)
+    monkeypatch.setattr(cb, "_device_index", lambda device: 3)
+    monkeypatch.setattr(cb, "_launch_env", lambda index: (device_context(index), 1000 + index))
+    gen = torch.Generator().manual_seed(3)
+    S, T = torch.randn(5, 16, generator=gen), torch.randn(5, 16, generator=gen)
+    Q = F.normalize(torch.randn(70, 16, generator=gen), dim=1)
+    torch.set_float32_matmul_precision("highest")
+    rows, lse_s, lse_t, ref = cb.forward(S, T, Q, 0.1, 0.02, False)
+    cb.backward(torch.ones(5), S, T, Q, lse_s, lse_t, ref, 0.1, 0.02)
+    assert log == [("enter", 3), ("forward", 3, 1003), ("exit", 3), ("enter", 3), ("backward", 3, 1003),
+                   ("exit", 3)]
 
 
 def test_cuda_op_under_torch_compile(emulated_cuda_backend):

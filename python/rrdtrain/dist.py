@@ -69,12 +69,13 @@ def gather_objects(obj, ctx: DistContext) -> list:
     return out
 
 
-def broadcast_module_(module: torch.nn.Module, ctx: DistContext) -> None:
-    """Copy rank 0's parameters and buffers to every rank."""
+def broadcast_module_(module: torch.nn.Module, ctx: DistContext, skip=()) -> None:
+    """Copy rank 0's parameters and buffers, except the buffers named in ``skip``, to every rank."""
     if not ctx.distributed:
         return
     with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
+        buffers = [b for name, b in module.named_buffers() if name not in skip]
+        for t in list(module.parameters()) + buffers:
             dist.broadcast(t.data, src=0)
 
 

@@ -57,6 +57,7 @@ class TrainConfig:
     enqueue: str
     gather_distributed: bool
     bf16: bool
+    shard_bank: bool = False
     eval_batch_size: int = 1000
     save_every: int = 10
     stop_after: int | None = None
@@ -140,6 +141,8 @@ def stage_signature(cfg: TrainConfig, stage: Stage, world: int) -> dict:
             bank_size=cfg.bank_size, feat_dim=cfg.feat_dim, tau_s=cfg.tau_s, tau_t=cfg.tau_t,
             enqueue=cfg.enqueue, gather_distributed=cfg.gather_distributed,
         )
+        if cfg.shard_bank:  # only when set: signatures of unsharded runs stay as they were
+            sig["shard_bank"] = True
     return sig
 
 
@@ -207,7 +210,7 @@ class StageRunner:
             criterion = RRDLoss(
                 model.feat_dim, teacher.feat_dim, feat_dim=cfg.feat_dim, bank_size=cfg.bank_size,
                 tau_s=cfg.tau_s, tau_t=cfg.tau_t, enqueue=cfg.enqueue, backend="auto",
-                gather_distributed=cfg.gather_distributed,
+                gather_distributed=cfg.gather_distributed, shard_bank=cfg.shard_bank,
             ).to(self.device)
         if stage.alpha and teacher is None:
             raise ValueError(f"stage {stage.name}: KD (alpha > 0) needs a teacher")
@@ -262,8 +265,8 @@ class StageRunner:
                 self.log(f"[{stage.name}] resuming from {last_path} after epoch {ckpt['epoch']}")
         elif ctx.distributed:
             D.broadcast_module_(model, ctx)
-            if criterion is not None:
-                D.broadcast_module_(criterion, ctx)
+            if criterion is not None:  # a sharded bank is one global bank already (one seed on every rank)
+                D.broadcast_module_(criterion, ctx, skip=("bank",) if criterion.bank_is_sharded else ())
 
         net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if ctx.distributed else model
         if teacher is not None:
@@ -304,6 +307,8 @@ class StageRunner:
         if bar is not None:
             bar.close()
 
+        # final.pt holds the full bank (gathered from the shards: a collective), loadable with any rank count
+        crit_final = criterion.full_state_dict() if criterion is not None else None
         if ctx.is_main:
             atomic_save(
                 {
@@ -313,7 +318,7 @@ class StageRunner:
                     "num_classes": self.data.num_classes,
                     "in_channels": self.data.in_channels,
                     "model": model.state_dict(),
-                    "criterion": criterion.state_dict() if criterion is not None else None,
+                    "criterion": crit_final,
                     "history": history,
                     "signature": signature,
                 },

@@ -1,88 +1,78 @@
-"""Forward kernels: one pass over the bank with the online dual softmax, split over the bank when the row
-blocks alone cannot fill the GPU (flash-decoding), and the merge of the split states.
+"""Forward kernels: one pass over the bank with the online dual softmax, the bank split into chunks so the
+row blocks times the splits fill the GPU (flash-decoding), then a merge of the split states.
 
 Per row the state is (m_a, n_a, m_b, n_b, W, V, argmax) of online_state.py, in log2 units; results go back
-to natural units at the end.
+to natural units at the end. A row that meets a non-finite logit (NaN or inf anywhere in its student,
+teacher or the bank) gets n_a = NaN, which every merge carries, so its loss and saved statistics are NaN and
+so is its gradient: never an exception, never a silently finite answer. The maxima and argmax see such
+logits as -inf, so no reduction meets a NaN (reductions treat NaN differently on GPUs and in the
+interpreter).
 """
 import triton
 import triton.language as tl
 
-from .common import LN2, NORM_EPS, as_operand, dot_f32acc, load_bank_tile, log2_1p, program_block
+from .common import LN2, log2_1p, logit_scales, logit_tiles, split_range
 from .online_state import empty_state, merge_state, tile_count
 
 N_STATE = 6  # float planes of the split state: m_a, n_a, m_b, n_b, W, V (the argmax has its own buffer)
 
 
-@triton.jit
-def _finish_rows(ROWS, LSE_S, LSE_T, REF, rows, B, m_a, n_a, m_b, n_b, w, v, idx, KL: tl.constexpr):
-    log_z_a = log2_1p(n_a)
-    log_z_b = log2_1p(n_b)
-    z_b = 1.0 + n_b
-    ce = log_z_a + w / z_b
-    loss = ce
-    if KL:
-        loss = ce - (log_z_b + v / z_b)  # KL_i = CE_i - H_i
-    mask = rows < B
-    tl.store(ROWS + rows, loss * LN2, mask=mask)
-    # Saved for the backward in base 2, as it uses them: no round trip through natural units.
-    tl.store(LSE_S + rows, m_a + log_z_a, mask=mask)
-    tl.store(LSE_T + rows, m_b + log_z_b, mask=mask)
-    tl.store(REF + rows, idx, mask=mask)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["B", "K", "tiles_per_split"])
 def rrd_fwd_kernel(
-    S, T, Q, ROWS, LSE_S, LSE_T, REF, PART, PART_IDX,
+    S, T, Q, PART, PART_IDX,
     B, K, D, stride_s, stride_t, stride_q,
     scale_a, scale_b,  # log2(e) / tau
     tiles_per_split,
-    KL: tl.constexpr, SPLIT: tl.constexpr,
     OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr,
 ):
-    rows, cols, s_hat, t_hat, k_begin, k_end = program_block(
-        S, T, stride_s, stride_t, B, K, D, tiles_per_split, OP_DTYPE, UPCAST, BLOCK_B, BLOCK_K, BLOCK_D, NORM_EPS
-    )
+    """Grid (row blocks, splits): the partial state of BLOCK_B rows over one chunk of the bank, written to
+    PART [N_STATE, n_splits, B] and PART_IDX [n_splits, B] (global bank row indices)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_scale_a, row_scale_b = logit_scales(S, T, stride_s, stride_t, rows, B, D, scale_a, scale_b, BLOCK_B, BLOCK_DK)
+    k_begin, k_end = split_range(K, tiles_per_split, BLOCK_K)
     m_a, n_a, m_b, n_b, w, v, idx = empty_state(BLOCK_B)
     for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        q_t = tl.trans(as_operand(load_bank_tile(Q, stride_q, ks, cols, K, D), OP_DTYPE, UPCAST))
-        a = dot_f32acc(s_hat, q_t, OP_DTYPE, PRECISION, UPCAST) * scale_a
-        b = dot_f32acc(t_hat, q_t, OP_DTYPE, PRECISION, UPCAST) * scale_b
+        a, b = logit_tiles(
+            S, T, Q, stride_s, stride_t, stride_q, rows, ks, B, K, D, row_scale_a, row_scale_b,
+            OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K, BLOCK_DK,
+        )
         valid = (ks < K)[None, :]
-        # Padded bank rows load as 0, so a and b are 0 there (finite); the masked copies feed max and exp2,
-        # so e_b is 0 on padded columns and e_b * (m - a) never meets an infinity.
-        a_masked = tl.where(valid, a, float("-inf"))
-        b_masked = tl.where(valid, b, float("-inf"))
+        finite = (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf"))
+        row_bad = tl.max((valid & ~finite).to(tl.int32), axis=1) > 0
+        # Padded bank rows load as 0, so a and b are finite there; the masked copies feed max and exp2, so
+        # e_b is 0 on padded columns and e_b * (m - a) never meets an infinity.
+        keep = valid & finite
+        a_masked = tl.where(keep, a, float("-inf"))
+        b_masked = tl.where(keep, b, float("-inf"))
         m_a_t, _, n_a_t = tile_count(a_masked)
         m_b_t, e_b, n_b_t = tile_count(b_masked)
-        w_t = tl.sum(e_b * (m_a_t[:, None] - a), axis=1)
-        v_t = tl.sum(e_b * (m_b_t[:, None] - b), axis=1)
+        w_t = tl.sum(tl.where(keep, e_b * (m_a_t[:, None] - a), 0.0), axis=1)
+        v_t = tl.sum(tl.where(keep, e_b * (m_b_t[:, None] - b), 0.0), axis=1)
         idx_t = tl.argmax(a_masked, axis=1).to(tl.int32) + k0
+        n_a_t = tl.where(row_bad, float("nan"), n_a_t)
         m_a, n_a, m_b, n_b, w, v, idx = merge_state(
             m_a, n_a, m_b, n_b, w, v, idx, m_a_t, n_a_t, m_b_t, n_b_t, w_t, v_t, idx_t
         )
 
-    if SPLIT:
-        # Partial state, laid out [N_STATE, n_splits, B]; rrd_merge_kernel combines the splits.
-        mask = rows < B
-        plane = tl.num_programs(1) * B
-        base = PART + tl.program_id(1) * B + rows
-        tl.store(base, m_a, mask=mask)
-        tl.store(base + plane, n_a, mask=mask)
-        tl.store(base + 2 * plane, m_b, mask=mask)
-        tl.store(base + 3 * plane, n_b, mask=mask)
-        tl.store(base + 4 * plane, w, mask=mask)
-        tl.store(base + 5 * plane, v, mask=mask)
-        tl.store(PART_IDX + tl.program_id(1) * B + rows, idx, mask=mask)
-    else:
-        _finish_rows(ROWS, LSE_S, LSE_T, REF, rows, B, m_a, n_a, m_b, n_b, w, v, idx, KL)
+    mask = rows < B
+    plane = tl.num_programs(1) * B
+    base = PART + tl.program_id(1) * B + rows
+    tl.store(base, m_a, mask=mask)
+    tl.store(base + plane, n_a, mask=mask)
+    tl.store(base + 2 * plane, m_b, mask=mask)
+    tl.store(base + 3 * plane, n_b, mask=mask)
+    tl.store(base + 4 * plane, w, mask=mask)
+    tl.store(base + 5 * plane, v, mask=mask)
+    tl.store(PART_IDX + tl.program_id(1) * B + rows, idx, mask=mask)
 
 
-@triton.jit
-def rrd_merge_kernel(
-    PART, PART_IDX, ROWS, LSE_S, LSE_T, REF, B, n_splits, KL: tl.constexpr, BLOCK_B: tl.constexpr
-):
+@triton.jit(do_not_specialize=["B", "n_splits", "kl"])
+def rrd_merge_kernel(PART, PART_IDX, ROWS, LSE_DIFF, LSE_T, REF, B, n_splits, kl, BLOCK_B: tl.constexpr):
+    """Folds the n_splits partial states of each row and finishes it: the per-row loss (CE, or KL when kl),
+    and what the backward needs (base 2): lse_a - lse_b, computed without cancellation (see below), lse_b,
+    and the student's argmax row."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = rows < B
     plane = n_splits * B
@@ -100,4 +90,17 @@ def rrd_merge_kernel(
             tl.load(base + 5 * plane, mask=mask, other=0.0),
             tl.load(PART_IDX + j * B + rows, mask=mask, other=0),
         )
-    _finish_rows(ROWS, LSE_S, LSE_T, REF, rows, B, m_a, n_a, m_b, n_b, w, v, idx, KL)
+    log_z_a = log2_1p(n_a)
+    log_z_b = log2_1p(n_b)
+    z_b = 1.0 + n_b
+    ce = log_z_a + w / z_b
+    h = log_z_b + v / z_b  # the teacher entropy; KL_i = CE_i - H_i
+    loss = tl.where(kl != 0, ce - h, ce)
+    tl.store(ROWS + rows, loss * LN2, mask=mask)
+    # lse_a - lse_b = (m_a - m_b) - log2(z_b / z_a): where both softmaxes are flat (large temperatures) the
+    # two LSEs are nearly equal and each is ~log2 K, so their difference taken from fp32 LSEs would keep only
+    # ~1e-6 of absolute accuracy; from the counts it keeps the counts' own accuracy.
+    lse_diff = (m_a - m_b) - log2_1p((n_b - n_a) / (1.0 + n_a))
+    tl.store(LSE_DIFF + rows, lse_diff, mask=mask)
+    tl.store(LSE_T + rows, m_b + log_z_b, mask=mask)
+    tl.store(REF + rows, idx, mask=mask)

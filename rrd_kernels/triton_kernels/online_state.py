@@ -1,7 +1,7 @@
 """The per-row state of the one-pass dual softmax, in a cancellation-free form.
 
-rrd-math.md tracks z = sum_k 2^(x_k - m) and u = sum_k e^(b_k - m_b) a_k, then CE = lse_a - u/z_b. When a
-row's softmaxes are sharp and agree (tau 0.005, say) CE is tiny while lse_a and u/z_b are ~300: fp32 keeps
+The textbook one-pass recurrences (docs/math.md) track z = sum_k 2^(x_k - m) and u = sum_k e^(b_k - m_b) a_k,
+then CE = lse_a - u/z_b. When a row's softmaxes are sharp and agree (tau 0.005, say) CE is tiny while lse_a and u/z_b are ~300: fp32 keeps
 no correct digit. The same recurrences are kept here as sums of non-negative terms:
 
     z = 1 + n            the maximum contributes the exact 1; n is the rest (ties add 1 each)
@@ -9,7 +9,7 @@ no correct digit. The same recurrences are kept here as sums of non-negative ter
     CE = log2(1 + n_a) + W / z_b               H = log2(1 + n_b) + V / z_b        (log2 units)
 
 Merging two states (a new tile into the running state, or split j into the merged state) rescales by
-2^(m - M) exactly as rrd-math's recurrences; W and V also shift by (M - m) z when their reference maximum
+2^(m - M) exactly as those recurrences; W and V also shift by (M - m) z when their reference maximum
 moves. The student's argmax row index is carried too: the backward uses it to cancel rounding.
 """
 import triton

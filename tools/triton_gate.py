@@ -1,0 +1,172 @@
+"""Compile gate for the Triton kernels: every kernel configuration the launchers can choose, compiled by the
+real Triton compiler (front end, LLVM, ptxas) for sm_80, sm_86 and sm_90, without a GPU.
+
+Each case calls the backend's own forward and backward (rrd_kernels/triton_kernels/launch.py) on CPU tensors
+while a stand-in driver (tools/standin_driver.py) answers for the architecture: the launch path, the plan
+chosen from the device's limits, the argument specialisation and the compile options are exactly a GPU
+call's; only the final launch does nothing. What the launchers can choose is finite: the plan depends on the
+device family, the product mode (fp32 FMA, TF32, fp16/bf16), the bank dtype, and Triton specialises the
+integer and pointer arguments on divisibility by 16 (an aligned D such as 128, an unaligned one such as
+100, and D = 1). Batch size, bank size and split count are not specialised (do_not_specialize), so they
+cannot make new kernels.
+
+A kernel fails the gate on a compile error, on dynamic shared memory above the architecture's per-block
+limit (what Triton refuses at launch), or on any stack frame (register spills, local arrays).
+
+    python -m tools.triton_gate                 # all archs, print the table, exit 1 on a failure
+    python -m tools.triton_gate --write         # also rewrite the committed report
+    python -m tools.triton_gate --arch sm_86 -j 2
+
+The Triton cache is a fresh temporary directory: a cached kernel skips the front end and would hide errors.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "rrd_kernels" / "triton_kernels" / "compile-report.txt"
+MAX_STACK = 0  # bytes of stack frame a kernel may have
+
+# (embedding dtype, fp32 matmul precision, bank dtype): every product mode with every bank dtype.
+MODES = [
+    ("float32", "highest"), ("float32", "high"), ("bfloat16", "highest"), ("float16", "highest"),
+]
+BANK_DTYPES = ["float32", "bfloat16", "float16"]
+SHAPES = [128, 100, 1]  # D: divisible by 16, not divisible, and 1 (unit strides)
+
+
+def _cases():
+    for dtype, precision in MODES:
+        for bank_dtype in BANK_DTYPES:
+            for D in SHAPES:
+                yield dtype, precision, bank_dtype, D
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) of the one function in a cubin, read by cuobjdump."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return int(m.group(1)), int(m.group(2))
+
+
+def run_arch(arch_name: str) -> list[dict]:
+    """Compile every case for one architecture; one row per distinct compiled kernel."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"rrd-gate-{arch_name}-")
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import triton
+
+    from rrd_kernels.triton_kernels import launch
+    from rrd_kernels.triton_kernels.backward import rrd_bwd_finish_kernel, rrd_bwd_kernel
+    from rrd_kernels.triton_kernels.forward import rrd_fwd_kernel, rrd_merge_kernel
+    from tools.standin_driver import ARCHS, stand_in
+
+    arch = ARCHS[arch_name]
+    kernels = [rrd_fwd_kernel, rrd_merge_kernel, rrd_bwd_kernel, rrd_bwd_finish_kernel]
+    for k in kernels:
+        k.device_caches.clear()  # a binder remembers the target it was made for
+    seen: dict[tuple, dict] = {}
+    gen = torch.Generator().manual_seed(0)
+    B, K = 5, 300
+    with stand_in(arch):
+        for dtype, precision, bank_dtype, D in _cases():
+            torch.set_float32_matmul_precision(precision)
+            dt, bdt = getattr(torch, dtype), getattr(torch, bank_dtype)
+            s = torch.randn(B, D, generator=gen).to(dt)
+            t = torch.randn(B, D, generator=gen).to(dt)
+            q = torch.randn(K, D, generator=gen).to(bdt)
+            case = f"{dtype}/{precision if dtype == 'float32' else '-'} bank {bank_dtype} D {D}"
+            error = None
+            t0 = time.time()
+            try:
+                rows, lse_s, lse_t, ref = launch.forward(s, t, q, 0.1, 0.05, False, n_splits=2)
+                launch.backward(torch.ones(B), s, t, q, lse_s, lse_t, ref, 0.1, 0.05, n_splits=2)
+            except Exception as exc:  # noqa: BLE001 - a failing case is a gate row, not a crash
+                error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            elapsed = time.time() - t0
+            for k in kernels:
+                for key, compiled in k.device_caches[0][0].items():
+                    if (k.fn.__name__, key) in seen:
+                        continue
+                    regs, stack = _resources(compiled.asm["cubin"])
+                    md = compiled.metadata
+                    seen[(k.fn.__name__, key)] = dict(
+                        arch=arch_name, kernel=k.fn.__name__, case=case, regs=regs, stack=stack,
+                        shared=md.shared, limit=arch.max_shared_mem, warps=md.num_warps, stages=md.num_stages,
+                        seconds=elapsed,
+                    )
+            if error is not None:
+                seen[("error", case)] = dict(arch=arch_name, kernel="(launch)", case=case, error=error)
+    return list(seen.values())
+
+
+def verdict(row: dict) -> str:
+    if "error" in row:
+        return "FAIL " + row["error"]
+    problems = []
+    if row["shared"] > row["limit"]:
+        problems.append(f"shared {row['shared']} > {row['limit']}")
+    if row["stack"] > MAX_STACK:
+        problems.append(f"stack {row['stack']} B (spills)")
+    return "FAIL " + ", ".join(problems) if problems else "ok"
+
+
+def format_table(rows: list[dict]) -> str:
+    import triton
+
+    lines = [
+        f"# Triton compile gate (tools/triton_gate.py), triton {triton.__version__}: every kernel the launchers",
+        "# can choose, compiled for each arch. shared = dynamic shared memory per block (bytes), limit = the",
+        "# arch's per-block maximum, stack = stack frame (bytes; > 0 means spills).",
+        f"{'arch':6} {'kernel':22} {'case':44} {'regs':>4} {'stack':>5} {'shared':>7} {'limit':>7} {'warps':>5} "
+        f"{'stages':>6}  verdict",
+    ]
+    for r in sorted(rows, key=lambda r: (r["arch"], r["kernel"], r["case"])):
+        if "error" in r:
+            lines.append(f"{r['arch']:6} {r['kernel']:22} {r['case']:44} {verdict(r)}")
+            continue
+        lines.append(
+            f"{r['arch']:6} {r['kernel']:22} {r['case']:44} {r['regs']:>4} {r['stack']:>5} {r['shared']:>7} "
+            f"{r['limit']:>7} {r['warps']:>5} {r['stages']:>6}  {verdict(r)}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    from tools.standin_driver import ARCHS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="default: all")
+    parser.add_argument("-j", "--jobs", type=int, default=min(3, os.cpu_count() or 1))
+    parser.add_argument("--write", action="store_true", help=f"rewrite {REPORT.relative_to(ROOT)}")
+    args = parser.parse_args(argv)
+    archs = args.arch or sorted(ARCHS)
+    t0 = time.time()
+    with futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        results = [row for rows in pool.map(run_arch, archs) for row in rows]
+    table = format_table(results)
+    print(table, end="")
+    failures = [r for r in results if verdict(r) != "ok"]
+    print(f"# {len(results)} kernels, {len(failures)} failing, {time.time() - t0:.0f} s")
+    if args.write:
+        REPORT.write_text(table)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
