@@ -300,3 +300,37 @@ def test_augmentation_is_pad_crop_flip(app):
         ref = padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
         assert torch.equal(y[i], ref.flip(2) if flip[i] else ref)
     assert 0 < int(flip.sum()) < 16 and len(set(dy.tolist())) > 1
+
+
+def run_app_without(blocked, *args, timeout=240):
+    """train.py with the given modules made unimportable (as if not installed), progress bars on."""
+    prelude = (
+        "import runpy, sys\n"
+        f"for name in {list(blocked)!r}:\n"
+        "    sys.modules[name] = None  # import raises ImportError, as when the package is absent\n"
+        f"sys.argv = [{APP!r}, *{[str(a) for a in args]!r}]\n"
+        f"runpy.run_path({APP!r}, run_name='__main__')\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", prelude], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO)
+
+
+def test_runs_without_tqdm_and_matplotlib(tmp_path):
+    """The `train` extra's conveniences are optional: without them the job runs, says what is missing once,
+    and writes the table and results.json (no plot)."""
+    proc = run_app_without(["tqdm", "matplotlib"], "--threads", "1", "--teacher-epochs", 1, "--epochs", 1,
+                           "--methods", "ce", "--seeds", 1, "--out-dir", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr.count("tqdm is not installed") == 1, proc.stderr
+    assert proc.stderr.count("matplotlib is not installed") == 1, proc.stderr
+    assert 'pip install "rrd_kernels[train]"' in proc.stderr
+    assert (tmp_path / "results.json").is_file() and not (tmp_path / "accuracy.png").exists()
+    assert "student (CE)" in proc.stdout
+
+
+def test_without_scikit_learn_the_digits_job_says_what_to_install(tmp_path):
+    proc = run_app_without(["sklearn"], "--threads", "1", "--out-dir", tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # argparse's error exit, before any training
+    assert "scikit-learn" in proc.stderr and 'pip install "rrd_kernels[train]"' in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -5,6 +5,8 @@ import json
 import math
 import os
 
+from .optional import notice_missing
+
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1 in the denominator; 0 for a single value)."""
@@ -52,8 +54,13 @@ def save_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_plot(path: str, title: str, teacher: dict, methods: dict) -> None:
-    import matplotlib
+def save_plot(path: str, title: str, teacher: dict, methods: dict) -> bool:
+    """Test accuracy per epoch (mean +- std over seeds) to path; False (with a notice) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        notice_missing("matplotlib", f"no plot ({os.path.basename(path)}); the table and results.json are written")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -77,3 +84,4 @@ def save_plot(path: str, title: str, teacher: dict, methods: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
