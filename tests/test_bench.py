@@ -190,7 +190,7 @@ def test_quantiles():
 def test_floor_matches_design_note():
     from bench.ceilings import floor_ms
 
-    # rrd-math.md: H200, B 4096, K 262144, D 128, bf16, 4 products at 693 TFLOP/s: about 1.6 ms
+    # docs/math.md, "The floor": H200, B 4096, K 262144, D 128, bf16, 4 products at 693 TFLOP/s: about 1.6 ms
     ceil = {"copy_GBps": 4270.0, "matmul_TFLOPs": {"bfloat16": 693.0, "float32": 51.0}}
     f4 = floor_ms(ceil, 4096, 262144, 128, "bfloat16", "fwd+bwd", recompute=False)
     assert f4 == pytest.approx(4 * 2 * 4096 * 262144 * 128 / 693e12 * 1e3)
