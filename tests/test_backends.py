@@ -51,6 +51,7 @@ def test_cpu_only_machine_lists_no_cuda_and_says_why():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 @pytest.mark.skipif(not have_triton(), reason="triton not installed")
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_cpu_only_machine_without_interpreter_lists_torch_only():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = "import rrd_kernels as r; print(r.available_backends()); print(r.backend_status()['triton'])"

@@ -36,6 +36,7 @@ def smoke(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow  # the smoke run: a minute of interpreter on 2 cores
 def test_smoke_writes_all_outputs(smoke):
     out, proc = smoke
     for name in ("results.csv", "results.json", "results.md"):
@@ -51,6 +52,7 @@ def test_smoke_writes_all_outputs(smoke):
     assert md.count("\n| 8 | 300 | 32 |") == len(doc["rows"])
 
 
+@pytest.mark.slow  # the smoke run: a minute of interpreter on 2 cores
 def test_smoke_baselines_ok_and_sane(smoke):
     out, _ = smoke
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -71,6 +73,7 @@ def test_smoke_baselines_ok_and_sane(smoke):
     assert eager_full[0]["speedup_vs_eager"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the forced failure is the cuda backend on a CPU machine")
 def test_smoke_failed_provider_recorded_and_run_goes_on(smoke):
     out, _ = smoke
@@ -85,6 +88,7 @@ def test_smoke_failed_provider_recorded_and_run_goes_on(smoke):
     assert [r["provider"] for r in rows[3:]].count("eager") == 3  # ... and the others still ran after it
 
 
+@pytest.mark.slow  # the smoke run: a minute of interpreter on 2 cores
 def test_summary_of_the_finished_run(smoke):
     """python -m bench.summary on the folder the run wrote: exit 0, one line per provider."""
     out, _ = smoke
@@ -246,6 +250,7 @@ def _options(**kw):
     return RunOptions(**base)
 
 
+@pytest.mark.slow  # bench plumbing, not a kernel path: the full suite runs it
 def test_wrong_provider_is_recorded_not_timed(monkeypatch):
     from bench import providers
     from bench.runner import Runner
@@ -354,6 +359,7 @@ class _FakeCuda:
         )
 
 
+@pytest.mark.slow  # bench plumbing, not a kernel path: the full suite runs it
 def test_gpu_timer_paths_with_fake_cuda(monkeypatch):
     from bench import providers, runner, timing
     from bench.config import Config
@@ -390,6 +396,7 @@ def test_gpu_timer_paths_with_fake_cuda(monkeypatch):
         assert all(s.student.grad is None for s in sets)
 
 
+@pytest.mark.slow  # bench plumbing, not a kernel path: the full suite runs it
 def test_runner_gpu_rows_with_fake_cuda(monkeypatch):
     """The runner's GPU branch end to end on CPU tensors: both timing kinds, memory, floor columns, rotation."""
     from bench import ceilings, inputs

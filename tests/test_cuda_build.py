@@ -25,6 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import quick_subset
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 KERNELS = 10  # 4 forward + 4 backward instantiations, merge, finish
@@ -100,6 +102,7 @@ def check_no_spills(records: list[dict]) -> None:
 # ---- import and error behaviour (always run) ------------------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_import_without_extension():
     """With the extension unimportable, rrd_kernels imports, why_unusable says why, backend='cuda' raises."""
     code = textwrap.dedent(
@@ -173,6 +176,7 @@ def test_committed_ptxas_report_is_current_and_has_no_spills():
 
 
 @needs_nvcc
+@pytest.mark.slow  # a full nvcc compile of both archs
 def test_fresh_compile_sm80_sm90_has_no_spills_and_reproduces_the_committed_report(tmp_path):
     """Compile the kernels now (both archs, ~30 s on 2 cores), read ptxas' own report, and check that the
     report setup.py would write from it is the committed file byte for byte (so a build leaves the checkout
@@ -356,7 +360,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-K{c[1]}-D{c[2]}-{str(c[3])[6:]}-{str(c[4])[6:]}-m{c[5]}")
+# The quick subset leaves out the four largest cases; every mode, mixed bank dtypes, padded rows and
+# many splits stay in it.
+CASES_SLOW = [CASES[2], CASES[4], CASES[6], CASES[10]]
+
+
+@pytest.mark.parametrize("case", quick_subset(
+    CASES, [c for c in CASES if c not in CASES_SLOW], unpack=False,
+    ids=lambda c: f"B{c[0]}-K{c[1]}-D{c[2]}-{str(c[3])[6:]}-{str(c[4])[6:]}-m{c[5]}"))
 def test_emulated_kernels_match_float64_reference(emu, case):
     from rrd_kernels.reference import rrd_reference
 
@@ -404,8 +415,12 @@ def test_emulated_kernels_match_float64_reference(emu, case):
     assert row_err.max().item() <= g_tol, row_err
 
 
-@pytest.mark.parametrize("dtype,bank_dtype,mode", [(torch.float32, torch.float32, 0), (torch.float32, torch.bfloat16, 1),
-                                                    (torch.bfloat16, torch.float32, 3), (torch.float16, torch.float16, 2)])
+STAGING_CASES = [(torch.float32, torch.float32, 0), (torch.float32, torch.bfloat16, 1), (torch.bfloat16, torch.float32, 3),
+                 (torch.float16, torch.float16, 2)]
+
+
+@pytest.mark.parametrize("dtype,bank_dtype,mode", quick_subset(
+    STAGING_CASES, [STAGING_CASES[3]], ids=lambda c: f"{str(c[0])[6:]}-{str(c[1])[6:]}-m{c[2]}"))
 def test_emulated_vector_and_scalar_staging_agree_bitwise(emu, dtype, bank_dtype, mode):
     """Contiguous inputs with D % 4 == 0 take the 4-element vector loads, row-padded ones (ld % 4 != 0) the
     element-wise path; the arithmetic is the same, so every output must be identical."""
@@ -600,7 +615,11 @@ SHARP_CASES = [(B, K, D, 1) for B in (1, 3, 64) for K in (1, 7) for D in (16, 10
 ]
 
 
-@pytest.mark.parametrize("B,K,D,n_splits", SHARP_CASES, ids=lambda v: str(v))
+# The quick subset: K = 1, a one-tile bank with padded D, a multi-tile bank unsplit, and split.
+SHARP_QUICK = [(1, 1, 16, 1), (3, 7, 100, 1), (1, 1000, 100, 1), (1, 1000, 100, 3)]
+
+
+@pytest.mark.parametrize("B,K,D,n_splits", quick_subset(SHARP_CASES, SHARP_QUICK, ids=str))
 def test_emulated_fp32_meets_triton_bounds(emu, gen, B, K, D, n_splits):
     """fp32 "highest" (SIMT FMA) against float64 with test_triton_kernels' bounds (relative fp32 tolerance
     growing as 1/tau below 0.02, plus the reference's own float64 floor): at tau 0.005 with a tiny bank a row's

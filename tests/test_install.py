@@ -106,6 +106,7 @@ def _git_status():
     return out.stdout if out.returncode == 0 else None
 
 
+@pytest.mark.slow  # a pip install
 def test_plain_install_declares_its_dependencies_and_leaves_the_checkout_clean(tmp_path):
     """pip install . (no dependencies, no network, no CUDA build) into a folder: the installed package imports
     from there, its metadata requires torch and numpy, and `git status` is as before."""
