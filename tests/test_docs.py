@@ -10,8 +10,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_DIRS = {".git", "__pycache__", "build", "dist", "runs", ".ci-venv", ".pytest_cache"}
 TEXT_EXT = (".py", ".md", ".txt", ".cu", ".cuh", ".h", ".inl", ".cpp", ".toml", ".sh", ".cfg")
-# Places a user of the repository does not have (the design notes the project started from).
-OUTSIDE = re.compile(r"(\.\./shared/|/work/shared|shared/design/|shared/measurements)")
+# Places a user of the repository does not have (the design notes the project started from). Spelt in
+# pieces so that `git grep` for them finds only real pointers, not this test.
+SHARED = "shared"
+OUTSIDE = re.compile("|".join(re.escape(p) for p in (
+    f"../{SHARED}/", f"/work/{SHARED}", f"{SHARED}/design/", f"{SHARED}/measurements")))
 
 
 def repo_files(ext=TEXT_EXT):
@@ -23,11 +26,8 @@ def repo_files(ext=TEXT_EXT):
 
 
 def test_nothing_points_outside_the_repository():
-    me = os.path.abspath(__file__)
     hits = []
     for path in repo_files():
-        if os.path.abspath(path) == me:
-            continue
         for n, line in enumerate(open(path, encoding="utf-8", errors="replace"), 1):
             if OUTSIDE.search(line):
                 hits.append(f"{os.path.relpath(path, ROOT)}:{n}: {line.strip()}")
