@@ -210,6 +210,24 @@ class NvccBuildExt(build_ext):
             subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True)
 
 
+# What `pip install .` brings. numpy: torch warns on every import without it, and Triton's CPU interpreter
+# needs it. triton is not listed: every Linux CUDA build of torch already requires the exact triton it was
+# built with, and a second requirement here could only conflict with that pin; a CPU-only install has no use
+# for it outside the tests (the [test] extra brings it, and backend_status() says when it is missing).
+INSTALL_REQUIRES = ["torch>=2.4", "numpy"]
+TRAIN = ["tqdm", "scikit-learn", "matplotlib"]  # python/train.py: progress bars, the digits data, the plot
+BENCH = ["tqdm", "matplotlib"]  # python -m bench: progress bar, plots
+EXTRAS = {
+    "triton": ["triton>=3.2"],
+    "train": TRAIN,
+    "bench": BENCH,
+    # The tests run the Triton kernels in triton's CPU interpreter, which fails with numpy >= 2.3 in
+    # triton 3.6 (the version the GPU machines run); the pin applies to the test environment only.
+    "test": ["pytest>=7", "triton>=3.2; platform_system == 'Linux'", "numpy<2.3",
+             *sorted(set(TRAIN + BENCH))],
+}
+
+
 def skip_reason() -> str | None:
     if os.environ.get("RRD_SKIP_CUDA_BUILD", "0") not in ("", "0"):
         return "RRD_SKIP_CUDA_BUILD is set"
@@ -251,12 +269,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["rrd_kernels", "rrd_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
-    extras_require={
-        "triton": ["triton>=3.2"],
-        # numpy < 2.3: triton 3.6's CPU interpreter fails with newer numpy.
-        "test": ["pytest>=7", "triton>=3.2; platform_system == 'Linux'", "numpy<2.3", "scikit-learn", "matplotlib", "tqdm"],
-    },
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
     ext_modules=extensions(),
     cmdclass={"build_ext": NvccBuildExt, "build_py": BuildPyWithNotice},
 )

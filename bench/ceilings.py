@@ -6,7 +6,7 @@ matmul rate     a square matmul (N = 8192) in each dtype of the run, 2 N^3 / med
                 honours torch.get_float32_matmul_precision() ("highest": fp32; "high"/"medium": TF32 allowed).
 Inputs are random (never zeros). Timed with CUDA events, median of repetitions after warm-up.
 
-The floor of a measured call, as in shared/design/rrd-math.md ("The floor"):
+The floor of a measured call, as in docs/math.md ("The floor"):
     floor = max(bytes / copy bandwidth, products * 2 B K D / matmul rate)
 bytes = the bank once (K D elem) + the student and teacher (2 B D elem) + the gradient written (B D elem, modes
 with a backward). products: forward 2; fwd+bwd 4 for the gradient-in-forward design (floor_ms) and 5 for the

@@ -41,6 +41,17 @@ def _fmt(v, digits=4) -> str:
     return str(v)
 
 
+def sig2(v) -> str:
+    """At least two significant digits without an exponent (0.0019, 0.70, 1.0, 12, 609); '-' for no value.
+    Ratios in the summary span 1e-3 (the interpreter vs eager) to 1e3, so a fixed '.2f' would print 0.00."""
+    if not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
+        return "-"
+    if v == 0:
+        return "0"
+    decimals = max(0, 1 - math.floor(math.log10(abs(v))))
+    return f"{v:.{decimals}f}"
+
+
 MD_COLUMNS = [
     ("B", "B"), ("K", "K"), ("D", "D"), ("dtype", "dtype"), ("provider", "provider"), ("mode", "mode"),
     ("timing", "timing"), ("status", "status"), ("median_ms", "median ms"), ("p20_ms", "p20"),
@@ -108,8 +119,8 @@ def summary_lines(rows: list[dict], mode: str = "fwd+bwd", limit: int = 80) -> l
 
         out.append(f"{key[0]:>5} {key[1]:>8} {key[2]:>4} {key[3]:>8} {key[6]:>8} {st[:12]:>12} "
                    f"{f(py.get('median_ms', math.nan), 9, '.4f')} {f(gr.get('median_ms', math.nan), 9, '.4f')} "
-                   f"{f(first.get('pct_of_floor', math.nan), 7, '.1f')} "
-                   f"{f(py.get('speedup_vs_eager', math.nan), 7, '.2f')} "
+                   f"{sig2(first.get('pct_of_floor', math.nan)):>7} "
+                   f"{sig2(py.get('speedup_vs_eager', math.nan)):>7} "
                    f"{f(first.get('loss_rel_err', math.nan), 9, '.1e')} "
                    f"{f(first.get('grad_rel_err', math.nan), 9, '.1e')}")
     if len(order) > limit:
@@ -148,20 +159,42 @@ def _value(r, key):
     return float(v)
 
 
+def _k_label(k: int) -> str:
+    """Bank sizes as people write them: 300, 16K, 1M."""
+    if k >= 2**20 and k % 2**20 == 0:
+        return f"{k // 2**20}M"
+    if k >= 2**10 and k % 2**10 == 0:
+        return f"{k // 2**10}K"
+    return str(k)
+
+
+def _no_data_reason(group, key) -> str:
+    rows = [r for pts in group.values() for _, r in pts]
+    if any(r["status"] in OK_STATUSES for r in rows):
+        what = "peak memory is measured on CUDA devices only" if key == "peak_extra_mib" else "not measured"
+        return f"no data: {what}; this run was on {rows[0].get('device') or 'a machine without a GPU'}"
+    return "no data: every provider failed or was skipped (see results.md)"
+
+
 def _figure(groups, title, ylabel, key, kinds, extra=None):
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     keys = sorted(groups)
     n = max(1, len(keys))
     cols = min(4, n)
     nrows = math.ceil(n / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
-    any_data = False
     colors = {}
     for ax, gk in zip(axes.flat, keys):
+        b, d, dt, ts, tt = gk
+        ax.set_title(f"B {b}, D {d}, {dt}, tau {ts}/{tt}", fontsize=9)
+        plotted = False
         for (prov, kind), pts in sorted(groups[gk].items()):
             if kind not in kinds:
                 continue
@@ -169,26 +202,38 @@ def _figure(groups, title, ylabel, key, kinds, extra=None):
             pts = [(k, v) for k, v in pts if v is not None]
             if not pts:
                 continue
-            any_data = True
+            plotted = True
             color = colors.setdefault(prov, f"C{len(colors)}")
             ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", color=color,
                     linestyle="-" if kind == "python" else "--", label=f"{prov} ({kind})")
+        if not plotted:
+            # An empty panel says why inside its own frame (wrapped to fit) instead of drawing bare axes.
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, textwrap.fill(_no_data_reason(groups[gk], key), 34), ha="center", va="center",
+                    fontsize=9, transform=ax.transAxes)
+            continue
         if extra is not None:
             extra(ax, groups[gk])
-        b, d, dt, ts, tt = gk
-        ax.set_title(f"B {b}, D {d}, {dt}, tau {ts}/{tt}", fontsize=9)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        # Ticks at the K values measured (a log axis alone would label powers of two around them).
+        ks = sorted({k for pts in groups[gk].values() for k, _ in pts})
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(ks, [_k_label(k) for k in ks])
+        if len(ks) == 1:
+            ax.set_xlim(ks[0] / 1.6, ks[0] * 1.6)
         ax.set_xlabel("K (bank rows)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    if not any_data:
-        fig.text(0.5, 0.5, "no data (see results.md: failed, skipped, or not measured on this device)",
-                 ha="center", va="center")
+    devices = {r.get("device") for grp in groups.values() for pts in grp.values() for _, r in pts}
+    if any(str(d).startswith("cpu") for d in devices):
+        note = "(CPU wall-clock, Triton in its interpreter: a plumbing check, not performance)"
+        title += "\n" + textwrap.fill(note, 48 * cols)  # wrapped to the figure's width: one panel is ~50 chars
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig

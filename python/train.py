@@ -340,10 +340,11 @@ def main(argv=None) -> int:
             "runtime_seconds": runtime,
         }
         save_json(os.path.join(args.out_dir, "results.json"), payload)
-        save_plot(os.path.join(args.out_dir, "accuracy.png"), title, teacher_info, methods)
+        plotted = save_plot(os.path.join(args.out_dir, "accuracy.png"), title, teacher_info, methods)
         print()
         print(table)
-        print(f"\nwrote {os.path.join(args.out_dir, 'results.json')} and accuracy.png; runtime {runtime:.1f} s")
+        also = " and accuracy.png" if plotted else ""
+        print(f"\nwrote {os.path.join(args.out_dir, 'results.json')}{also}; runtime {runtime:.1f} s")
     D.teardown(ctx)
     return 0
 

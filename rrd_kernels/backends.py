@@ -117,13 +117,23 @@ def sharded_backend(backend: str, student, shard, n_rows: int, bank_size: int) -
     return name, importlib.import_module(SHARDED_MODULES[name])
 
 
-def available_backends() -> list[str]:
-    """Backends whose code imports on this machine (whether a device is present is checked per call)."""
-    names = ["torch"]
+def backend_status() -> dict[str, str | None]:
+    """{backend name: None if it can run on this machine, else the reason it cannot}, for "torch" and every
+    kernel backend. Asked for the smallest valid call (fp32, B = K = D = 1) on this machine's device: the
+    current CUDA device when torch sees one, else the CPU (where Triton runs only under TRITON_INTERPRET=1).
+    A call can still be refused for its own dtype or size (D > 512, say); rrd_loss then says why."""
+    if torch.cuda.is_available():
+        device, where = torch.device("cuda"), None
+    else:
+        device, where = torch.device("cpu"), "no CUDA device visible to torch (torch.cuda.is_available() is False)"
+    status: dict[str, str | None] = {"torch": None}
     for name in KERNEL_MODULES:
-        try:
-            kernel_module(name)
-        except ImportError:
-            continue
-        names.append(name)
-    return names
+        reason = unusable_reason(name, device, torch.float32, torch.float32, 1, 1, 1)
+        # On a machine without a GPU say so first: the backend's own reason may only mention the tensors.
+        status[name] = f"{where}; {reason}" if reason is not None and where is not None else reason
+    return status
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine (see backend_status() for why the others cannot)."""
+    return [name for name, reason in backend_status().items() if reason is None]

@@ -6,7 +6,7 @@ the tensors (so no call can crash the interpreter), makes copies where the kerne
 stride, allocates the outputs and workspaces, and passes data_ptr()s. Nothing here synchronises with the
 device. Importing this module always works; without the extension every call says why it cannot run.
 
-Kernels (csrc/rrd_kernels.cuh, structure as rrd-math.md and the Triton backend):
+Kernels (csrc/rrd_kernels.cuh; math in docs/math.md, structure in docs/design.md, as the Triton backend):
     forward:  grid (row blocks of 64, bank splits) -> partial online dual-softmax state per (split, row),
               in the cancellation-free form of the Triton backend (max, count - 1, W, V, argmax)
     merge:    per row -> CE (or KL), base-2 LSE of the student and teacher logits, the student's argmax

@@ -26,11 +26,15 @@ def _positive_int(value, name: str) -> int:
 def _features(x, name: str, dim: int) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    expected = f"{name} must be (B, {dim}) or (B, {dim}, 1, 1), i.e. {dim} features per sample"
     if x.dim() < 2:
-        raise ValueError(f"{name} must be a batch of features (B x {dim}), got shape {tuple(x.shape)}")
-    x = x.flatten(1)  # as the authors' Embed: (B, C, 1, 1) pooled maps are accepted
-    if x.shape[1] != dim:
-        raise ValueError(f"{name} must have {dim} features per sample, got shape {tuple(x.shape)}")
+        raise ValueError(f"{expected}; got shape {tuple(x.shape)}, which is not a batch")
+    flat = x.flatten(1)  # as the authors' Embed: (B, C, 1, 1) pooled maps are accepted
+    if flat.shape[1] != dim:
+        # Name the shape as passed (not the flattened one) and, for a map, say what to do about it.
+        hint = "; pool the feature map first (e.g. adaptive_avg_pool2d to 1 x 1)" if x.dim() > 2 else ""
+        raise ValueError(f"{expected}; got shape {tuple(x.shape)}{hint}")
+    x = flat
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (B = 0)")
     return x

@@ -1,4 +1,4 @@
-"""The RRD loss written plainly in PyTorch, exactly as ../shared/design/rrd-math.md defines it.
+"""The RRD loss written plainly in PyTorch, exactly as docs/math.md defines it.
 
 This is the specification: every backend is tested against it (in float64), and nothing else in the
 package re-derives the math. It materialises the B x K logits, so it is for testing and small sizes.

@@ -47,3 +47,13 @@ def have_triton() -> bool:
     except ImportError:
         return False
     return True
+
+
+def quick_subset(cases, quick, ids=str, unpack=True):
+    """Parameters for pytest.mark.parametrize: every case, those not in `quick` marked slow, so that
+    `pytest -m "not slow"` still runs at least one case of each kernel path (the quick subset). A case is
+    a tuple of the parametrized arguments (unpack=False: the tuple is the one argument)."""
+    missing = [c for c in quick if c not in cases]
+    assert not missing, f"quick cases not in the grid: {missing}"
+    return [pytest.param(*(c if unpack else (c,)), id=ids(c), marks=() if c in quick else pytest.mark.slow)
+            for c in cases]

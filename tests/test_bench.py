@@ -36,6 +36,7 @@ def smoke(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow  # the smoke run: a minute of interpreter on 2 cores
 def test_smoke_writes_all_outputs(smoke):
     out, proc = smoke
     for name in ("results.csv", "results.json", "results.md"):
@@ -51,6 +52,7 @@ def test_smoke_writes_all_outputs(smoke):
     assert md.count("\n| 8 | 300 | 32 |") == len(doc["rows"])
 
 
+@pytest.mark.slow  # the smoke run: a minute of interpreter on 2 cores
 def test_smoke_baselines_ok_and_sane(smoke):
     out, _ = smoke
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -71,6 +73,7 @@ def test_smoke_baselines_ok_and_sane(smoke):
     assert eager_full[0]["speedup_vs_eager"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the forced failure is the cuda backend on a CPU machine")
 def test_smoke_failed_provider_recorded_and_run_goes_on(smoke):
     out, _ = smoke
@@ -85,7 +88,102 @@ def test_smoke_failed_provider_recorded_and_run_goes_on(smoke):
     assert [r["provider"] for r in rows[3:]].count("eager") == 3  # ... and the others still ran after it
 
 
+@pytest.mark.slow  # the smoke run: a minute of interpreter on 2 cores
+def test_summary_of_the_finished_run(smoke):
+    """python -m bench.summary on the folder the run wrote: exit 0, one line per provider."""
+    out, _ = smoke
+    proc = subprocess.run([sys.executable, "-m", "bench.summary", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "summary (fwd+bwd" in proc.stdout and " eager " in proc.stdout
+
+
+def test_readme_summary_example_names_the_folder_its_run_writes():
+    """bench/README.md's `python -m bench.summary DIR` must read a folder that a documented run writes
+    (--out DIR on an earlier line), not one that exists only on some machine."""
+    import re
+
+    lines = (REPO / "bench" / "README.md").read_text().splitlines()
+    summary = [i for i, line in enumerate(lines) if line.startswith("python -m bench.summary ")]
+    assert summary, "bench/README.md has no python -m bench.summary example"
+    for i in summary:
+        folder = lines[i].split()[3]
+        assert any(re.search(rf"^python -m bench .*--out {re.escape(folder)}(\s|$)", line) for line in lines[:i]), (
+            f"no documented run writes {folder}"
+        )
+
+
 # ------------------------------------------------------------------------------------------ in-process parts
+def test_two_significant_digits():
+    from bench.report import sig2
+
+    assert [sig2(v) for v in (0.0019, 0.00123, 0.7, 1.0, 9.96, 12.34, 609.9, 0.0, math.nan, None)] == [
+        "0.0019", "0.0012", "0.70", "1.0", "10.0", "12", "610", "0", "-", "-"]
+
+
+def _row(K, provider, median, speedup, device="cpu (x86_64, 2 cores)", status="ok", memory=None):
+    return {"B": 8, "K": K, "D": 32, "dtype": "float32", "tau_s": 0.1, "tau_t": 0.02, "provider": provider,
+            "mode": "fwd+bwd", "timing": "python", "status": status, "reason": "", "median_ms": median,
+            "speedup_vs_eager": speedup, "peak_extra_mib": memory if memory is not None else math.nan,
+            "pct_of_floor": math.nan, "loss_rel_err": 1e-8, "grad_rel_err": 1e-7, "floor_ms": math.nan,
+            "device": device}
+
+
+def test_summary_keeps_small_ratios():
+    from bench.report import summary_lines
+
+    rows = [_row(300, "eager", 0.74, 1.0), _row(300, "triton", 390.0, 0.0019)]
+    triton = next(line for line in summary_lines(rows) if " triton " in line)
+    assert " 0.0019 " in triton, triton
+
+
+def _texts_inside(fig, ax):
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    for t in ax.texts:
+        box = t.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, t.get_text()
+
+
+def test_plot_without_data_says_why_inside_its_panel():
+    """A CPU run has no memory numbers: the panel carries the reason, wrapped inside its frame, and no
+    meaningless axes (it used to show 2^0..2^3 with a message cut off at both ends)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from bench.report import _figure, _groups
+
+    fig = _figure(_groups([_row(300, "eager", 0.74, 1.0)], "fwd+bwd"), "memory", "MiB", "peak_extra_mib",
+                  ("python",))
+    ax = fig.axes[0]
+    assert not ax.lines and ax.get_xticks().size == 0
+    assert len(ax.texts) == 1 and "CUDA devices only" in ax.texts[0].get_text()
+    _texts_inside(fig, ax)
+    assert "not performance" in fig._suptitle.get_text()
+    box, page = fig._suptitle.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and box.y1 <= page.y1, "the title is cut off"
+    plt.close(fig)
+
+
+def test_plot_ticks_are_the_measured_bank_sizes():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from bench.report import _figure, _groups
+
+    for ks, labels in (([300], ["300"]), ([16384, 65536, 2**20], ["16K", "64K", "1M"])):
+        rows = [_row(k, p, 1.0 + i, 1.0, device="NVIDIA H200") for i, k in enumerate(ks) for p in ("eager", "triton")]
+        fig = _figure(_groups(rows, "fwd+bwd"), "time", "ms", "median_ms", ("python",))
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        assert list(ax.get_xticks()) == ks
+        assert [t.get_text() for t in ax.get_xticklabels()] == labels
+        lo, hi = ax.get_xlim()
+        assert lo < min(ks) and max(ks) < hi and hi / lo < 64 * max(ks) / min(ks)
+        assert len(ax.lines) == 2 and "not performance" not in fig._suptitle.get_text()
+        plt.close(fig)
+
+
 def test_quantiles():
     from bench.timing import summarize
 
@@ -96,7 +194,7 @@ def test_quantiles():
 def test_floor_matches_design_note():
     from bench.ceilings import floor_ms
 
-    # rrd-math.md: H200, B 4096, K 262144, D 128, bf16, 4 products at 693 TFLOP/s: about 1.6 ms
+    # docs/math.md, "The floor": H200, B 4096, K 262144, D 128, bf16, 4 products at 693 TFLOP/s: about 1.6 ms
     ceil = {"copy_GBps": 4270.0, "matmul_TFLOPs": {"bfloat16": 693.0, "float32": 51.0}}
     f4 = floor_ms(ceil, 4096, 262144, 128, "bfloat16", "fwd+bwd", recompute=False)
     assert f4 == pytest.approx(4 * 2 * 4096 * 262144 * 128 / 693e12 * 1e3)
@@ -152,6 +250,7 @@ def _options(**kw):
     return RunOptions(**base)
 
 
+@pytest.mark.slow  # bench plumbing, not a kernel path: the full suite runs it
 def test_wrong_provider_is_recorded_not_timed(monkeypatch):
     from bench import providers
     from bench.runner import Runner
@@ -260,6 +359,7 @@ class _FakeCuda:
         )
 
 
+@pytest.mark.slow  # bench plumbing, not a kernel path: the full suite runs it
 def test_gpu_timer_paths_with_fake_cuda(monkeypatch):
     from bench import providers, runner, timing
     from bench.config import Config
@@ -296,6 +396,7 @@ def test_gpu_timer_paths_with_fake_cuda(monkeypatch):
         assert all(s.student.grad is None for s in sets)
 
 
+@pytest.mark.slow  # bench plumbing, not a kernel path: the full suite runs it
 def test_runner_gpu_rows_with_fake_cuda(monkeypatch):
     """The runner's GPU branch end to end on CPU tensors: both timing kinds, memory, floor columns, rotation."""
     from bench import ceilings, inputs

@@ -26,7 +26,10 @@ STEPS = 5
 B, S_DIM, T_DIM, FEAT, K = 6, 12, 20, 8, 40  # 2 ranks x 6 rows per step; K not a multiple: the ring wraps mid-batch
 TAUS = {"after": (0.04, 0.1), "before": (0.1, 0.02)}
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
+    pytest.mark.slow,  # several processes each: 40-110 s a test on 2 cores
+]
 
 
 def free_port() -> int:

@@ -87,6 +87,7 @@ def _run(code: str, env_extra=None):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 @pytest.mark.skipif(not have_triton(), reason="triton not installed")
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     out = _run(
         "import torch, rrd_kernels\n"
@@ -100,6 +101,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     assert "refused:" in out.stdout and "CUDA tensors" in out.stdout
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_import_and_torch_backend_without_triton():
     code = (
         "import sys\n"
@@ -187,7 +189,8 @@ def test_opcheck(gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+# inductor compiles C++ on the CPU (15-40 s a case on 2 cores); aot_eager traces the same ops quickly.
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_torch_compile_fullgraph(gen, backend, compiler):
     s, t, q = make_inputs(7, 90, 24, gen, device=DEVICE)
     torch._dynamo.reset()

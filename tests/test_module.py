@@ -106,10 +106,13 @@ def test_pooled_feature_maps_are_flattened():
     "f_s,f_t,error,pattern",
     [
         (torch.randn(21, 8), torch.randn(21, 12), ValueError, "larger than the bank"),
-        (torch.randn(5, 9), torch.randn(5, 12), ValueError, "f_s must have 8 features"),
-        (torch.randn(5, 8), torch.randn(5, 11), ValueError, "f_t must have 12 features"),
+        (torch.randn(5, 9), torch.randn(5, 12), ValueError, r"f_s must be \(B, 8\) or \(B, 8, 1, 1\).*got shape \(5, 9\)$"),
+        (torch.randn(5, 8), torch.randn(5, 11), ValueError, r"f_t must be \(B, 12\).*got shape \(5, 11\)$"),
+        # an unpooled map: the error names the shape as passed, what is expected, and what to do
+        (torch.randn(5, 8, 4, 4), torch.randn(5, 12), ValueError,
+         r"f_s must be \(B, 8\) or \(B, 8, 1, 1\).*got shape \(5, 8, 4, 4\); pool the feature map first"),
         (torch.randn(5, 8), torch.randn(4, 12), ValueError, "same batch size"),
-        (torch.randn(8), torch.randn(5, 12), ValueError, "f_s must be a batch"),
+        (torch.randn(8), torch.randn(5, 12), ValueError, r"f_s must be \(B, 8\).*got shape \(8,\), which is not a batch"),
         (torch.randn(0, 8), torch.randn(0, 12), ValueError, "empty batch"),
         ([1.0] * 8, torch.randn(5, 12), TypeError, "f_s must be a torch.Tensor"),
         (torch.randn(5, 8), torch.randn(5, 12, dtype=torch.float64), TypeError, "f_t has dtype torch.float64"),

@@ -1,4 +1,4 @@
-"""The reference is the oracle: check it against independent formulations of rrd-math.md in float64."""
+"""The reference is the oracle: check it against independent formulations of docs/math.md in float64."""
 import pytest
 import torch
 import torch.nn.functional as F

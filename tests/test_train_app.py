@@ -50,6 +50,7 @@ def smoke(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow  # a fresh interpreter running the app
 def test_help_lists_the_options():
     proc = subprocess.run([sys.executable, APP, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -61,6 +62,7 @@ def test_help_lists_the_options():
     assert "authors2025" in proc.stdout and "cifar100" in proc.stdout and "resnet32x4" in proc.stdout
 
 
+@pytest.mark.slow  # end-to-end training runs in subprocesses
 def test_smoke_pipeline_outputs(smoke):
     out, proc = smoke
     res = json.loads((out / "results.json").read_text())
@@ -128,6 +130,7 @@ def _same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow  # end-to-end training runs in subprocesses
 def test_resume_is_bit_exact(smoke, tmp_path):
     out, _ = smoke
     teacher = out / "teacher" / "final.pt"
@@ -161,6 +164,7 @@ def test_resume_is_bit_exact(smoke, tmp_path):
     assert ra == rb
 
 
+@pytest.mark.slow  # end-to-end training runs in subprocesses
 def test_resume_extends_epochs_with_explicit_schedule(smoke, tmp_path):
     # the "run --epochs k, later --epochs n --resume" workflow: the lr schedule must not depend on --epochs
     out, _ = smoke
@@ -180,6 +184,7 @@ def test_resume_extends_epochs_with_explicit_schedule(smoke, tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # end-to-end training runs in subprocesses
 def test_bf16_autocast_runs(smoke, tmp_path):
     out, _ = smoke
     run_app("--teacher-ckpt", out / "teacher" / "final.pt", "--methods", "kd_rrd", "--epochs", 1, "--bf16", "--seeds", 1,
@@ -202,6 +207,7 @@ def _write_fake_cifar(root, n_train=96, n_test=40):
             pickle.dump(entry, fh)
 
 
+@pytest.mark.slow  # end-to-end training runs in subprocesses
 def test_cifar100_path_end_to_end(tmp_path):
     _write_fake_cifar(tmp_path / "data")
     run_app("--dataset", "cifar100", "--data-dir", tmp_path / "data", "--teacher", "resnet8", "--student", "resnet8",
@@ -266,6 +272,7 @@ def test_batch_bigger_than_bank_is_fine_without_rrd(app):
     assert args.batch_size == 128
 
 
+@pytest.mark.slow  # end-to-end training runs in subprocesses
 def test_missing_cifar_and_bad_teacher_ckpt_end_to_end(tmp_path):
     proc = run_app("--dataset", "cifar100", "--data-dir", tmp_path / "nothing", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -279,6 +286,7 @@ def test_missing_cifar_and_bad_teacher_ckpt_end_to_end(tmp_path):
     assert proc.returncode == 2 and "holds a 'digits_cnn' model but --teacher is 'digits_mlp'" in proc.stderr
 
 
+@pytest.mark.slow  # builds every CIFAR model
 def test_models_give_pooled_features(app):
     from models import MODELS
 
@@ -402,3 +410,39 @@ def test_default_job_meets_its_selection_criterion(tmp_path):
     for name in ("rrd", "kd_rrd"):
         assert set(res["methods"][name]["paired"]) == {"ce", "kd"}
     assert res["table"] in proc.stdout
+
+
+def run_app_without(blocked, *args, timeout=240):
+    """train.py with the given modules made unimportable (as if not installed), progress bars on."""
+    prelude = (
+        "import runpy, sys\n"
+        f"for name in {list(blocked)!r}:\n"
+        "    sys.modules[name] = None  # import raises ImportError, as when the package is absent\n"
+        f"sys.argv = [{APP!r}, *{[str(a) for a in args]!r}]\n"
+        f"runpy.run_path({APP!r}, run_name='__main__')\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", prelude], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO)
+
+
+@pytest.mark.slow  # end-to-end training runs in subprocesses
+def test_runs_without_tqdm_and_matplotlib(tmp_path):
+    """The `train` extra's conveniences are optional: without them the job runs, says what is missing once,
+    and writes the table and results.json (no plot)."""
+    proc = run_app_without(["tqdm", "matplotlib"], "--threads", "1", "--teacher-epochs", 1, "--epochs", 1,
+                           "--methods", "ce", "--seeds", 1, "--out-dir", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr.count("tqdm is not installed") == 1, proc.stderr
+    assert proc.stderr.count("matplotlib is not installed") == 1, proc.stderr
+    assert 'pip install "rrd_kernels[train]"' in proc.stderr
+    assert (tmp_path / "results.json").is_file() and not (tmp_path / "accuracy.png").exists()
+    assert "student (CE)" in proc.stdout
+
+
+@pytest.mark.slow  # a fresh interpreter running the app
+def test_without_scikit_learn_the_digits_job_says_what_to_install(tmp_path):
+    proc = run_app_without(["sklearn"], "--threads", "1", "--out-dir", tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # argparse's error exit, before any training
+    assert "scikit-learn" in proc.stderr and 'pip install "rrd_kernels[train]"' in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -21,7 +21,7 @@ and only matters for losses or gradients below ~1e-7.
 import pytest
 import torch
 
-from conftest import have_triton, make_inputs, rel_err
+from conftest import have_triton, make_inputs, quick_subset, rel_err
 from rrd_kernels import rrd_reference
 
 pytestmark = pytest.mark.skipif(not have_triton(), reason="triton not installed")
@@ -69,10 +69,14 @@ def reference_rows_and_grad(s, t, q, tau_s, tau_t, kl, w):
     return rows.detach(), grad
 
 
-@pytest.mark.parametrize("n_splits", [1, 3], ids=["unsplit", "split"])
-@pytest.mark.parametrize("D", [16, 100, 128])
-@pytest.mark.parametrize("K", [1, 7, 1000, 4099])
-@pytest.mark.parametrize("B", [1, 3, 64])
+FP32_GRID = [(B, K, D, n) for B in (1, 3, 64) for K in (1, 7, 1000, 4099) for D in (16, 100, 128) for n in (1, 3)]
+# The quick subset: K = 1; a one-tile bank with a full 64-row block; a multi-tile bank split in 3 (each
+# program walks several tiles, then the merge kernel).
+FP32_QUICK = [(1, 1, 16, 1), (64, 7, 128, 1), (3, 1000, 100, 3)]
+
+
+@pytest.mark.parametrize("B,K,D,n_splits", quick_subset(
+    FP32_GRID, FP32_QUICK, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{'split' if c[3] > 1 else 'unsplit'}"))
 def test_fp32_matches_float64_reference(gen, B, K, D, n_splits):
     s, t, q = make_inputs(B, K, D, gen, device=DEVICE)
     w = torch.rand(B, generator=gen).to(DEVICE)
@@ -124,17 +128,15 @@ def test_zero_student_row_follows_f_normalize(gen):
     assert rel_err(grad, ref_grad) <= 1e-4
 
 
-@pytest.mark.parametrize("n_splits", [1, 4], ids=["unsplit", "split"])
-@pytest.mark.parametrize(
-    "dtype,bank_dtype",
-    [
-        (torch.bfloat16, torch.bfloat16),
-        (torch.float16, torch.float16),
-        (torch.bfloat16, torch.float32),
-        (torch.float16, torch.bfloat16),
-        (torch.float32, torch.bfloat16),
-    ],
-)
+HALF_PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+              (torch.float16, torch.bfloat16), (torch.float32, torch.bfloat16)]
+HALF_GRID = [(dt, bank, n) for dt, bank in HALF_PAIRS for n in (1, 4)]
+# The quick subset: each product dtype (bf16 split, fp16, fp32 products with a bf16 bank) once.
+HALF_QUICK = [(torch.bfloat16, torch.bfloat16, 4), (torch.float16, torch.float16, 1), (torch.float32, torch.bfloat16, 1)]
+
+
+@pytest.mark.parametrize("dtype,bank_dtype,n_splits", quick_subset(
+    HALF_GRID, HALF_QUICK, ids=lambda c: f"{str(c[0])[6:]}-{str(c[1])[6:]}-{'split' if c[2] > 1 else 'unsplit'}"))
 def test_half_precision_no_worse_than_reference_in_same_dtype(gen, dtype, bank_dtype, n_splits):
     """Rule for fp16/bf16 embeddings: error vs float64 at most 2x the error of the reference computed in the
     embeddings' dtype. Products run in the embeddings' dtype when it is fp16/bf16 (bank tiles are cast to

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 
+from .optional import INSTALL_HINT
+
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
@@ -53,8 +55,13 @@ class DatasetSpec:
 
 def load_digits_dataset(split_seed: int = 0, test_fraction: float = 0.2) -> DatasetSpec:
     """scikit-learn's bundled 8x8 digits (1797 images, no download), a fixed stratified train/test split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:
+        raise DataError(
+            f"the digits data set comes with scikit-learn, which is not installed ({exc}); {INSTALL_HINT}"
+        ) from exc
 
     digits = load_digits()
     x = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]  # N x 1 x 8 x 8 in [0, 1]

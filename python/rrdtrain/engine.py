@@ -27,6 +27,7 @@ from rrd_kernels import RRDLoss
 
 from . import dist as D
 from .data import DatasetSpec, Preprocess, batches, make_sampler
+from .optional import progress_bar
 
 CKPT_FORMAT = "rrd-train-checkpoint-v1"
 METRIC_KEYS = ("epoch", "lr", "train_loss", "train_ce", "train_kd", "train_rrd", "train_acc", "test_loss", "test_acc")
@@ -274,9 +275,8 @@ class StageRunner:
 
         bar = None
         if ctx.is_main and cfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=stage.epochs, initial=start_epoch - 1, desc=stage.name, unit="ep", dynamic_ncols=True)
+            bar = progress_bar(total=stage.epochs, initial=start_epoch - 1, desc=stage.name, unit="ep",
+                               dynamic_ncols=True)
         for epoch in range(start_epoch, stage.epochs + 1):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
@@ -379,9 +379,7 @@ class StageRunner:
         n_batches = (len(order) + cfg.batch_size - 1) // cfg.batch_size
         inner = None
         if ctx.is_main and cfg.progress and n_batches >= 100:
-            from tqdm import tqdm
-
-            inner = tqdm(total=n_batches, desc=f"epoch {epoch}", unit="it", leave=False, dynamic_ncols=True)
+            inner = progress_bar(total=n_batches, desc=f"epoch {epoch}", unit="it", leave=False, dynamic_ncols=True)
         for idx in batches(order, cfg.batch_size, dev):
             x = self.pre.train(self.train_set.images[idx], aug_gen)
             y = self.train_set.labels[idx]

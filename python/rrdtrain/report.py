@@ -5,6 +5,8 @@ import json
 import os
 
 from .stats import mean_std, paired_diff
+from .optional import notice_missing
+
 
 # the methods every other one is compared with, seed by seed, when they were run: name -> column title
 BASELINES = {"ce": "vs student (CE)", "kd": "vs KD"}
@@ -81,10 +83,14 @@ def zoom_ylim(teacher_acc: float, bands: list, start: int) -> tuple[float, float
     return lo - pad, min(hi + pad, 100.0 + pad)
 
 
-def save_plot(path: str, title: str, teacher: dict, methods: dict) -> None:
+def save_plot(path: str, title: str, teacher: dict, methods: dict) -> bool:
     """Two panels: every epoch on the full scale, and the last third of training zoomed in on where
     the methods differ. Lines: mean over seeds; bands: mean +- sample std over seeds; teacher dashed."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        notice_missing("matplotlib", f"no plot ({os.path.basename(path)}); the table and results.json are written")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -125,3 +131,4 @@ def save_plot(path: str, title: str, teacher: dict, methods: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
