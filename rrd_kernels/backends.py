@@ -19,7 +19,8 @@ A kernel backend is a module with three functions (the contract the op in ops.py
 
 Sharded bank (RRDLoss(shard_bank=True), rrd_kernels/sharded_loss.py). Each rank holds rows [lo, hi) of the
 global bank and works on the all-gathered batch (N = B x W rows); a backend that supports it has a module
-in SHARDED_MODULES with four functions (the split/merge of rrd-math's "Sharding the bank across ranks"):
+in SHARDED_MODULES with four functions (the split and merge of docs/math.md section 4, across ranks; see
+docs/sharded-bank.md):
 
     forward_partial(student, teacher, shard, tau_s, tau_t, k_offset, n_splits=None) -> (planes, idx)
         The per-row partial online-softmax state over this shard: planes [P, N] (floats, layout private to
