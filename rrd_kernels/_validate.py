@@ -5,6 +5,7 @@ Checks read only shapes, dtypes and devices (host metadata): nothing here synchr
 from __future__ import annotations
 
 import math
+import warnings
 import numbers
 
 import torch
@@ -22,12 +23,23 @@ def check_tensor(x, name: str, rank: int, what: str) -> None:
         raise ValueError(f"{name} must be {rank}-D ({what}), got shape {tuple(x.shape)}")
 
 
+# Up to this temperature the fp32 kernels' gradient is tested to 1e-4 relative (docs/math.md, section 6).
+MAX_ACCURATE_TAU = 100.0
+
+
 def check_temperature(tau, name: str) -> float:
     if isinstance(tau, torch.Tensor) or isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise TypeError(f"{name} must be a Python float, got {type(tau).__name__}")
     tau = float(tau)
     if not (tau > 0.0 and math.isfinite(tau)):
         raise ValueError(f"{name} must be a finite number > 0, got {tau}")
+    if tau > MAX_ACCURATE_TAU:
+        warnings.warn(
+            f"{name}={tau} > {MAX_ACCURATE_TAU:g}: both softmaxes are nearly uniform and a gradient in fp32 keeps "
+            f"fewer digits as tau grows (1e-4 relative is tested up to tau {MAX_ACCURATE_TAU:g}; at tau 1000 "
+            "about 3e-4); float64 inputs (backend 'torch') are exact",
+            stacklevel=3,
+        )
     return tau
 
 

@@ -77,3 +77,9 @@ def test_fp32_gradient_bound_holds_for_every_temperature(gen, backend, taus):
     assert loss_err <= 1e-5 * amplification, f"loss rel err {loss_err:.3e}"
     assert grad_err <= 1e-4 * amplification, f"grad rel err {grad_err:.3e}"
     assert math.isfinite(grad_err)
+
+
+def test_temperatures_beyond_the_tested_range_warn(gen):
+    s, t, q = make_inputs(3, 20, 8, gen)
+    with pytest.warns(UserWarning, match="tau_t=1000.0 > 100"):
+        rrd_loss(s, t, q, tau_s=0.1, tau_t=1000.0, backend="torch")

@@ -9,10 +9,13 @@ saved lse_a - lse_b itself, computed from the softmax sums, so delta keeps its d
 are ~log2 K.
 
 Rounding guard: sum_k (q_ik - p_ik) = 0 exactly, so sum_k c_ik Q_k = sum_k c_ik (Q_k - Q_r) for any row r.
-The computed coefficients c_ik are off mostly where q or p is near 1, i.e. at the student's argmax r_i; so
-the kernel also sums the coefficients, sigma_i, and the finish subtracts sigma_i Q_r. When both softmaxes
-are sharp on the same row this keeps the gradient accurate to fp32 level instead of losing it to 1 - 1
-cancellation; elsewhere sigma_i is ~1e-7 and changes nothing.
+Where the student's softmax is sharp the computed coefficients c_ik are off mostly where q or p is near 1,
+i.e. at the student's argmax r_i; so the kernel also sums the coefficients, sigma_i, and the finish
+subtracts sigma_i Q_r. When both softmaxes are sharp on the same row this keeps the gradient accurate to
+fp32 level instead of losing it to 1 - 1 cancellation. Where the student's softmax is flatter (top
+probability below 1/2) the errors are a relative shift of every c_ik alike (the rounding of the saved
+statistics), whose sum_k c_ik Q_k is small while sigma_i Q_r is not: there the forward saves ref = -1 and
+the guard is off.
 """
 import triton
 import triton.language as tl
@@ -97,8 +100,10 @@ def rrd_bwd_finish_kernel(
     sigma = tl.zeros([BLOCK_B], tl.float32)
     for j in range(n_splits):
         sigma += tl.load(PART_SIGMA + j * B + rows, mask=row_mask, other=0.0)
-    # Rows past B read bank row 0 (never stored).
-    q_ref_rows = tl.load(REF + rows, mask=row_mask, other=0)
+    # ref = -1: no guard for this row (the forward's merge decides); rows past B are never stored.
+    ref = tl.load(REF + rows, mask=row_mask, other=-1)
+    sigma = tl.where(ref >= 0, sigma, 0.0)
+    q_ref_rows = tl.maximum(ref, 0)
     norm = row_norms(S, stride_s, rows, B, D, BLOCK_B, BLOCK_DK)
     inv_norm = 1.0 / tl.maximum(norm, NORM_EPS)
     proj = tl.zeros([BLOCK_B], tl.float32)

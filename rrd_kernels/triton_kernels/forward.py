@@ -72,7 +72,7 @@ def rrd_fwd_kernel(
 def rrd_merge_kernel(PART, PART_IDX, ROWS, LSE_DIFF, LSE_T, REF, B, n_splits, kl, BLOCK_B: tl.constexpr):
     """Folds the n_splits partial states of each row and finishes it: the per-row loss (CE, or KL when kl),
     and what the backward needs (base 2): lse_a - lse_b, computed without cancellation (see below), lse_b,
-    and the student's argmax row."""
+    and the student's argmax row (or -1, see below)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = rows < B
     plane = n_splits * B
@@ -103,4 +103,7 @@ def rrd_merge_kernel(PART, PART_IDX, ROWS, LSE_DIFF, LSE_T, REF, B, n_splits, kl
     lse_diff = (m_a - m_b) - log2_1p((n_b - n_a) / (1.0 + n_a))
     tl.store(LSE_DIFF + rows, lse_diff, mask=mask)
     tl.store(LSE_T + rows, m_b + log_z_b, mask=mask)
-    tl.store(REF + rows, idx, mask=mask)
+    # The backward's rounding guard (backward.py) helps where the student's softmax is sharp (its top
+    # probability 1 / (1 + n_a) >= 1/2): errors then sit at the argmax. Where it is flatter they are spread
+    # like q itself and subtracting sigma Q_ref would add error: ref = -1 switches the guard off.
+    tl.store(REF + rows, tl.where(n_a <= 1.0, idx, -1), mask=mask)
