@@ -47,8 +47,8 @@ class FinishTiles:
 # The largest tiles found without spills on all three archs, for every bank dtype and for D both divisible
 # by 16 and not (unaligned rows load element by element, which costs registers): fp32 FMA products hold their
 # operands in registers, so they get the smallest tiles.
-_IEEE = Tiles(16, 32, 16, 64, 4, 2, 4, 2)
-_TF32 = Tiles(32, 64, 32, 64, 8, 2, 8, 2)
+_IEEE = Tiles(16, 32, 16, 64, 4, 1, 4, 1)
+_TF32 = Tiles(32, 64, 32, 64, 8, 1, 8, 1)
 _HALF = Tiles(64, 64, 32, 64, 8, 2, 8, 2)
 # Triton's CPU interpreter runs each tile op as a numpy call: larger tiles make the tests fast, and D = 100 or
 # 128 still takes several feature chunks. Tile sizes change only the order of fp32 sums, never the math;
