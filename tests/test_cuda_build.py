@@ -654,3 +654,75 @@ def test_emulated_fp32_meets_triton_bounds(emu, gen, B, K, D, n_splits):
             assert_close(rows[kl], ref_rows, loss_tol, loss_floor, f"loss {case}")
             assert_close(grad, ref_grad, grad_tol, grad_floor, f"grad {case}")
 
+
+# ---- every temperature, and non-finite inputs: the Triton backend's two behaviours on the emulated kernels --
+
+# tau_s = tau_t from sharp to nearly uniform, and the mixed extremes (tests/test_nonfinite_and_temperatures.py).
+TAUS = [(0.005, 0.005), (0.02, 0.02), (0.1, 0.1), (1.0, 1.0), (4.0, 4.0), (10.0, 10.0), (100.0, 100.0),
+        (0.02, 100.0), (100.0, 0.02)]
+
+
+@pytest.mark.parametrize("taus", TAUS, ids=[f"{a}-{b}" for a, b in TAUS])
+def test_emulated_fp32_gradient_bound_holds_for_every_temperature(emu, gen, taus):
+    """fp32 "highest" at every temperature against float64: loss rel err <= 1e-5 a, gradient rel err <= 1e-4 a,
+    a = max(1, 1 / (50 min tau)). With both softmaxes flat (large tau) q - p is a few ulps of q and p each: the
+    backward forms it as p (2^delta - 1) from the forward's cancellation-free lse_a - lse_b, where subtracting
+    q and p would lose the gradient's digits (~1e-3 at tau 100). The bank is split in 3 so the merge of split
+    states takes part. Fresh random inputs and per-row weights every run."""
+    from conftest import make_inputs
+
+    tau_s, tau_t = taus
+    B, K, D = 33, 3000, 128
+    s, t, q = make_inputs(B, K, D, gen)
+    w = torch.rand(B, generator=gen)
+    rows, grad, ref = emu_run_splits(emu, s, t, q, tau_s, tau_t, (False,), w, 3)
+    assert ((ref >= 0) & (ref < K)).all(), ref
+    s64 = s.double().requires_grad_()
+    ref_rows = rrd_reference_rows(s64, t, q, tau_s, tau_t)
+    (ref_rows * w.double()).sum().backward()
+    a = max(1.0, 1.0 / (50.0 * min(tau_s, tau_t)))
+    loss_err = ((rows[False].double() - ref_rows.detach()).norm() / ref_rows.detach().norm()).item()
+    grad_err = ((grad.double() - s64.grad).norm() / s64.grad.norm()).item()
+    assert loss_err <= 1e-5 * a, f"loss rel err {loss_err:.3e}"
+    assert grad_err <= 1e-4 * a, f"grad rel err {grad_err:.3e}"
+
+
+def rrd_reference_rows(s64, t, q, tau_s, tau_t, objective="ce"):
+    from rrd_kernels.reference import rrd_reference
+
+    return rrd_reference(s64, t.double(), q.double(), tau_s, tau_t, objective, "none")
+
+
+@pytest.mark.parametrize("mode,dtype", [(0, torch.float32), (1, torch.float32), (2, torch.float16), (3, torch.bfloat16)],
+                         ids=["fp32", "tf32", "fp16", "bf16"])
+@pytest.mark.parametrize("where", ["student", "teacher", "bank", "student_inf"])
+def test_emulated_non_finite_input_gives_nan_rows(emu, gen, where, mode, dtype):
+    """A NaN (or inf) in a student row, a teacher row or a bank row: exactly the rows that meet it (every row
+    for a bank row) get NaN loss, NaN saved LSE slots and a NaN gradient row; every other row stays finite,
+    and the argmax stays a valid bank row. GPUs' fmaxf drops NaN, so the kernels mask non-finite logits out
+    of the maxima and sums and carry the NaN in the row's count n_a; the bank is cut into 2 splits (num_sms
+    2, with KL) so the NaN also crosses the lanes' shuffles and the split merge; unsplit as well (num_sms 1)."""
+    from conftest import make_inputs
+
+    B, K, D = 5, 200, 24
+    s, t, q = make_inputs(B, K, D, gen, dtype=dtype)
+    bad = float("inf") if where == "student_inf" else float("nan")
+    if where.startswith("student"):
+        s[2, 3] = bad
+    elif where == "teacher":
+        t[2, 3] = bad
+    else:
+        q[130, 0] = bad  # in the second split
+    nan_rows = list(range(B)) if where == "bank" else [2]
+    w = torch.rand(B, generator=gen) + 0.5
+    for num_sms, kl in ((1, False), (2, True)):
+        rows, lse_diff, lse_t, grad, ref = emu_run(emu, s, t, q, mode, 0.1, 0.05, kl, num_sms, w)
+        assert ((ref >= 0) & (ref < K)).all(), ref
+        for i in range(B):
+            case = f"row {i}, num_sms {num_sms}, kl {kl}"
+            if i in nan_rows:
+                assert torch.isnan(rows[i]) and torch.isnan(lse_diff[i]) and torch.isnan(lse_t[i]), case
+                assert torch.isnan(grad[i]).all(), (case, grad[i])
+            else:
+                assert torch.isfinite(rows[i]) and torch.isfinite(lse_diff[i]) and torch.isfinite(lse_t[i]), case
+                assert torch.isfinite(grad[i]).all(), (case, grad[i])
