@@ -700,19 +700,15 @@ def test_emulated_non_finite_input_gives_nan_rows(emu, gen, where, mode, dtype):
     """A NaN (or inf) in a student row, a teacher row or a bank row: exactly the rows that meet it (every row
     for a bank row) get NaN loss, NaN saved LSE slots and a NaN gradient row; every other row stays finite,
     and the argmax stays a valid bank row. GPUs' fmaxf drops NaN, so the kernels mask non-finite logits out
-    of the maxima and sums and carry the NaN in the row's count n_a; the bank is cut into 2 splits (num_sms
-    2, with KL) so the NaN also crosses the lanes' shuffles and the split merge; unsplit as well (num_sms 1)."""
+    of the maxima and sums and carry the NaN in the row's count n_a, through the lanes' shuffles and the merge
+    of the bank splits (2 splits with num_sms 1, 4 with num_sms 2 and KL)."""
     from conftest import make_inputs
 
     B, K, D = 5, 200, 24
     s, t, q = make_inputs(B, K, D, gen, dtype=dtype)
-    bad = float("inf") if where == "student_inf" else float("nan")
-    if where.startswith("student"):
-        s[2, 3] = bad
-    elif where == "teacher":
-        t[2, 3] = bad
-    else:
-        q[130, 0] = bad  # in the second split
+    # (tensor, row, feature) poisoned; bank row 130 lies in a later split than the first
+    target, r, d = {"student": (s, 2, 3), "student_inf": (s, 2, 3), "teacher": (t, 2, 3), "bank": (q, 130, 0)}[where]
+    target[r, d] = float("inf") if where == "student_inf" else float("nan")
     nan_rows = list(range(B)) if where == "bank" else [2]
     w = torch.rand(B, generator=gen) + 0.5
     for num_sms, kl in ((1, False), (2, True)):
