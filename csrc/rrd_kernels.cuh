@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_kernel(ForwardParams p) 
 
 // ---- merge: grid ceil(B / 128), 128 threads; one thread per row --------------------------------------
 //   CE = log2(1 + n_a) + w / z_b,  H = log2(1 + n_b) + v / z_b,  KL = CE - H   (log2 units, then times ln 2)
-//   lse_s slot: lse_a - lse_b = (m_a - m_b) + log2(1 + x / z_b),  lse_t slot: lse_b = m_b + log2(1 + n_b)
+//   lse_s slot: lse_a - lse_b = (m_a - m_b) + log2(z_a / z_b),  lse_t slot: lse_b = m_b + log2(1 + n_b)
 //   (base 2), ref = the student's argmax.
 // Every split holds >= 1 valid column; a split's state is empty only where all of its logits of the row
 // were non-finite, and then its n_a is NaN.
@@ -281,13 +281,15 @@ __global__ void __launch_bounds__(kThreads) rrd_merge_kernel(ForwardParams p) {
   const float ce = log_z_a + s.w / z_b;
   const float loss = p.kl ? ce - (log_z_b + s.v / z_b) : ce;
   p.rows[row] = loss * kLn2;
-  // lse_a - lse_b = (m_a - m_b) + log2(1 + x / z_b), x = z_a - z_b summed as such: where both softmaxes are
-  // flat (large temperatures) the two LSEs are nearly equal, each ~log2 K, and their difference taken from
-  // fp32 LSEs (or from n_b - n_a) would keep only ~1e-7 log2 K of absolute accuracy. The backward needs it
-  // to form q - p without cancellation. x / z_b = z_a / z_b - 1 > -1, log2_1p's domain.
+  // lse_a - lse_b = (m_a - m_b) + log2(z_a / z_b). Where z_a / z_b is near 1 (both softmaxes flat: large
+  // temperatures) the two LSEs are nearly equal, each ~log2 K, and their difference taken from fp32 LSEs or
+  // counts keeps only ~1e-7 log2 K of absolute accuracy; log2(1 + x / z_b) with x = z_a - z_b summed as
+  // such keeps x's own. Elsewhere (z_a / z_b outside [1/2, 3/2], e.g. one sharp and one flat softmax) the
+  // ratio's log is far from 0 and log2(z_a / z_b) is accurate, while 1 + x / z_b could cancel.
   // A row that met a non-finite logit (n_a NaN) gets NaN in both slots (its m_b may be -inf, n_b finite).
   const bool bad = isnan(s.n_a);
-  p.lse_s[row] = bad ? s.n_a : (s.m_a - s.m_b) + log2_1p(s.x / z_b);
+  const float log_ratio = fabsf(s.x) <= 0.5f * z_b ? log2_1p(s.x / z_b) : log2f((1.f + s.n_a) / z_b);
+  p.lse_s[row] = bad ? s.n_a : (s.m_a - s.m_b) + log_ratio;
   p.lse_t[row] = bad ? s.n_a : s.m_b + log_z_b;
   p.ref[row] = s.idx;
 }
