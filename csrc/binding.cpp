@@ -87,8 +87,9 @@ PYBIND11_MODULE(_rrd_cuda, m) {
         py::arg("bank_dtype"), py::arg("mode"), py::arg("tau_s"), py::arg("tau_t"), py::arg("kl"),
         py::arg("num_splits"), py::arg("chunk"), py::arg("part"), py::arg("rows"), py::arg("lse_s"),
         py::arg("lse_t"), py::arg("ref"), py::arg("device"), py::arg("stream"),
-        "Forward + merge kernels: per-row loss and base-2 LSEs (float32) into rows, lse_s, lse_t, the "
-        "student's argmax bank row (int32) into ref.");
+        "Forward + merge kernels: per-row loss into rows; base-2 lse_a - lse_b into lse_s and lse_b into "
+        "lse_t (float32, for the backward); the student's argmax bank row (int32) into ref. Rows meeting a "
+        "non-finite logit get NaN.");
   m.def("backward", &backward, py::arg("student"), py::arg("teacher"), py::arg("bank"), py::arg("ld_s"),
         py::arg("ld_t"), py::arg("ld_q"), py::arg("B"), py::arg("K"), py::arg("D"), py::arg("emb_dtype"),
         py::arg("bank_dtype"), py::arg("mode"), py::arg("tau_s"), py::arg("tau_t"), py::arg("num_splits"),

@@ -18,7 +18,7 @@ struct ForwardArgs {
   bool kl = false;
   int num_splits = 1, chunk = 0;      // from forward_plan
   uintptr_t part = 0;                 // float32 workspace, forward_plan().workspace_floats elements
-  uintptr_t rows = 0, lse_s = 0, lse_t = 0;  // float32 [B] outputs (loss per row; base-2 LSEs)
+  uintptr_t rows = 0, lse_s = 0, lse_t = 0;  // float32 [B] outputs (loss per row; base 2: lse_a - lse_b, lse_b)
   uintptr_t ref = 0;                         // int32 [B] output: the student's argmax bank row per row
   int device = 0;
   uintptr_t stream = 0;  // cudaStream_t
@@ -31,7 +31,7 @@ struct BackwardArgs {
   int emb_dtype = 0, bank_dtype = 0, mode = 0;
   double tau_s = 1.0, tau_t = 1.0;
   int num_splits = 1, chunk = 0;      // from backward_plan
-  uintptr_t lse_s = 0, lse_t = 0;     // float32 [B] saved by the forward (base 2)
+  uintptr_t lse_s = 0, lse_t = 0;     // float32 [B] saved by the forward (base 2: lse_a - lse_b, lse_b)
   uintptr_t ref = 0;                  // int32 [B] saved by the forward (student's argmax bank row)
   uintptr_t grad_rows = 0;            // float32, element stride grad_stride (0 for an expanded tensor)
   int64_t grad_stride = 1;

@@ -221,35 +221,88 @@ template <int MODE, int KDIM> struct WarpTile16 {
 template <int KDIM> struct WarpTile<kMmaF16, KDIM> : WarpTile16<kMmaF16, KDIM> {};
 template <int KDIM> struct WarpTile<kMmaBF16, KDIM> : WarpTile16<kMmaBF16, KDIM> {};
 
-// ---- online dual softmax state, cancellation-free (rrd-math.md "One pass over the bank"; the Triton
+// ---- scalar helpers ----------------------------------------------------------------------------------
+// log2(1 + n) for n > -1, accurate for tiny |n| (the log1p trick: the rounding of 1 + n cancels).
+RRD_DEVICE float log2_1p(float n) {
+  const float u = 1.f + n, d = u - 1.f;
+  return d == 0.f ? n * kLog2e : log2f(u) * (n / d);
+}
+
+// 2^x - 1 for |x| <= 1/2 without cancellation: the Taylor series of e^y - 1, y = x ln 2 (|y| <= 0.35, so
+// the terms up to y^9 / 9! leave a relative error below 1e-9, under fp32 rounding), in Horner form.
+// exp2f(x) - 1 would lose the digits of a small x; expm1f's accuracy differs between CUDA and the host.
+RRD_DEVICE float exp2m1_small(float x) {
+  const float y = x * kLn2;
+  float p = 1.f / 362880.f;
+  p = fmaf(p, y, 1.f / 40320.f);
+  p = fmaf(p, y, 1.f / 5040.f);
+  p = fmaf(p, y, 1.f / 720.f);
+  p = fmaf(p, y, 1.f / 120.f);
+  p = fmaf(p, y, 1.f / 24.f);
+  p = fmaf(p, y, 1.f / 6.f);
+  p = fmaf(p, y, 0.5f);
+  p = fmaf(p, y, 1.f);
+  return p * y;
+}
+
+// Whether x is finite (false for NaN and +-inf; plain comparisons, so no fast-math assumption matters).
+RRD_DEVICE bool is_finite(float x) { return fabsf(x) < INFINITY; }
+
+// ---- online dual softmax state, cancellation-free (docs/math.md, section 3; the Triton
 // backend's online_state.py), log2 units -------------------------------------------------------------
 // Logits a (student) and b (teacher) are in log2 units (a = a_nat log2 e). Per row:
 //   m_a, n_a:  max of a, and z_a - 1 where z_a = sum_k 2^(a_k - m_a): the maximum contributes the exact 1,
 //              n_a is the rest (other entries equal to the max add 1 each); likewise m_b, n_b for b;
 //   w = sum_k 2^(b_k - m_b) (m_a - a_k),   v = sum_k 2^(b_k - m_b) (m_b - b_k)   (non-negative terms);
+//   x = z_a - z_b = sum_k (2^(a_k - m_a) - 2^(b_k - m_b)), kept as a sum of its own (not n_a - n_b);
 //   idx:       a bank row where a reaches m_a (the student's argmax; the backward's rounding guard).
 // Then CE = log2(1 + n_a) + w / z_b and H = log2(1 + n_b) + v / z_b (log2 units) with z_b = 1 + n_b, and
 // lse = m + log2(1 + n): no lse - u / z_b cancellation when a row's softmaxes are sharp and CE is tiny.
-// The empty state is (-inf, 0, -inf, 0, 0, 0, 0); a and b are finite on exactly the same columns, so a
+// And lse_a - lse_b = (m_a - m_b) + log2(1 + x / z_b): where both softmaxes are flat (large temperatures)
+// z_a and z_b are both ~K and nearly equal, so n_b - n_a would carry the rounding of two sums of ~K terms
+// (~1e-7 K), while x, a sum of small differences, carries ~1e-7 of itself. The backward's q - p depends on
+// lse_a - lse_b to that accuracy: its rounding guard turns an error e of it into ~e ln2 |Q_r| of gradient.
+// The empty state is (-inf, 0, -inf, 0, 0, 0, 0, 0); a column counts only where both a and b are finite, so a
 // state is empty iff m_a == -inf. No exp2 below sees -inf - -inf, and no inf meets a 0 in a product.
+// Non-finite logits (a NaN or inf in the row's student, teacher or a bank row) never enter the maxima or
+// sums (GPUs' fmaxf would drop a NaN silently); instead the row's n_a becomes NaN, and every merge carries
+// it, empty sides included, so the row's loss, saved statistics and gradient are NaN.
 struct RowState {
-  float m_a, n_a, m_b, n_b, w, v;
+  float m_a, n_a, m_b, n_b, w, v, x;
   int idx;
 };
 
-RRD_DEVICE RowState empty_state() { return RowState{-INFINITY, 0.f, -INFINITY, 0.f, 0.f, 0.f, 0}; }
+RRD_DEVICE RowState empty_state() { return RowState{-INFINITY, 0.f, -INFINITY, 0.f, 0.f, 0.f, 0.f, 0}; }
 
-// n of the union of two sums 1 + n_x (relative to max m_x) and 1 + n_y (relative to m_y), both finite.
+// n of the union of two sums 1 + n_x (relative to max m_x) and 1 + n_y (relative to m_y), maxima finite.
+// Both branches use both counts (an fma with a NaN operand is NaN even when the scale underflows to 0), so
+// a NaN count on either side survives.
 RRD_DEVICE float merge_count(float m_x, float n_x, float m_y, float n_y) {
   return m_y > m_x ? fmaf(n_x + 1.f, exp2f(m_x - m_y), n_y) : fmaf(n_y + 1.f, exp2f(m_y - m_x), n_x);
 }
 
+// x = z_a - z_b of a side after its maxima move by d_a = m_a - M_a <= 0 and d_b = m_b - M_b <= 0:
+//   z_a 2^d_a - z_b 2^d_b = 2^d_b (x + z_a (2^e - 1)),  e = d_a - d_b.
+// Where |e| <= 1/2 (equal or close moves: always in the flat case) 2^e - 1 comes from the series and x keeps
+// its digits; else the two terms are at least 2^(1/2) apart in scale and are formed directly (no 2^e that
+// could overflow).
+RRD_DEVICE float rescaled_diff(float x, float z_a, float z_b, float d_a, float d_b) {
+  const float e = d_a - d_b, r_b = exp2f(d_b);
+  return fabsf(e) <= 0.5f ? r_b * fmaf(z_a, exp2m1_small(e), x) : fmaf(z_a, exp2f(d_a), -z_b * r_b);
+}
+
 // Fold another partial state into s (a tile into the running state, lanes of a row, bank splits).
 // w and v are rescaled by 2^(m_b - M_b) like z_b and shifted by (M - m) z_b when their reference max moves.
+// An empty side (m_a = -inf) adds only its n_a: 0, or NaN when its columns met a non-finite logit.
 RRD_DEVICE void merge_state(RowState& s, const RowState& o) {
-  if (o.m_a == -INFINITY) return;  // o is empty
-  if (s.m_a == -INFINITY) {       // s is empty
+  if (o.m_a == -INFINITY) {  // o is empty
+    s.n_a += o.n_a;
+    return;
+  }
+  if (s.m_a == -INFINITY) {  // s is empty
+    const float n_a = s.n_a;
     s = o;
+    s.n_a += n_a;
     return;
   }
   const float ma = fmaxf(s.m_a, o.m_a), mb = fmaxf(s.m_b, o.m_b);
@@ -257,6 +310,8 @@ RRD_DEVICE void merge_state(RowState& s, const RowState& o) {
   const float zs = 1.f + s.n_b, zo = 1.f + o.n_b;
   const float w = rs * fmaf(ma - s.m_a, zs, s.w) + ro * fmaf(ma - o.m_a, zo, o.w);
   const float v = rs * fmaf(mb - s.m_b, zs, s.v) + ro * fmaf(mb - o.m_b, zo, o.v);
+  const float x = rescaled_diff(s.x, 1.f + s.n_a, zs, s.m_a - ma, s.m_b - mb) +
+                  rescaled_diff(o.x, 1.f + o.n_a, zo, o.m_a - ma, o.m_b - mb);
   s.n_a = merge_count(s.m_a, s.n_a, o.m_a, o.n_a);
   s.n_b = merge_count(s.m_b, s.n_b, o.m_b, o.n_b);
   if (o.m_a > s.m_a) s.idx = o.idx;
@@ -264,12 +319,7 @@ RRD_DEVICE void merge_state(RowState& s, const RowState& o) {
   s.m_b = mb;
   s.w = w;
   s.v = v;
-}
-
-// log2(1 + n) for n >= 0, accurate for tiny n (the log1p trick: the rounding of 1 + n cancels).
-RRD_DEVICE float log2_1p(float n) {
-  const float u = 1.f + n, d = u - 1.f;
-  return d == 0.f ? n * kLog2e : log2f(u) * (n / d);
+  s.x = x;
 }
 
 // x as the mma of mode MODE sees it as an operand (fp32 SIMT: unchanged).

@@ -58,10 +58,10 @@ inline Plan make_plan(int B, int K, int D, int num_sms, bool backward) {
   const long long tiles_per_split = ceil_div(tiles, splits);
   plan.num_splits = int(ceil_div(tiles, tiles_per_split));
   plan.chunk = int(tiles_per_split * BN);
-  // forward: 7 planes of [num_splits][B] (6 float fields + the int32 argmax); backward: the partial
+  // forward: 8 planes of [num_splits][B] (7 float fields + the int32 argmax); backward: the partial
   // gradient sums [num_splits][B][D], then the partial sigma [num_splits][B].
   plan.workspace_floats =
-      backward ? (long long)plan.num_splits * B * (D + 1LL) : 7LL * plan.num_splits * B;
+      backward ? (long long)plan.num_splits * B * (D + 1LL) : 8LL * plan.num_splits * B;
   return plan;
 }
 Plan forward_plan(int B, int K, int D, int num_sms) { return make_plan(B, K, D, num_sms, false); }

@@ -1,4 +1,4 @@
-// The RRD kernels (rrd-math.md): forward = one pass over the bank with the online dual softmax, split over
+// The RRD kernels (docs/math.md): forward = one pass over the bank with the online dual softmax, split over
 // the bank and merged; backward = recompute the logits from the saved LSEs, accumulate sum_k (q - p) Q_k,
 // reduce over the splits and apply 1/tau_s and the normalisation Jacobian. No B x K tensor is ever stored.
 //
@@ -26,11 +26,12 @@ struct ForwardParams {
   float scale_s, scale_t;  // log2(e) / tau
   int vec_s, vec_t, vec_q; // 1: 4-element vector loads are aligned (pointer, row stride, D multiples of 4)
   int num_splits, chunk;   // split y covers bank rows [y chunk, min(K, (y + 1) chunk)); chunk % BN == 0
-  float* part;             // forward: [7][num_splits][B] partial states (m_a, n_a, m_b, n_b, w, v as
+  float* part;             // forward: [8][num_splits][B] partial states (m_a, n_a, m_b, n_b, w, v, x as
                            // float planes, then idx as an int32 plane)
   float* rows;             // merge: [B] CE (or KL) per row
-  float* lse_s;            // merge: [B] LSE of the student logits, base 2 (what the backward uses)
-  float* lse_t;            // merge: [B] LSE of the teacher logits, base 2
+  float* lse_s;            // merge: [B] lse_a - lse_b, base 2, from the counts (no cancellation; the
+                           // contract's lse_s slot, read only by this backend's backward)
+  float* lse_t;            // merge: [B] lse_b, the LSE of the teacher logits, base 2
   int* ref;                // merge: [B] the student's argmax bank row per row (the backward's rounding guard)
   int kl;
 };
@@ -45,8 +46,8 @@ struct BackwardParams {
   float scale_s, scale_t;  // log2(e) / tau
   int vec_s, vec_t, vec_q;
   int num_splits, chunk;
-  const float* lse_s;      // [B] from the forward (base 2)
-  const float* lse_t;
+  const float* lse_s;      // [B] from the forward: lse_a - lse_b (base 2)
+  const float* lse_t;      // [B] from the forward: lse_b (base 2)
   const int* ref;          // [B] from the forward: the student's argmax bank row per row
   int mode;                // the precision mode (how the finish kernel rounds Q_ref as the products saw it)
   const float* grad_rows;  // [B] upstream gradient per row, element stride grad_stride (0 when expanded)
@@ -141,39 +142,50 @@ RRD_DEVICE void logit_tiles(const P& p, typename ModeTraits<MODE>::T* stage, int
 
 // Online update of one row's lane-local state with this lane's 16 logits of the tile (half h: row g + 8h).
 // a = acc_s * sa and b = acc_t * sb are the logits in log2 units; column 8 j + c of the lane's slice is
-// bank row col0 + 8 j + c and counts only when < K. The lane's 16 columns form a tile state (max, the
-// count n with the maximum's exact 1 left out, w, v, argmax), merged into the running state.
+// bank row col0 + 8 j + c and counts only when < K and both a and b are finite. The lane's counted columns
+// form a tile state (max, the count n with the maximum's exact 1 left out, w, v, argmax), merged into the
+// running state; a valid column with a non-finite a or b instead makes the row's n_a NaN.
 RRD_DEVICE void online_update(RowState& s, const float (&acc_s)[8][4], const float (&acc_t)[8][4], int h,
                               float sa, float sb, int col0, int K) {
   float mx_a = -INFINITY, mx_b = -INFINITY;
   int arg = 0;
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int c = 0; c < 2; ++c)
-      if (col0 + 8 * j + c < K) {
-        const float a = acc_s[j][2 * h + c] * sa;
-        if (a > mx_a) {
-          mx_a = a;
-          arg = col0 + 8 * j + c;
-        }
-        mx_b = fmaxf(mx_b, acc_t[j][2 * h + c] * sb);
-      }
-  if (mx_a == -INFINITY) return;  // nothing valid in this lane's slice (tail tile): the state is unchanged
-  float na = 0.f, nb = 0.f, ca = -1.f, cb = -1.f, w = 0.f, v = 0.f;  // ca, cb: (entries at the max) - 1
+  bool bad = false;  // a valid column with a non-finite logit
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
     for (int c = 0; c < 2; ++c)
       if (col0 + 8 * j + c < K) {
         const float a = acc_s[j][2 * h + c] * sa, b = acc_t[j][2 * h + c] * sb;
+        if (!(is_finite(a) && is_finite(b))) {
+          bad = true;
+          continue;
+        }
+        if (a > mx_a) {
+          mx_a = a;
+          arg = col0 + 8 * j + c;
+        }
+        mx_b = fmaxf(mx_b, b);
+      }
+  if (mx_a == -INFINITY) {  // no counted column in this lane's slice (tail tile, or all non-finite)
+    if (bad) s.n_a = NAN;   // merge_state carries it even while s is empty
+    return;
+  }
+  float na = 0.f, nb = 0.f, ca = -1.f, cb = -1.f, w = 0.f, v = 0.f, x = 0.f;  // ca, cb: (entries at max) - 1
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      if (col0 + 8 * j + c < K) {
+        const float a = acc_s[j][2 * h + c] * sa, b = acc_t[j][2 * h + c] * sb;
+        if (!(is_finite(a) && is_finite(b))) continue;
         const float ea = exp2f(a - mx_a), eb = exp2f(b - mx_b);
         if (a == mx_a) ca += 1.f; else na += ea;
         if (b == mx_b) cb += 1.f; else nb += eb;
         w = fmaf(eb, mx_a - a, w);
         v = fmaf(eb, mx_b - b, v);
+        x += ea - eb;  // each term's rounding is ~1e-7 of 1, not of the counts
       }
-  merge_state(s, RowState{mx_a, na + ca, mx_b, nb + cb, w, v, arg});
+  merge_state(s, RowState{mx_a, bad ? NAN : na + ca, mx_b, nb + cb, w, v, x, arg});
 }
 
 RRD_DEVICE RowState shfl_xor_state(const RowState& s, int off) {
@@ -184,6 +196,7 @@ RRD_DEVICE RowState shfl_xor_state(const RowState& s, int off) {
   o.n_b = __shfl_xor_sync(0xffffffffu, s.n_b, off);
   o.w = __shfl_xor_sync(0xffffffffu, s.w, off);
   o.v = __shfl_xor_sync(0xffffffffu, s.v, off);
+  o.x = __shfl_xor_sync(0xffffffffu, s.x, off);
   o.idx = __shfl_xor_sync(0xffffffffu, s.idx, off);
   return o;
 }
@@ -194,7 +207,7 @@ template <int MODE> RRD_HOST_DEVICE constexpr int forward_smem_bytes() {
 }
 
 // ---- forward: grid (ceil(B / BM), num_splits), 128 threads ------------------------------------------
-// Writes the partial state of every row < B for its bank chunk to part[field][split][row] (field 6, the
+// Writes the partial state of every row < B for its bank chunk to part[field][split][row] (field 7, the
 // argmax, as int32 bits).
 template <int MODE>
 __global__ void __launch_bounds__(kThreads) rrd_forward_kernel(ForwardParams p) {
@@ -239,7 +252,8 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_kernel(ForwardParams p) 
         p.part[3 * stride + at] = st[h].n_b;
         p.part[4 * stride + at] = st[h].w;
         p.part[5 * stride + at] = st[h].v;
-        reinterpret_cast<int*>(p.part + 6 * stride)[at] = st[h].idx;
+        p.part[6 * stride + at] = st[h].x;
+        reinterpret_cast<int*>(p.part + 7 * stride)[at] = st[h].idx;
       }
     }
   }
@@ -247,8 +261,10 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_kernel(ForwardParams p) 
 
 // ---- merge: grid ceil(B / 128), 128 threads; one thread per row --------------------------------------
 //   CE = log2(1 + n_a) + w / z_b,  H = log2(1 + n_b) + v / z_b,  KL = CE - H   (log2 units, then times ln 2)
-//   lse_a = m_a + log2(1 + n_a), lse_b = m_b + log2(1 + n_b) (base 2), ref = the student's argmax.
-// Every split holds >= 1 valid column, so every split's state is non-empty (finite maxima).
+//   lse_s slot: lse_a - lse_b = (m_a - m_b) + log2(z_a / z_b),  lse_t slot: lse_b = m_b + log2(1 + n_b)
+//   (base 2), ref = the student's argmax.
+// Every split holds >= 1 valid column; a split's state is empty only where all of its logits of the row
+// were non-finite, and then its n_a is NaN.
 __global__ void __launch_bounds__(kThreads) rrd_merge_kernel(ForwardParams p) {
   const int row = blockIdx.x * kThreads + threadIdx.x;
   if (row >= p.B) return;
@@ -258,15 +274,23 @@ __global__ void __launch_bounds__(kThreads) rrd_merge_kernel(ForwardParams p) {
     const long long at = (long long)split * p.B + row;
     const RowState o{p.part[0 * stride + at], p.part[1 * stride + at], p.part[2 * stride + at],
                      p.part[3 * stride + at], p.part[4 * stride + at], p.part[5 * stride + at],
-                     reinterpret_cast<const int*>(p.part + 6 * stride)[at]};
+                     p.part[6 * stride + at], reinterpret_cast<const int*>(p.part + 7 * stride)[at]};
     merge_state(s, o);
   }
   const float log_z_a = log2_1p(s.n_a), log_z_b = log2_1p(s.n_b), z_b = 1.f + s.n_b;
   const float ce = log_z_a + s.w / z_b;
   const float loss = p.kl ? ce - (log_z_b + s.v / z_b) : ce;
   p.rows[row] = loss * kLn2;
-  p.lse_s[row] = s.m_a + log_z_a;
-  p.lse_t[row] = s.m_b + log_z_b;
+  // lse_a - lse_b = (m_a - m_b) + log2(z_a / z_b). Where z_a / z_b is near 1 (both softmaxes flat: large
+  // temperatures) the two LSEs are nearly equal, each ~log2 K, and their difference taken from fp32 LSEs or
+  // counts keeps only ~1e-7 log2 K of absolute accuracy; log2(1 + x / z_b) with x = z_a - z_b summed as
+  // such keeps x's own. Elsewhere (z_a / z_b outside [1/2, 3/2], e.g. one sharp and one flat softmax) the
+  // ratio's log is far from 0 and log2(z_a / z_b) is accurate, while 1 + x / z_b could cancel.
+  // A row that met a non-finite logit (n_a NaN) gets NaN in both slots (its m_b may be -inf, n_b finite).
+  const bool bad = isnan(s.n_a);
+  const float log_ratio = fabsf(s.x) <= 0.5f * z_b ? log2_1p(s.x / z_b) : log2f((1.f + s.n_a) / z_b);
+  p.lse_s[row] = bad ? s.n_a : (s.m_a - s.m_b) + log_ratio;
+  p.lse_t[row] = bad ? s.n_a : s.m_b + log_z_b;
   p.ref[row] = s.idx;
 }
 
@@ -281,7 +305,11 @@ template <int MODE> RRD_HOST_DEVICE constexpr int backward_smem_bytes() {
 // For its rows, bank chunk and feature slice [dv0, dv0 + DV) the block accumulates
 //   G[r][d] = sum_k (q_rk - p_rk) Q_k[d],   q = 2^(a - lse_a), p = 2^(b - lse_b)   (log2 units)
 // as a second warp-tile product W (16 x BN per warp, in shared memory) times Q^T (staged transposed,
-// DV x BN), and writes it to gpart[split][row][d]. Blocks of the first feature slice also write
+// DV x BN), and writes it to gpart[split][row][d]. q - p is formed as in the Triton backward: with
+// delta = log2(q / p) = (a - b) - (lse_a - lse_b), where |delta| <= 1/2 (q and p close: both softmaxes flat,
+// large temperatures) it is p (2^delta - 1) with 2^delta - 1 from a series, else q - p. The forward saved
+// lse_a - lse_b itself, computed from the counts, so delta keeps its digits even when both LSEs are
+// ~log2 K; lse_a = (lse_a - lse_b) + lse_b serves the far q. Blocks of the first feature slice also write
 //   sigma[r] = sum_k (q_rk - p_rk)   (each term as the product sees it: rounded to the mode's operand type)
 // to sigpart[split][row], for the finish kernel's rounding guard. The staging buffers of the logit tiles and the W / Q^T
 // buffers share the same shared memory (they are never live at the same time).
@@ -303,7 +331,7 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_kernel(BackwardParams p
 
   row_scales(p, row0, scale_s, scale_t);
   const int r_lo = warp * 16 + g;
-  float sa[2], sb[2], la[2], lb[2];
+  float sa[2], sb[2], la[2], lb[2], ld[2];
   bool row_ok[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -311,8 +339,9 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_kernel(BackwardParams p
     row_ok[h] = row < p.B;
     sa[h] = scale_s[r_lo + 8 * h];
     sb[h] = scale_t[r_lo + 8 * h];
-    la[h] = row_ok[h] ? p.lse_s[row] : 0.f;  // base 2, as the forward saved them
-    lb[h] = row_ok[h] ? p.lse_t[row] : 0.f;
+    ld[h] = row_ok[h] ? p.lse_s[row] : 0.f;  // lse_a - lse_b, base 2, as the forward saved it
+    lb[h] = row_ok[h] ? p.lse_t[row] : 0.f;  // lse_b
+    la[h] = ld[h] + lb[h];                   // lse_a (NaN rows stay NaN: delta and q are NaN)
   }
   float sig[2] = {0.f, 0.f};
 
@@ -333,8 +362,11 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_kernel(BackwardParams p
       for (int i = 0; i < 4; ++i) {
         const int h = i >> 1, c = 8 * j + 2 * t + (i & 1);
         float w = 0.f;
-        if (row_ok[h] && n0 + c < p.K)
-          w = exp2f(acc_s[j][i] * sa[h] - la[h]) - exp2f(acc_t[j][i] * sb[h] - lb[h]);
+        if (row_ok[h] && n0 + c < p.K) {
+          const float a = acc_s[j][i] * sa[h], b = acc_t[j][i] * sb[h];
+          const float delta = (a - b) - ld[h], pk = exp2f(b - lb[h]);
+          w = fabsf(delta) <= 0.5f ? pk * exp2m1_small(delta) : exp2f(a - la[h]) - pk;
+        }
         ws[(r_lo + 8 * h) * ldw + c] = ModeTraits<MODE>::from_float(w);
         sig[h] += as_operand(w, MODE);
       }

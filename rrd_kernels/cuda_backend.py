@@ -9,8 +9,11 @@ device. Importing this module always works; without the extension every call say
 Kernels (csrc/rrd_kernels.cuh; math in docs/math.md, structure in docs/design.md, as the Triton backend):
     forward:  grid (row blocks of 64, bank splits) -> partial online dual-softmax state per (split, row),
               in the cancellation-free form of the Triton backend (max, count - 1, W, V, argmax)
-    merge:    per row -> CE (or KL), base-2 LSE of the student and teacher logits, the student's argmax
-    backward: grid (row blocks, bank splits, 64-feature slices) -> partial sum_k (q - p) Q_k and
+    merge:    per row -> CE (or KL), base-2 lse_a - lse_b (in the lse_s slot, from the counts without
+              cancellation) and the teacher's LSE lse_b, the student's argmax; a row meeting a non-finite
+              logit gets NaN in all three float outputs and in its gradient
+    backward: grid (row blocks, bank splits, 64-feature slices) -> partial sum_k (q - p) Q_k (q - p as
+              p (2^delta - 1) where q and p are close) and
               sigma = sum_k (q - p) per split
     finish:   per row -> sum over splits, minus sigma Q_argmax (rounding guard), / tau_s, normalisation
               Jacobian, x upstream weight -> dL/dS
@@ -180,8 +183,9 @@ def _common(student, teacher, bank):
 
 
 def forward(student, teacher, bank, tau_s, tau_t, kl):
-    """(rows, lse_s, lse_t, ref): per-row CE (or KL), float32; base-2 LSEs of the student and teacher logits,
-    float32; ref, int32: the student's argmax bank row per row (the backward's rounding guard)."""
+    """(rows, lse_s, lse_t, ref): per-row CE (or KL), float32; in the lse_s slot lse_a - lse_b and in lse_t
+    lse_b (base 2, float32; read only by this backend's backward); ref, int32: the student's argmax bank row
+    per row (the backward's rounding guard)."""
     keep, args, index = _common(student, teacher, bank)
     B, K, D = args["B"], args["K"], args["D"]
     device = keep[0].device
