@@ -70,16 +70,17 @@ def _fp32_precision() -> str:
 
 
 def make_plan(B: int, K: int, D: int, student_dtype: torch.dtype, limits: DeviceLimits | None = None,
-              n_splits: int | None = None) -> Plan:
-    """The plan a call with these sizes and embedding dtype gets on the current device (or `limits`)."""
-    mode = mode_of(student_dtype == torch.float32, _fp32_precision())
+              n_splits: int | None = None, bank_dtype: torch.dtype = torch.float32) -> Plan:
+    """The plan a call with these sizes and dtypes gets on the current device (or `limits`)."""
+    mode = mode_of(student_dtype == torch.float32, _fp32_precision(), bank_dtype.itemsize)
     return _make_plan(B, K, D, limits or current_limits(), mode, n_splits)
 
 
 def forward(student, teacher, bank, tau_s, tau_t, kl, n_splits=None):
     student, teacher, bank = _row_major(student), _row_major(teacher), _row_major(bank)
     with _on(student.device):
-        plan = make_plan(student.shape[0], bank.shape[0], student.shape[1], student.dtype, n_splits=n_splits)
+        plan = make_plan(student.shape[0], bank.shape[0], student.shape[1], student.dtype, n_splits=n_splits,
+                         bank_dtype=bank.dtype)
         part, part_idx = forward_states(student, teacher, bank, tau_s, tau_t, plan)
         # The contract's lse_s slot carries lse_s - lse_t (base 2): see backward.py for why.
         return merge_states(part, part_idx, kl)
@@ -121,7 +122,8 @@ def merge_states(part, part_idx, kl):
 def backward(grad_rows, student, teacher, bank, lse_s, lse_t, ref, tau_s, tau_t, n_splits=None):
     student, teacher, bank = _row_major(student), _row_major(teacher), _row_major(bank)
     with _on(student.device):
-        plan = make_plan(student.shape[0], bank.shape[0], student.shape[1], student.dtype, n_splits=n_splits)
+        plan = make_plan(student.shape[0], bank.shape[0], student.shape[1], student.dtype, n_splits=n_splits,
+                         bank_dtype=bank.dtype)
         part, part_sigma = backward_sums(student, teacher, bank, lse_s, lse_t, tau_s, tau_t, plan)
         return backward_finish(part, part_sigma, bank, ref, student, grad_rows, tau_s)
 

@@ -42,23 +42,24 @@ class FinishTiles:
     num_warps: int
 
 
-# Product modes: "ieee" fp32 FMA (torch's "highest"), "tf32" (fp32 inputs when TF32 is allowed), "half"
-# (fp16/bf16 inputs on tensor cores). Keys are device families (see family()).
+# Product modes: "ieee" fp32 FMA (torch's "highest"), "tf32" (fp32 inputs when TF32 is allowed; its own entry
+# for a 16-bit bank), "half" (fp16/bf16 inputs on tensor cores). Keys are device families (see family()).
 # The largest tiles found without spills on all three archs, for every bank dtype and for D both divisible
 # by 16 and not (unaligned rows load element by element, which costs registers): fp32 FMA products hold their
 # operands in registers, so they get the smallest tiles.
 _IEEE = Tiles(16, 32, 16, 64, 4, 1, 4, 1)
 _TF32 = Tiles(32, 64, 32, 64, 8, 1, 8, 1)
+_TF32_16BIT_BANK = Tiles(32, 64, 32, 64, 8, 2, 8, 2)  # one stage spills 8 B here, two do not (ptxas, all archs)
 _HALF = Tiles(64, 64, 32, 64, 8, 2, 8, 2)
 # Triton's CPU interpreter runs each tile op as a numpy call: larger tiles make the tests fast, and D = 100 or
 # 128 still takes several feature chunks. Tile sizes change only the order of fp32 sums, never the math;
 # RRD_TRITON_ARCH=sm_80|sm_86|sm_90 makes the interpreter use that family's GPU tiles instead.
 _INTERPRETER = Tiles(64, 64, 32, 64, 4, 1, 4, 1)
 TILES = {
-    "sm_90": {"ieee": _IEEE, "tf32": _TF32, "half": _HALF},
-    "sm_80": {"ieee": _IEEE, "tf32": _TF32, "half": _HALF},
-    "sm_86": {"ieee": _IEEE, "tf32": _TF32, "half": _HALF},
-    "interpreter": {"ieee": _INTERPRETER, "tf32": _INTERPRETER, "half": _INTERPRETER},
+    "sm_90": {"ieee": _IEEE, "tf32": _TF32, "tf32_16bit_bank": _TF32_16BIT_BANK, "half": _HALF},
+    "sm_80": {"ieee": _IEEE, "tf32": _TF32, "tf32_16bit_bank": _TF32_16BIT_BANK, "half": _HALF},
+    "sm_86": {"ieee": _IEEE, "tf32": _TF32, "tf32_16bit_bank": _TF32_16BIT_BANK, "half": _HALF},
+    "interpreter": {"ieee": _INTERPRETER, "tf32": _INTERPRETER, "tf32_16bit_bank": _INTERPRETER, "half": _INTERPRETER},
 }
 FINISH = FinishTiles(16, 32, 4)
 MERGE_BLOCK_B = 128
@@ -110,10 +111,12 @@ def current_limits() -> DeviceLimits:
     return _driver_limits(drv, drv.get_current_device())
 
 
-def mode_of(op_dtype_is_fp32: bool, fp32_precision: str) -> str:
+def mode_of(op_dtype_is_fp32: bool, fp32_precision: str, bank_bytes: int = 4) -> str:
     if not op_dtype_is_fp32:
         return "half"
-    return "tf32" if fp32_precision == "tf32" else "ieee"
+    if fp32_precision == "tf32":
+        return "tf32" if bank_bytes == 4 else "tf32_16bit_bank"
+    return "ieee"
 
 
 def tiles_for(limits: DeviceLimits, mode: str) -> Tiles:

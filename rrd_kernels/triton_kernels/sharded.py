@@ -54,7 +54,8 @@ def _prepared(student, teacher, shard, n_splits):
     """Row-major operands and the launch plan for N all-gathered rows against this shard."""
     student, teacher, shard = _row_major(student), _row_major(teacher), _row_major(shard)
     N, D = student.shape
-    return student, teacher, shard, make_plan(N, shard.shape[0], D, student.dtype, n_splits=n_splits)
+    return student, teacher, shard, make_plan(N, shard.shape[0], D, student.dtype, n_splits=n_splits,
+                                           bank_dtype=shard.dtype)
 
 
 def forward_partial(student, teacher, shard, tau_s, tau_t, k_offset, n_splits=None):
