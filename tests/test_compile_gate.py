@@ -92,3 +92,23 @@ def test_why_unusable_refuses_a_gpu_without_a_checked_plan(monkeypatch):
     assert reason is not None and "7.5" in reason and "8.0" in reason
     monkeypatch.setattr(launch, "current_limits", lambda: DeviceLimits(86, 101376, 84))
     assert launch.why_unusable(torch.device("cuda", 0), torch.float32, torch.float32, 4, 100, 128) is None
+
+
+@pytest.mark.slow  # three compilations
+def test_replacing_the_driver_recompiles_for_the_new_arch():
+    """Triton caches compiled kernels per device index with the first driver's target; a launch after the
+    active driver was replaced (another arch's stand-in) must compile for the new arch."""
+    out = _in_subprocess(
+        "import os, tempfile\n"
+        "os.environ['TRITON_CACHE_DIR'] = tempfile.mkdtemp()\n"
+        "import torch\n"
+        "from tools.standin_driver import ARCHS, stand_in\n"
+        "from rrd_kernels.triton_kernels import launch\n"
+        "from rrd_kernels.triton_kernels.forward import rrd_fwd_kernel\n"
+        "s, q = torch.randn(5, 128), torch.randn(300, 128)\n"
+        "for name in ('sm_90', 'sm_80', 'sm_86'):\n"
+        "    with stand_in(ARCHS[name]):\n"
+        "        launch.forward(s, s, q, 0.1, 0.1, False, n_splits=2)\n"
+        "        print(sorted(k.metadata.target.arch for k in rrd_fwd_kernel.device_caches[0][0].values()))\n"
+    )
+    assert out.split() == ["[90]", "[80]", "[86]"]

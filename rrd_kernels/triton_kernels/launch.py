@@ -51,8 +51,21 @@ def why_unusable(device, dtype, bank_dtype, B, K, D) -> str | None:
     return None
 
 
+_KERNELS = (rrd_fwd_kernel, rrd_merge_kernel, rrd_bwd_kernel, rrd_bwd_finish_kernel)
+_compiled_for = [None]  # the Triton driver the kernels' caches were filled under
+
+
 def _on(device):
     """Run under the tensors' device: the current device decides the compile target and the stream."""
+    if not interpreting():
+        drv = triton.runtime.driver.active
+        if drv is not _compiled_for[0]:
+            # Triton keys compiled kernels by device index only and keeps the target of the first driver it
+            # saw; when the active driver is replaced (a stand-in for another GPU, as the compile gate and
+            # tests do) the kernels must be compiled for the new one.
+            for kernel in _KERNELS:
+                kernel.device_caches.clear()
+            _compiled_for[0] = drv
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 

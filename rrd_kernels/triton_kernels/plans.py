@@ -9,7 +9,6 @@ measured are committed in compile-report.txt beside this file.
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -95,11 +94,20 @@ def family(limits: DeviceLimits) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=64)
+_LIMITS: dict[tuple[int, int], tuple[object, DeviceLimits]] = {}
+
+
 def _driver_limits(drv, device_index: int) -> DeviceLimits:
+    # Cached per (driver, device): the property query is a driver call, and a launch is a few microseconds.
+    # Keyed by id and checked by identity, so a replaced driver (a stand-in for another arch) is asked anew.
+    hit = _LIMITS.get((id(drv), device_index))
+    if hit is not None and hit[0] is drv:
+        return hit[1]
     target = drv.get_current_target()
     props = drv.utils.get_device_properties(device_index)
-    return DeviceLimits(int(target.arch), int(props["max_shared_mem"]), int(props["multiprocessor_count"]))
+    limits = DeviceLimits(int(target.arch), int(props["max_shared_mem"]), int(props["multiprocessor_count"]))
+    _LIMITS[(id(drv), device_index)] = (drv, limits)
+    return limits
 
 
 def current_limits() -> DeviceLimits:
