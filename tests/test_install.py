@@ -21,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # import name -> distribution name, for every third-party module the repository imports
 DISTRIBUTION = {"torch": "torch", "numpy": "numpy", "triton": "triton", "tqdm": "tqdm", "sklearn": "scikit-learn",
                 "matplotlib": "matplotlib", "pytest": "pytest", "setuptools": "setuptools"}
-LOCAL = {"rrd_kernels", "bench", "models", "rrdtrain", "conftest"}
+# The repository's own modules, including the dev tools (tools/) and csrc/'s scripts that tests load.
+LOCAL = {"rrd_kernels", "bench", "models", "rrdtrain", "conftest", "tools"} | {
+    f[:-3] for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith(".py")}
 
 
 @pytest.fixture(scope="module")

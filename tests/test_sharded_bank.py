@@ -86,7 +86,14 @@ def test_pieces_match_float64_reference(gen, backend, taus):
             assert rel_err(rows, ref_rows) <= loss_tol, (kl, n_splits)
             assert rel_err(grad, ref_grad) <= grad_tol, (kl, n_splits)
             logits = F.normalize(s.double(), dim=1) @ q.double().T
-            assert torch.equal(ref.long(), logits.argmax(dim=1))  # the global argmax, across shards
+            argmax, ref = logits.argmax(dim=1), ref.long()  # the global argmax, across shards
+            if backend == "torch":
+                assert torch.equal(ref, argmax)
+            else:
+                # Triton saves -1 ("no rounding guard") where the student's top probability is below 1/2.
+                top = torch.softmax(logits / tau_s, dim=1).max(dim=1).values
+                assert torch.equal(ref[ref >= 0], argmax[ref >= 0])
+                assert (ref[top > 0.5001] >= 0).all() and (ref[top < 0.4999] == -1).all()
     if backend == "torch":  # float64 in, float64 out: the reference's own accuracy
         s64, t64, q64 = s.double(), t.double(), q.double()
         rows, grad, _ = sharded_pieces(pieces, s64, t64, q64, tau_s, tau_t, True, w.double(), 3)
