@@ -12,6 +12,7 @@ See python/README.md for every option.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -32,7 +33,9 @@ from models import MODELS, build_model  # noqa: E402
 from rrdtrain import dist as D  # noqa: E402
 from rrdtrain.data import DataError, load_dataset  # noqa: E402
 from rrdtrain.engine import ResumeError, Stage, StageRunner, StopRequested, TrainConfig, evaluate  # noqa: E402
+from rrdtrain.optional import progress_bar  # noqa: E402
 from rrdtrain.report import format_table, save_json, save_plot, summarise  # noqa: E402
+from rrdtrain.students import WorkerSpec, train_seed, train_seeds_in_workers, usable_cpus  # noqa: E402
 
 # method -> (label, uses KD, uses RRD); CE is always on (weight gamma)
 METHODS = {
@@ -48,13 +51,14 @@ PRESETS = {
         teacher="digits_cnn", student="digits_mlp", batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
         epochs=30, teacher_epochs=30, lr_decay_epochs=None, lr_decay_rate=0.1, bank_size=1024, feat_dim=128,
         kd_T=4.0, save_every=5, seeds=5, threads=1,  # tiny models: one thread is as fast, and robust to a busy CPU
+        workers=2,  # seeds on two processes: the job fits in about a minute and a half on 2 cores
         methods=["ce", "kd", "rrd", "kd_rrd"],  # the four rows of the paper's tables
     ),
     # the paper's CIFAR-100 recipe (authors' scripts)
     "cifar100": dict(
         teacher="resnet32x4", student="resnet8x4", batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
         epochs=240, teacher_epochs=240, lr_decay_epochs=[150, 180, 210], lr_decay_rate=0.1, bank_size=16384,
-        feat_dim=128, kd_T=4.0, save_every=10, seeds=1, threads=None, methods=["ce", "kd", "kd_rrd"],
+        feat_dim=128, kd_T=4.0, save_every=10, seeds=1, threads=None, workers=1, methods=["ce", "kd", "kd_rrd"],
     ),
 }
 
@@ -158,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on digits, torch's choice on cifar100)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="train the student seeds on this many CPU processes, each with --threads threads (preset: "
+                        "2 on digits, 1 on cifar100); capped by the seeds and the usable cores; 1 on a GPU, under "
+                        "torchrun and with --stop-after. Results are identical for any value")
     g.add_argument("--out-dir", default=None, help="output folder (default: runs/<dataset>-<teacher>-<student>)")
     g.add_argument("--save-every", type=int, default=None, help="write a checkpoint every N epochs, and at the end (preset: 5 digits, 10 cifar100)")
     g.add_argument("--resume", action="store_true",
@@ -184,6 +192,8 @@ def resolve_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
     for name in ("tau_s", "tau_t", "kd_T", "lr"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -236,6 +246,22 @@ def load_teacher_ckpt(p, path: str, arch: str, make) -> torch.nn.Module:
     return model
 
 
+def worker_count(args, ctx: D.DistContext) -> tuple[int, str]:
+    """How many worker processes train the student seeds, and why not more."""
+    if args.workers == 1:
+        return 1, "--workers 1"
+    if ctx.distributed:
+        return 1, "under torchrun every process is one rank of each stage"
+    if ctx.device.type != "cpu":
+        return 1, "on a GPU the seeds run one after another"
+    if args.stop_after is not None:
+        return 1, "--stop-after stops the first stage that reaches it, so stages run in order"
+    n = min(args.workers, args.seeds, usable_cpus())
+    if n == 1:
+        return 1, "one seed" if args.seeds == 1 else "one usable CPU core"
+    return n, ""
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = resolve_args(parser, argv)
@@ -260,8 +286,7 @@ def main(argv=None) -> int:
         save_every=args.save_every, stop_after=args.stop_after, resume=args.resume, progress=args.progress,
     )
 
-    def make(arch):
-        return build_model(arch, data.num_classes, data.in_channels)
+    make = functools.partial(build_model, num_classes=data.num_classes, in_channels=data.in_channels)  # picklable
 
     if ctx.is_main:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -292,19 +317,33 @@ def main(argv=None) -> int:
             label, use_kd, use_rrd = METHODS[name]
             weights = (args.gamma, args.alpha if use_kd else 0.0, args.beta if use_rrd else 0.0)
             methods[name] = {"label": label, "weights": weights, "histories": [], "ddp_bank_in_sync": []}
-        for seed in range(args.seed, args.seed + args.seeds):
+        weights = {name: m["weights"] for name, m in methods.items()}
+        seeds = list(range(args.seed, args.seed + args.seeds))
+        workers, why_not_more = worker_count(args, ctx)
+        if workers > 1:
+            log(f"students: {len(seeds)} seeds x {len(methods)} methods on {workers} worker processes")
+            spec = WorkerSpec(
+                load_data=functools.partial(load_dataset, args.dataset, args.data_dir, split_seed=0),
+                build_model=make,
+                threads=args.threads, cfg=cfg, teacher_arch=args.teacher,
+                teacher_state={k: v.detach().cpu() for k, v in teacher.state_dict().items()},
+                methods=weights, student=args.student, epochs=args.epochs, out_dir=args.out_dir,
+            )
+            bar = progress_bar(total=len(seeds), desc="seeds", unit="seed") if args.progress else None
+            per_seed = train_seeds_in_workers(spec, seeds, workers,
+                                              on_done=(lambda seed: bar.update(1)) if bar is not None else None)
+            if bar is not None:
+                bar.close()
+        else:
+            if args.workers > 1 and args.seeds > 1:
+                log(f"students: seeds one after another ({why_not_more})")
+            per_seed = {seed: train_seed(runner, teacher, seed, weights, args.student, args.epochs, args.out_dir,
+                                         log=log) for seed in seeds}
+        for seed in seeds:
             for name, m in methods.items():
-                gamma, alpha, beta = m["weights"]
-                stage = Stage(f"seed{seed}/{name}", args.student, args.epochs, seed,
-                              os.path.join(args.out_dir, f"seed{seed}", name), gamma=gamma, alpha=alpha, beta=beta)
-                res = runner.run(stage, teacher=teacher)
-                m["histories"].append(res["history"])
-                if res["criterion"] is not None and ctx.distributed:
-                    crit = res["criterion"]  # a sharded bank is in sync when its pointer is
-                    banks = D.gather_objects((crit.bank_ptr if crit.bank_is_sharded else crit.bank).detach().cpu(), ctx)
-                    same = all(torch.equal(b, banks[0]) for b in banks)
-                    m["ddp_bank_in_sync"].append(same)
-                    log(f"[{stage.name}] RRD banks identical on all {ctx.world} ranks: {same}")
+                m["histories"].append(per_seed[seed][name]["history"])
+                if per_seed[seed][name]["bank_in_sync"] is not None:
+                    m["ddp_bank_in_sync"].append(per_seed[seed][name]["bank_in_sync"])
     except StopRequested as stop:
         stopped = str(stop)
     except ResumeError as exc:
@@ -322,7 +361,6 @@ def main(argv=None) -> int:
         summarise(methods)
         teacher_info = {"arch": args.teacher, "test_acc": teacher_acc, "history": teacher_hist,
                         "checkpoint": args.teacher_ckpt or os.path.join(args.out_dir, "teacher", "final.pt")}
-        seeds = list(range(args.seed, args.seed + args.seeds))
         title = (f"{args.dataset} ({len(data.train)} train / {len(data.test)} test images): teacher {args.teacher} "
                  f"-> student {args.student}, {args.epochs} epochs, seeds {seeds}")
         loss_line = (f"loss = gamma*CE + alpha*KD(T {args.kd_T:g}) + beta*RRD; RRD {args.rrd_config}: tau_s "

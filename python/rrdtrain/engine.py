@@ -28,6 +28,7 @@ from rrd_kernels import RRDLoss
 from . import dist as D
 from .data import DatasetSpec, Preprocess, batches, make_sampler
 from .optional import progress_bar
+from .teacher_memo import TeacherMemo
 
 CKPT_FORMAT = "rrd-train-checkpoint-v1"
 METRIC_KEYS = ("epoch", "lr", "train_loss", "train_ce", "train_kd", "train_rrd", "train_acc", "test_loss", "test_acc")
@@ -192,9 +193,10 @@ class StageRunner:
         self.test_set = data.test.to(ctx.device)
 
     # ------------------------------------------------------------------ one stage
-    def run(self, stage: Stage, teacher: nn.Module | None = None) -> dict:
+    def run(self, stage: Stage, teacher: nn.Module | None = None, teacher_memo: TeacherMemo | None = None) -> dict:
         """Train ``stage`` (or resume it, or load it if already finished). Returns
-        {"model": the trained module, "history": per-epoch metrics, "criterion": RRDLoss or None}."""
+        {"model": the trained module, "history": per-epoch metrics, "criterion": RRDLoss or None}.
+        ``teacher_memo``: share one across the methods of a seed to compute the teacher's outputs once (CPU)."""
         ctx, cfg = self.ctx, self.cfg
         stage_dir = stage.out_dir
         os.makedirs(stage_dir, exist_ok=True)
@@ -280,7 +282,8 @@ class StageRunner:
         for epoch in range(start_epoch, stage.epochs + 1):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            train_metrics = self._train_epoch(stage, net, teacher, criterion, optimizer, sampler, aug_gen, epoch)
+            train_metrics = self._train_epoch(stage, net, teacher, criterion, optimizer, sampler, aug_gen, epoch,
+                                              teacher_memo)
             scheduler.step()
             if ctx.distributed:
                 D.broadcast_module_(model, ctx)  # identical BN statistics on every rank before evaluation
@@ -367,7 +370,7 @@ class StageRunner:
             )
         D.barrier(ctx)
 
-    def _train_epoch(self, stage, net, teacher, criterion, optimizer, sampler, aug_gen, epoch) -> dict:
+    def _train_epoch(self, stage, net, teacher, criterion, optimizer, sampler, aug_gen, epoch, teacher_memo=None) -> dict:
         ctx, cfg, dev = self.ctx, self.cfg, self.device
         net.train()
         sampler.set_epoch(epoch)
@@ -380,13 +383,16 @@ class StageRunner:
         inner = None
         if ctx.is_main and cfg.progress and n_batches >= 100:
             inner = progress_bar(total=n_batches, desc=f"epoch {epoch}", unit="it", leave=False, dynamic_ncols=True)
-        for idx in batches(order, cfg.batch_size, dev):
+        for step, idx in enumerate(batches(order, cfg.batch_size, dev)):
             x = self.pre.train(self.train_set.images[idx], aug_gen)
             y = self.train_set.labels[idx]
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 if teacher is not None and (stage.alpha or stage.beta):  # the student alone needs no teacher pass
                     with torch.no_grad():
-                        f_t, logits_t = teacher(x)
+                        if teacher_memo is not None:
+                            f_t, logits_t = teacher_memo((epoch, step), x, teacher)
+                        else:
+                            f_t, logits_t = teacher(x)
                 f_s, logits_s = net(x)
                 ce = F.cross_entropy(logits_s.float(), y)
                 kd = kd_loss(logits_s, logits_t, cfg.kd_T) if stage.alpha else zero
