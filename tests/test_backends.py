@@ -60,3 +60,31 @@ def test_cpu_only_machine_without_interpreter_lists_torch_only():
     listed, triton_reason = out.stdout.splitlines()[-2:]
     assert listed == "['torch']"
     assert "no CUDA device" in triton_reason and "TRITON_INTERPRET=1" in triton_reason
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and compiling
+@pytest.mark.skipif(not have_triton(), reason="triton not installed")
+def test_import_does_not_load_dynamo_and_compile_still_sees_the_choice_as_constant():
+    """`import rrd_kernels` leaves torch._dynamo unloaded (it would double the import time), yet a later
+    torch.compile(fullgraph=True) still treats the backend choice as a constant: with backend="triton" the
+    choice imports modules and queries the device, which dynamo cannot trace (without the mark this fails)."""
+    code = (
+        "import sys, torch, rrd_kernels\n"
+        "print('torch._dynamo' in sys.modules)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "s, t, bank = (torch.randn(n, 16, generator=g) for n in (4, 4, 50))\n"
+        "step = lambda s, t, bank: rrd_kernels.rrd_loss(s, t, bank, tau_s=0.1, tau_t=0.04, backend='triton')\n"
+        "compiled = torch.compile(step, fullgraph=True, backend='aot_eager')\n"
+        "print(torch.equal(compiled(s, t, bank), step(s, t, bank)))\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "True"]
+
+    def probe():
+        return 0
+
+    # the mark rrd_kernels sets by hand is the one torch's decorator sets
+    marked = torch.compiler.assume_constant_result(probe)
+    assert marked is probe and vars(probe) == {"_dynamo_marked_constant": True}
