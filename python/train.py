@@ -388,4 +388,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: worker processes are already stopped (rrdtrain.students)
+        print("\ninterrupted: finished stages and the last checkpoints are in the output folder; run the same "
+              "command with --resume to continue", file=sys.stderr)
+        sys.exit(130)

@@ -5,7 +5,10 @@ import importlib.util
 import json
 import os
 import pickle
+import shutil
+import signal
 import subprocess
+import time
 import sys
 
 import numpy as np
@@ -471,7 +474,7 @@ def _without_timing(histories: dict) -> dict:
 
 
 @pytest.mark.slow  # end-to-end training runs in subprocesses
-def test_seeds_on_worker_processes_match_one_process(smoke, tmp_path):
+def test_seeds_on_worker_processes_match_one_process(app, smoke, tmp_path):
     """The smoke job ran its seeds on 2 worker processes (the digits preset); the same job in one process
     (--workers 1, the same teacher) gives bit-identical histories, hence the same table."""
     from rrdtrain.students import usable_cpus
@@ -574,3 +577,57 @@ def test_teacher_memo_copies_and_respects_its_budget():
     assert set(memo.entries) == {"a", "b"} and memo.bytes == memo.max_bytes
     memo("c", x, teacher)
     assert len(calls) == 5
+
+
+@pytest.mark.slow  # end-to-end training runs in subprocesses
+def test_a_failing_worker_stops_the_job_with_its_message(smoke, tmp_path):
+    """A ResumeError raised inside a worker process (other settings than the checkpoints) ends the job
+    with the same one-line message as in one process, and nothing hangs."""
+    out, _ = smoke
+    shutil.copytree(out, tmp_path / "run")
+    bad = run_app("--teacher-ckpt", out / "teacher" / "final.pt", "--epochs", 2, "--seeds", 2, "--workers", 2,
+                  "--methods", "ce,kd,rrd,kd_rrd", "--lr", 0.01, "--resume", "--out-dir", tmp_path / "run",
+                  check=False, timeout=120)
+    assert bad.returncode == 2 and "lr: checkpoint 0.05 vs now 0.01" in bad.stderr, bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow  # end-to-end training run in a subprocess
+def test_ctrl_c_stops_the_workers_at_once(app, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while seeds train on worker processes:
+    the job exits within seconds with code 130 and a hint to --resume, and leaves no worker running."""
+    from rrdtrain.students import usable_cpus
+
+    if usable_cpus() < 2:
+        pytest.skip("needs 2 usable cores for worker processes")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, APP, "--no-progress", "--teacher-epochs", "1", "--epochs", "30", "--out-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell may have ignored it
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "worker processes" in line:
+                break
+        assert any("on 2 worker processes" in x for x in lines), lines
+        time.sleep(8)  # workers started and training (spawn + imports take a few seconds)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = proc.stderr.read()
+    assert proc.returncode == 130 and "--resume" in err, err[-2000:]
+    deadline = time.time() + 15
+    while time.time() < deadline:  # the group is gone once every worker has exited (and been reaped)
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("worker processes still running 15 s after the job exited")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 import torch
@@ -64,6 +65,9 @@ def _log(*args, **kwargs):
 
 
 def _init_worker(spec: WorkerSpec) -> None:
+    # Ctrl-C reaches the whole process group: the parent handles it (terminating the pool); a worker that
+    # raised KeyboardInterrupt itself would only fail its current seed and go on to the next.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     ctx = D.DistContext()  # one CPU process, no process group
@@ -77,32 +81,45 @@ def _init_worker(spec: WorkerSpec) -> None:
     _worker.update(spec=spec, runner=runner, teacher=teacher)
 
 
-def _train_seed_in_worker(seed: int) -> dict:
+def _train_seed_in_worker(seed: int) -> tuple[int, dict]:
     spec = _worker["spec"]
-    return train_seed(_worker["runner"], _worker["teacher"], seed, spec.methods, spec.student, spec.epochs,
-                      spec.out_dir, log=_log)
+    return seed, train_seed(_worker["runner"], _worker["teacher"], seed, spec.methods, spec.student, spec.epochs,
+                            spec.out_dir, log=_log)
 
 
 def train_seeds_in_workers(spec: WorkerSpec, seeds: list[int], workers: int, on_done=None) -> dict:
     """``train_seed`` for every seed on ``workers`` spawned CPU processes. Returns {seed: result}. The first
-    failure (e.g. a ResumeError) is raised here after the seeds not yet started are cancelled."""
+    failure (a ResumeError, a worker that died: BrokenProcessPool), or Ctrl-C, stops every worker at once
+    and is raised here; the stages finished so far are on disk (``--resume`` continues from them)."""
     results = {}
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(spec,)) as pool:
-        pending = {pool.submit(_train_seed_in_worker, seed): seed for seed in seeds}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    seed = pending.pop(fut)
-                    results[seed] = fut.result()  # raises the worker's exception
-                    if on_done is not None:
-                        on_done(seed)
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(spec,))
+    pending = {pool.submit(_train_seed_in_worker, seed) for seed in seeds}
+    try:
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                seed, result = fut.result()  # raises the worker's exception
+                results[seed] = result
+                if on_done is not None:
+                    on_done(seed)
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
     return results
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and kill the workers now (they ignore SIGINT, and a seed takes a while)."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # before 3.14: the executor's own list
+    pool.shutdown(wait=False, cancel_futures=True)  # (this drops that list)
+    for proc in procs:
+        proc.terminate()
 
 
 def usable_cpus() -> int:
