@@ -7,8 +7,10 @@ compile-report.txt and must match what the compiler produces now. The plan tests
 read the device from Triton's active driver, as a GPU call does.
 """
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,19 +29,43 @@ def _gate_env():
     return env
 
 
+PINNED_TRITON = "3.6.0"  # what the GPU machines and CI run; the committed report is made with it
+SPILL = re.compile(r"FAIL stack \d+ B \(spills\)$")
+
+
 @pytest.mark.slow
 def test_every_kernel_compiles_fits_and_does_not_spill_on_sm80_sm86_sm90():
+    """With the pinned triton: every kernel ok, and the table equals the committed one. With another triton
+    (a newcomer's fresh venv takes the newest): compile errors and shared memory over the limit still fail;
+    a stack frame (spills) is reported as a warning, not a failure, because spill freedom is a tuning
+    property of one compiler version (triton 3.8.0 gives 16 of the 300 kernels an 8-byte frame)."""
     jobs = str(min(3, os.cpu_count() or 1))
     out = subprocess.run([sys.executable, "-m", "tools.triton_gate", "-j", jobs], cwd=ROOT, env=_gate_env(),
                          capture_output=True, text=True, timeout=3600)
-    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
-    table = out.stdout.rsplit("\n# ", 1)[0] + "\n"
+    table, footer = out.stdout.rsplit("\n# ", 1)
+    table += "\n"
+    rows = [line for line in table.splitlines() if line.startswith("sm_")]
+    assert re.match(r"\d+ kernels", footer) and len(rows) == int(footer.split()[0]) > 0, out.stdout[-3000:] + out.stderr[-3000:]
     committed = (ROOT / "rrd_kernels" / "triton_kernels" / "compile-report.txt").read_text()
-    if committed.splitlines()[0] != table.splitlines()[0]:
-        pytest.skip("the committed report was made with another triton version (every kernel passed)")
-    assert table == committed, (
-        "the committed compile report is stale: run `python -m tools.triton_gate --write` and commit it"
-    )
+    if table.splitlines()[0] == committed.splitlines()[0]:  # the same triton version: exactly the committed table
+        assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+        assert table == committed, (
+            "the committed compile report is stale: run `python -m tools.triton_gate --write` and commit it"
+        )
+        return
+    failing = [row for row in rows if not row.endswith(" ok")]
+    hard = [row for row in failing if not SPILL.search(row)]
+    assert not hard, "\n".join(hard)
+    if failing:
+        warnings.warn(f"{len(failing)} of {len(rows)} kernels have a stack frame (spills) with this triton "
+                      f"version; none with the pinned triton {PINNED_TRITON}:\n" + "\n".join(failing))
+
+
+def test_committed_report_is_made_with_the_pinned_triton():
+    first = (ROOT / "rrd_kernels" / "triton_kernels" / "compile-report.txt").read_text().splitlines()[0]
+    assert f"triton {PINNED_TRITON}:" in first, first
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f'"triton=={PINNED_TRITON}"' in ci
 
 
 def _in_subprocess(code: str) -> str:
