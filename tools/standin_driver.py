@@ -64,11 +64,11 @@ class _NoLaunch:
 
 
 class StandInDriver(DriverBase):
-    def __init__(self, arch: Arch):
+    def __init__(self, arch: Arch, launcher_cls=None):
         super().__init__()
         self.arch = arch
         self.utils = _Utils(arch)
-        self.launcher_cls = _NoLaunch
+        self.launcher_cls = launcher_cls or _NoLaunch
 
     @classmethod
     def is_active(cls):
@@ -101,10 +101,12 @@ class StandInDriver(DriverBase):
 
 
 @contextlib.contextmanager
-def stand_in(arch: Arch):
-    """Make a StandInDriver for `arch` Triton's active driver for the duration of the block."""
+def stand_in(arch: Arch, launcher_cls=None):
+    """Make a StandInDriver for `arch` Triton's active driver for the duration of the block. launcher_cls
+    (called as Triton calls a launcher: grid, stream, function, metadata, hooks, kernel arguments) replaces
+    the launch that does nothing, e.g. to record launches (tools/cost_model.py)."""
     previous = _driver._active
-    _driver.set_active(StandInDriver(arch))
+    _driver.set_active(StandInDriver(arch, launcher_cls))
     try:
         yield
     finally:

@@ -1,0 +1,379 @@
+"""Static cost model of a forward + backward call, from the SASS the real compiler emits (no GPU).
+
+For one configuration (architecture, embedding and bank dtypes, fp32 matmul precision, D, B, K) it calls the
+Triton backend's own forward and backward (rrd_kernels/triton_kernels/launch.py) on CPU tensors of the real
+sizes while the compile gate's stand-in driver (tools/standin_driver.py) answers for the architecture: every
+kernel the call launches is compiled by the real Triton + ptxas exactly as on a GPU, and each launch's grid,
+warps and arguments are recorded instead of run. Each kernel's SASS (cuobjdump -sass) is then counted:
+
+- the bank loop (the outermost loop holding the kernel's products) is executed once per bank tile of every
+  row block and output slice: cdiv(K, BLOCK_K) x grid[0] x grid[2] iterations in all; loops nested in it walk
+  the features, cdiv(D, BLOCK_DK) times; everything else runs once per program (its own loops over D
+  cdiv(D, BLOCK_DK) times). Kernels without a bank loop (merge, finish) run per row: each of their loops is
+  counted max(n_splits, cdiv(D, BLOCK_DK)) times, an upper bound (they are O(B) work, under 1 % at size).
+- warp-instructions: every SASS instruction one warp issues; MUFU lanes: MUFU warp-instructions x 32;
+  tensor FLOPs: HMMA/HGMMA shapes (an HGMMA issue is a quarter of its warpgroup's 64 x N x K product);
+  L2 bytes: global loads, stores and async copies x 32 lanes (an upper bound: masked lanes are counted);
+  HBM bytes: every tensor argument once (the bank once per streaming kernel: the row blocks of a split read
+  the same chunk at about the same time), the bank only B rows in a per-row kernel.
+
+Predicted time on a named GPU (GPUS below, datasheet peaks): each bound is the time the call needs on that
+resource alone: issue (4 warp-instructions per clock per SM), tensor (dense peak of the MMA's input type),
+MUFU (16 lanes per clock per SM), memory (HBM bandwidth); peaks are scaled by the fraction an H200 reached in
+our own measurements (docs/measurements.md). `predicted_ms` is the largest bound. The one kernel measured on
+a card so far ran 2.3x its predicted time (docs/cost-model.md): real times are expected between
+predicted_ms and calibrated_ms = CALIBRATION x predicted_ms until a GPU session measures more.
+
+    python -m tools.cost_model --arch sm_90 --dtype bfloat16 --D 128 --B 4096 --K 262144 [--json]
+    python -m tools.cost_model --table [--write]     # the benchmark configurations (tools/cost-report.txt)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "tools" / "cost-report.txt"
+BUDGET = ROOT / "tools" / "cost-budget.json"
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    arch: str
+    sms: int
+    clock_ghz: float  # the boost clock the datasheet's peaks are quoted at
+    tflops: dict  # dense tensor-core peaks by input type, and "fp32" for FFMA
+    hbm_tbps: float
+    issue_per_clock_per_sm: int = 4  # four schedulers, one warp-instruction each per clock
+    mufu_per_clock_per_sm: int = 16  # CUDA C++ Programming Guide, arithmetic instruction throughput, cc 8.x/9.0
+
+
+# NVIDIA's datasheets: H100 Tensor Core GPU (SXM5), H200 Tensor Core GPU, A100 Tensor Core GPU (SXM4 80 GB);
+# dense (no sparsity) figures. The H100 and H200 share the GH100 die (132 SMs at 1.83 GHz), not the memory.
+GPUS = {
+    "H100": GPU("H100 SXM5", "sm_90", 132, 1.83, {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}, 3.35),
+    "H200": GPU("H200 SXM", "sm_90", 132, 1.83, {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}, 4.8),
+    "A100": GPU("A100 SXM4 80GB", "sm_80", 108, 1.41, {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}, 2.039),
+}
+DEFAULT_GPU = {"sm_90": "H200", "sm_80": "A100", "sm_86": "A100"}
+# What an H200 reached of those peaks in our measurements (docs/measurements.md: bf16 matmul 693 TFLOP/s,
+# TF32 390, fp32 51, copy 4.27 TB/s): the achievable share, applied to every GPU.
+ACHIEVED = {"bf16": 693 / 989.4, "fp16": 693 / 989.4, "tf32": 390 / 494.7, "fp32": 51 / 66.9, "hbm": 4.27 / 4.8}
+# Measured / predicted for the calibration kernel (docs/cost-model.md): a plain split-bank Triton forward, H200.
+CALIBRATION = 2.3
+
+CONFIGS = [  # the benchmark configurations (bench/config.py "sweep" corners and the issue's targets)
+    dict(arch="sm_90", dtype="bfloat16", D=128, B=4096, K=262144),
+    dict(arch="sm_90", dtype="bfloat16", D=256, B=1024, K=65536),
+    dict(arch="sm_90", dtype="bfloat16", D=512, B=1024, K=65536),
+    dict(arch="sm_90", dtype="float16", D=128, B=4096, K=262144),
+    dict(arch="sm_90", dtype="float32", precision="high", D=128, B=4096, K=262144),
+    dict(arch="sm_90", dtype="float32", precision="highest", D=256, B=1024, K=65536),
+    dict(arch="sm_90", dtype="float32", precision="highest", D=128, B=64, K=16384),
+    dict(arch="sm_80", dtype="bfloat16", D=128, B=4096, K=262144),
+    dict(arch="sm_80", dtype="float32", precision="highest", D=256, B=1024, K=65536),
+    dict(arch="sm_86", dtype="bfloat16", D=128, B=4096, K=262144),
+]
+
+
+def _mma_type(opcode: str) -> str:
+    """Input type of an MMA from its SASS modifiers (fp16 inputs carry no suffix)."""
+    mods = opcode.split(".")
+    return "bf16" if "BF16" in mods else "tf32" if "TF32" in mods else "fp16"
+
+
+class _Recorder:
+    """A stand-in launcher that records each launch (kernel, grid, arguments) instead of running it."""
+    launches: list = []
+
+    def __init__(self, src, metadata):
+        self.src, self.metadata = src, metadata
+
+    def __call__(self, g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
+        self.launches.append((self.src, self.metadata, (g0, g1, g2), args))
+
+
+def _compiled_kernels():
+    from rrd_kernels.triton_kernels import launch
+    out = {}
+    for k in launch._KERNELS:
+        for dev in k.device_caches.values():
+            for compiled in dev[0].values():
+                out[compiled.metadata.hash] = compiled
+    return out
+
+
+def _args_by_name(src, args):
+    names = src.fn.arg_names
+    values = dict(zip(names, args)) if len(args) == len(names) else {}
+    for key, value in src.constants.items():
+        values[names[key[0]]] = value
+    return values
+
+
+def _count_kernel(compiled, grid, values, B, K, D):
+    """Totals over one launch: warp-instructions, MUFU lanes, tensor FLOPs by type, FFMA lanes, L2 bytes."""
+    from tools import sass
+
+    instrs = sass.parse(sass.disassemble(compiled.asm["cubin"]))
+    roots = sass.loops(instrs)
+    warps = compiled.metadata.num_warps
+    programs = grid[0] * grid[1] * grid[2]
+    block_k = values.get("BLOCK_K")
+    block_dk = values.get("BLOCK_DK") or D
+    d_trips = max(1, math.ceil(D / block_dk))
+
+    def product_weight(loop):
+        inside = [i for i in instrs if loop.contains(i.addr)]
+        mma = sum(1 for i in inside if sass.mma_flops(i))
+        return mma if mma else sum(1 for i in inside if i.op == "FFMA") * 1e-3
+
+    bank_loop = None
+    if block_k is not None and roots:
+        bank_loop = max(roots, key=product_weight)
+        if product_weight(bank_loop) == 0:
+            bank_loop = None
+    n_splits = values.get("n_splits") or (grid[1] if bank_loop is None else 1)
+
+    def chain(ins) -> list:
+        """The loops around an instruction, innermost first."""
+        out, lp = [], sass.innermost(roots, ins.addr)
+        while lp is not None:
+            out.append(lp)
+            lp = lp.parent
+        return out
+
+    def executions(ins) -> float:
+        """How many times one warp of the whole launch's programs issues this instruction, summed."""
+        around = chain(ins)
+        if bank_loop is None:
+            return programs * max(n_splits, d_trips) ** len(around)
+        if bank_loop in around:
+            # Loops inside the bank loop walk the features; the bank loop runs once per tile of the bank
+            # for every row block and output slice.
+            iterations = grid[0] * grid[2] * math.ceil(K / block_k)
+            return iterations * d_trips ** around.index(bank_loop)
+        return programs * d_trips ** len(around)
+
+    totals = dict(warp_instructions=0.0, mufu_lanes=0.0, ffma_lanes=0.0, l2_bytes=0.0, tensor_flops={})
+    loop_body = dict(warp_instructions=0.0, mufu_lanes=0.0, tensor_flops=0.0)
+    for ins in instrs:
+        n = executions(ins) * warps
+        totals["warp_instructions"] += n
+        if ins.op == "MUFU":
+            totals["mufu_lanes"] += n * sass.MUFU_LANES
+        if ins.op == "FFMA":
+            totals["ffma_lanes"] += n * 32
+        totals["l2_bytes"] += n * 32 * sass.global_bytes_per_lane(ins)
+        flops = sass.mma_flops(ins)
+        if flops:
+            t = _mma_type(ins.opcode)
+            totals["tensor_flops"][t] = totals["tensor_flops"].get(t, 0.0) + n * flops
+    steady = None
+    if bank_loop is not None:
+        # One iteration of the bank loop, per (row, bank row) pair of its tile: the steady state.
+        per_iter = sum(d_trips ** chain(i).index(bank_loop) for i in instrs if bank_loop.contains(i.addr))
+        slices = grid[2]
+        steady = per_iter * warps * slices / (values["BLOCK_B"] * block_k)
+    return instrs, bank_loop, totals, steady
+
+
+def _hbm_bytes(src, values, bank_loop, B, D, bank_bytes):
+    import torch
+    total = 0
+    for name, v in values.items():
+        if isinstance(v, torch.Tensor):
+            if name == "Q" and bank_loop is None:
+                total += B * D * bank_bytes  # a per-row kernel reads the bank's reference rows only
+            else:
+                total += v.numel() * v.element_size()
+    return total
+
+
+def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest", D=128, B=4096, K=262144,
+            gpu=None):
+    """The cost of one forward + backward call: a dict (see the module docstring and --json)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="rrd-cost-"))
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from rrd_kernels.triton_kernels import launch
+    from tools import standin_driver
+
+    bank_dtype = bank_dtype or dtype
+    dt, bdt = getattr(torch, dtype), getattr(torch, bank_dtype)
+    torch.set_float32_matmul_precision(precision)
+    s = torch.zeros(B, D, dtype=dt)
+    t = torch.zeros(B, D, dtype=dt)
+    q = torch.zeros(K, D, dtype=bdt)
+    _Recorder.launches = []
+    with standin_driver.stand_in(standin_driver.ARCHS[arch], launcher_cls=_Recorder):
+        rows, lse_s, lse_t, ref = launch.forward(s, t, q, 0.1, 0.02, False)
+        launch.backward(torch.ones(B), s, t, q, lse_s, lse_t, ref, 0.1, 0.02)
+        compiled = _compiled_kernels()
+    gpu = GPUS[gpu or DEFAULT_GPU[arch]]
+    pairs = B * K
+    kernels = []
+    for src, md, grid, args in _Recorder.launches:
+        values = _args_by_name(src, args)
+        instrs, bank_loop, tot, steady = _count_kernel(compiled[md.hash], grid, values, B, K, D)
+        hbm = _hbm_bytes(src, values, bank_loop, B, D, bdt.itemsize)
+        tensor = sum(tot["tensor_flops"].values())
+        kernels.append(dict(
+            name=src.fn.__name__, grid=list(grid), warps=md.num_warps, stages=md.num_stages,
+            tiles={k: v for k, v in values.items() if k.startswith("BLOCK_")},
+            sass_instructions=len(instrs),
+            bank_loop_instructions=None if bank_loop is None else sum(1 for i in instrs if bank_loop.contains(i.addr)),
+            steady_warp_instructions_per_pair=None if steady is None else round(steady, 4),
+            warp_instructions_per_pair=tot["warp_instructions"] / pairs,
+            mufu_per_pair=tot["mufu_lanes"] / pairs,
+            tensor_flop_per_pair=tensor / pairs,
+            tensor_flop_by_type={k: v / pairs for k, v in tot["tensor_flops"].items()},
+            ffma_lanes_per_pair=tot["ffma_lanes"] / pairs,
+            l2_bytes_per_pair=tot["l2_bytes"] / pairs,
+            hbm_bytes_per_pair=hbm / pairs,
+        ))
+    total = {key: sum(k[key] for k in kernels) for key in (
+        "warp_instructions_per_pair", "mufu_per_pair", "tensor_flop_per_pair", "ffma_lanes_per_pair",
+        "l2_bytes_per_pair", "hbm_bytes_per_pair")}
+    by_type: dict[str, float] = {}
+    for k in kernels:
+        for typ, v in k["tensor_flop_by_type"].items():
+            by_type[typ] = by_type.get(typ, 0.0) + v
+    clock = gpu.clock_ghz * 1e9
+    bounds = {
+        "issue": pairs * total["warp_instructions_per_pair"] / (gpu.issue_per_clock_per_sm * gpu.sms * clock),
+        "tensor": sum(pairs * v / (gpu.tflops[typ] * ACHIEVED[typ] * 1e12) for typ, v in by_type.items()),
+        "mufu": pairs * total["mufu_per_pair"] / (gpu.mufu_per_clock_per_sm * gpu.sms * clock),
+        "memory": pairs * total["hbm_bytes_per_pair"] / (gpu.hbm_tbps * ACHIEVED["hbm"] * 1e12),
+    }
+    bounds_ms = {k: v * 1e3 for k, v in bounds.items()}
+    predicted = max(bounds_ms.values())
+    return dict(
+        config=dict(arch=arch, dtype=dtype, bank_dtype=bank_dtype, precision=precision if dtype == "float32" else None,
+                    D=D, B=B, K=K),
+        gpu=gpu.name,
+        warp_instructions_per_pair=total["warp_instructions_per_pair"],
+        mufu_per_pair=total["mufu_per_pair"],
+        tensor_flop_per_pair=total["tensor_flop_per_pair"],
+        bank_products=total["tensor_flop_per_pair"] / (2 * D),
+        ffma_lanes_per_pair=total["ffma_lanes_per_pair"],
+        l2_bytes_per_pair=total["l2_bytes_per_pair"],
+        hbm_bytes_per_pair=total["hbm_bytes_per_pair"],
+        bounds_ms=bounds_ms,
+        bound=max(bounds_ms, key=bounds_ms.get),
+        predicted_ms=predicted,
+        calibrated_ms=predicted * CALIBRATION,
+        kernels=kernels,
+    )
+
+
+def _fmt(x, nd=3):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def format_result(r: dict) -> str:
+    c = r["config"]
+    head = (f"{c['arch']} {c['dtype']}{'/' + c['precision'] if c['precision'] else ''} bank {c['bank_dtype']} "
+            f"D {c['D']} B {c['B']} K {c['K']} on {r['gpu']}")
+    lines = [head, f"{'kernel':24} {'grid':>16} {'warps':>5} {'steady/pair':>11} {'warp-instr/pair':>15} "
+                   f"{'MUFU/pair':>9} {'products':>8} {'L2 B/pair':>9} {'HBM B/pair':>10}"]
+    for k in r["kernels"]:
+        lines.append(
+            f"{k['name']:24} {'x'.join(map(str, k['grid'])):>16} {k['warps']:>5} "
+            f"{_fmt(k['steady_warp_instructions_per_pair']):>11} {_fmt(k['warp_instructions_per_pair']):>15} "
+            f"{_fmt(k['mufu_per_pair']):>9} {_fmt(k['tensor_flop_per_pair'] / (2 * c['D']), 2):>8} "
+            f"{_fmt(k['l2_bytes_per_pair'], 2):>9} {_fmt(k['hbm_bytes_per_pair'], 3):>10}")
+    lines.append(
+        f"{'total':24} {'':>16} {'':>5} {'':>11} {_fmt(r['warp_instructions_per_pair']):>15} "
+        f"{_fmt(r['mufu_per_pair']):>9} {_fmt(r['bank_products'], 2):>8} {_fmt(r['l2_bytes_per_pair'], 2):>9} "
+        f"{_fmt(r['hbm_bytes_per_pair'], 3):>10}")
+    b = r["bounds_ms"]
+    lines.append("bounds (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in b.items())
+                 + f"; predicted {r['predicted_ms']:.3f} ms ({r['bound']}-bound), "
+                   f"calibrated {r['calibrated_ms']:.3f} ms")
+    return "\n".join(lines)
+
+
+def table_row(r: dict) -> str:
+    c = r["config"]
+    mode = c["dtype"] + ("/" + c["precision"] if c["precision"] else "")
+    return (f"{c['arch']:6} {mode:17} {c['D']:>4} {c['B']:>5} {c['K']:>8} {r['gpu']:15} "
+            f"{r['warp_instructions_per_pair']:>8.3f} {r['mufu_per_pair']:>6.2f} {r['bank_products']:>5.2f} "
+            f"{r['l2_bytes_per_pair']:>7.2f} {r['bounds_ms']['issue']:>7.3f} {r['bounds_ms']['tensor']:>7.3f} "
+            f"{r['bounds_ms']['mufu']:>7.3f} {r['bounds_ms']['memory']:>7.3f} {r['predicted_ms']:>9.3f}")
+
+
+def table(results: list[dict]) -> str:
+    import triton
+    lines = [
+        f"# Static cost model (tools/cost_model.py), triton {triton.__version__}: forward + backward per (row, bank row)",
+        "# pair, counted from the SASS of every kernel one call launches; bounds and predicted time in ms on the",
+        "# named GPU (datasheet peaks x the share an H200 reached); real times so far ~2.3x predicted (docs/cost-model.md).",
+        f"{'arch':6} {'mode':17} {'D':>4} {'B':>5} {'K':>8} {'gpu':15} {'instr':>8} {'MUFU':>6} {'prod':>5} "
+        f"{'L2 B':>7} {'issue':>7} {'tensor':>7} {'mufu':>7} {'memory':>7} {'predicted':>9}",
+    ]
+    lines += [table_row(r) for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def _config_key(c: dict) -> str:
+    return f"{c['arch']} {c['dtype']}{'/' + c.get('precision', 'highest') if c['dtype'] == 'float32' else ''} D{c['D']}"
+
+
+def _run_config(c):
+    return analyse(**c)
+
+
+def run_table(jobs=1) -> list[dict]:
+    if jobs <= 1:
+        return [_run_config(c) for c in CONFIGS]
+    import concurrent.futures as futures
+    with futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_run_config, CONFIGS))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="sm_90", choices=["sm_80", "sm_86", "sm_90"], help="target (default %(default)s)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="embedding dtype (default %(default)s)")
+    p.add_argument("--bank-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="bank dtype (default: the embedding dtype)")
+    p.add_argument("--precision", default="highest", choices=["highest", "high"],
+                   help="torch.get_float32_matmul_precision() for fp32 embeddings (default %(default)s)")
+    p.add_argument("--D", type=int, default=128, help="embedding dimension (default %(default)s)")
+    p.add_argument("--B", type=int, default=4096, help="batch rows (default %(default)s)")
+    p.add_argument("--K", type=int, default=262144, help="bank rows (default %(default)s)")
+    p.add_argument("--gpu", choices=sorted(GPUS), default=None, help="GPU for the prediction (default: H200 for "
+                   "sm_90, A100 for sm_80/sm_86)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--table", action="store_true", help="every benchmark configuration (CONFIGS), as one table")
+    p.add_argument("--write", action="store_true", help=f"with --table: rewrite {REPORT.relative_to(ROOT)}")
+    p.add_argument("-j", "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes for --table")
+    args = p.parse_args(argv)
+    if args.table:
+        results = run_table(args.jobs)
+        text = table(results)
+        if args.json:
+            print(json.dumps(results, indent=1))
+        else:
+            print(text, end="")
+        if args.write:
+            REPORT.write_text(text)
+        return 0
+    r = analyse(args.arch, args.dtype, args.bank_dtype, args.precision, args.D, args.B, args.K, args.gpu)
+    print(json.dumps(r, indent=1) if args.json else format_result(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
