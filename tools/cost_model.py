@@ -341,6 +341,27 @@ def run_table(jobs=1) -> list[dict]:
         return list(pool.map(_run_config, CONFIGS))
 
 
+BUDGET_KEYS = ("warp_instructions_per_pair", "mufu_per_pair", "bank_products")
+
+
+def budget_of(results: list[dict]) -> dict:
+    return {_config_key(r["config"]): {k: round(r[k], 4) for k in BUDGET_KEYS} for r in results}
+
+
+def regressions(results: list[dict], budget: dict, slack: float = 0.0) -> list[str]:
+    """What is worse than the committed budget (more than `slack`, relative), one line each."""
+    out = []
+    for key, now in budget_of(results).items():
+        if key not in budget:
+            out.append(f"{key}: no committed budget (run `python -m tools.cost_model --table --write`)")
+            continue
+        for k in BUDGET_KEYS:
+            limit = budget[key][k] * (1 + slack) + 1e-4
+            if now[k] > limit:
+                out.append(f"{key}: {k} {now[k]} > budget {budget[key][k]}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="sm_90", choices=["sm_80", "sm_86", "sm_90"], help="target (default %(default)s)")
@@ -357,7 +378,11 @@ def main(argv=None) -> int:
                    "sm_90, A100 for sm_80/sm_86)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--table", action="store_true", help="every benchmark configuration (CONFIGS), as one table")
-    p.add_argument("--write", action="store_true", help=f"with --table: rewrite {REPORT.relative_to(ROOT)}")
+    p.add_argument("--write", action="store_true", help=f"with --table: rewrite {REPORT.relative_to(ROOT)} and "
+                   f"{BUDGET.relative_to(ROOT)} (refused where a figure got worse, unless --allow-worse)")
+    p.add_argument("--allow-worse", action="store_true", help="with --write: accept a worse budget")
+    p.add_argument("--check", action="store_true", help="with --table: exit 1 where a figure is worse than the "
+                   "committed budget")
     p.add_argument("-j", "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes for --table")
     args = p.parse_args(argv)
     if args.table:
@@ -367,9 +392,18 @@ def main(argv=None) -> int:
             print(json.dumps(results, indent=1))
         else:
             print(text, end="")
+        budget = json.loads(BUDGET.read_text()) if BUDGET.exists() else {}
+        worse = regressions(results, budget)
+        for line in worse:
+            print("worse than budget: " + line, file=sys.stderr)
         if args.write:
+            if worse and budget and not args.allow_worse:
+                print("not written: a budget would get worse (--allow-worse to accept it)", file=sys.stderr)
+                return 1
             REPORT.write_text(text)
-        return 0
+            BUDGET.write_text(json.dumps(budget_of(results), indent=1, sort_keys=True) + "\n")
+            return 0
+        return 1 if (args.check and worse) else 0
     r = analyse(args.arch, args.dtype, args.bank_dtype, args.precision, args.D, args.B, args.K, args.gpu)
     print(json.dumps(r, indent=1) if args.json else format_result(r))
     return 0
