@@ -220,11 +220,14 @@ def resolve_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     if args.shard_bank and not args.gather_distributed:
         p.error("--shard-bank shards the one gathered bank: it cannot be combined with --no-gather-distributed")
     if any(METHODS[m][2] for m in args.methods) and args.batch_size * world > args.bank_size:
-        p.error(
-            f"--batch-size {args.batch_size} x {world} process(es) is larger than the RRD bank "
-            f"(--bank-size {args.bank_size}); each step enqueues every process's batch, so use "
-            f"--bank-size >= {args.batch_size * world}"
-        )
+        if world > 1:
+            p.error(
+                f"--batch-size {args.batch_size} x {world} DDP processes is larger than the RRD bank "
+                f"(--bank-size {args.bank_size}); each step enqueues every process's batch, so use "
+                f"--bank-size >= {args.batch_size * world}"
+            )
+        p.error(f"--batch-size {args.batch_size} is larger than the RRD bank (--bank-size {args.bank_size}); "
+                f"each step enqueues the batch, so use --bank-size >= {args.batch_size}")
     if args.dataset == "cifar100" and args.data_dir is None:
         p.error("--data-dir is required with --dataset cifar100 (the folder holding cifar-100-python/)")
     for role in ("teacher", "student"):

@@ -259,7 +259,7 @@ def test_cifar_preset_defaults(app):
         (["--teacher", "nope"], ["--teacher", "invalid choice"]),
         (["--dataset", "imagenet"], ["--dataset", "invalid choice", "imagenet"]),
         (["--methods", "ce,crd"], ["--methods", "crd"]),
-        (["--batch-size", "128", "--bank-size", "64"], ["--batch-size 128", "--bank-size 64"]),
+        (["--batch-size", "128", "--bank-size", "64"], ["--batch-size 128 is larger", "--bank-size 64", ">= 128"]),
         (["--dataset", "cifar100"], ["--data-dir is required"]),
         (["--teacher-ckpt", "/no/such/teacher.pt"], ["--teacher-ckpt", "/no/such/teacher.pt"]),
         (["--epochs", "0"], ["--epochs must be >= 1"]),
