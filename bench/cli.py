@@ -22,6 +22,15 @@ def _taus(text: str) -> tuple[float, float]:
     return a, b
 
 
+def _per_preset(key: str) -> str:
+    """'default: the preset's: paper X; sweep Y; smoke Z' for an option whose default comes from the preset."""
+    def show(value) -> str:
+        if isinstance(value, (list, tuple)):
+            return " ".join(",".join(f"{y:g}" for y in v) if isinstance(v, tuple) else str(v) for v in value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    return "default: the preset's: " + "; ".join(f"{name} {show(pre[key])}" for name, pre in PRESETS.items())
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -29,36 +38,52 @@ def parser() -> argparse.ArgumentParser:
         "Every list option overrides the preset's value.",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="paper: B 64 K 16384 D 128 fp32; sweep: B x K x D x dtype grid; smoke: tiny, CPU-able")
-    p.add_argument("--B", type=int, nargs="+", help="batch sizes")
-    p.add_argument("--K", type=int, nargs="+", help="bank sizes")
-    p.add_argument("--D", type=int, nargs="+", help="embedding widths")
-    p.add_argument("--dtypes", nargs="+", choices=DTYPES, help="input dtypes")
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="implementations to run")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what is timed")
+                   help="paper: B 64 K 16384 D 128 fp32; sweep: B x K x D x dtype grid; smoke: tiny, CPU-able "
+                   "(default: %(default)s)")
+    p.add_argument("--B", type=int, nargs="+", help=f"batch sizes ({_per_preset('B')})")
+    p.add_argument("--K", type=int, nargs="+", help=f"bank sizes ({_per_preset('K')})")
+    p.add_argument("--D", type=int, nargs="+", help=f"embedding widths ({_per_preset('D')})")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, help=f"input dtypes ({_per_preset('dtypes')})")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS,
+                   help=f"implementations to run ({_per_preset('providers')})")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help=f"what is timed: forward, backward, or both in one call (default: {' '.join(MODES)})")
     p.add_argument("--timings", nargs="+", choices=TIMINGS, default=list(TIMINGS),
-                   help="python: called from Python; graph: CUDA-graph replay (GPU only)")
+                   help=f"python: called from Python; graph: CUDA-graph replay (GPU only) (default: {' '.join(TIMINGS)})")
     p.add_argument("--taus", type=_taus, nargs="+", metavar="TAU_S,TAU_T",
                    help="temperature pairs (default 0.1,0.02: the authors' 2025 code; the paper's is 0.04,0.1)")
     p.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default="highest",
-                   help="torch.set_float32_matmul_precision for the run (highest = PyTorch's default, no TF32)")
-    p.add_argument("--warmup", type=int, help="warm-up calls before timing")
-    p.add_argument("--target-ms", type=float, help="time to spend per measurement (sets the repetitions)")
-    p.add_argument("--min-reps", type=int)
-    p.add_argument("--max-reps", type=int)
+                   help="torch.set_float32_matmul_precision for the run (highest = PyTorch's default, no TF32; "
+                   "default: %(default)s)")
+    p.add_argument("--warmup", type=int, help=f"warm-up calls before timing ({_per_preset('warmup')})")
+    p.add_argument("--target-ms", type=float,
+                   help=f"time to spend per measurement, which sets the repetitions between --min-reps and "
+                   f"--max-reps ({_per_preset('target_ms')})")
+    p.add_argument("--min-reps", type=int,
+                   help=f"fewest timed repetitions per measurement, however long they take ({_per_preset('min_reps')})")
+    p.add_argument("--max-reps", type=int,
+                   help=f"most timed repetitions per measurement, however short they are ({_per_preset('max_reps')})")
     p.add_argument("--max-seconds", type=float,
                    help="time budget in seconds: (configuration, provider) cases not started when it is spent are "
-                   "recorded as skipped")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+                   "recorded as skipped (default: no budget)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: the current CUDA device when torch sees one, else the CPU (Triton then runs in its "
+                   "interpreter: plumbing checks, not timings); cuda fails without a GPU (default: %(default)s)")
     p.add_argument("--time-wrong", action="store_true",
-                   help="also time kernel providers whose error is above the tolerance (status inaccurate)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="also time kernel providers whose error is above the tolerance (status inaccurate; default: off, "
+                   "such a provider is recorded as wrong and not timed; eager and compile are always timed)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random inputs (each configuration's inputs derive from it) (default: %(default)s)")
     p.add_argument("--cpu-threads", type=int, default=1,
-                   help="torch threads on a CPU run (1: stable timings on a shared machine)")
+                   help="torch threads on a CPU run (1: stable timings on a shared machine) (default: %(default)s)")
     p.add_argument("--out", type=Path, help="output folder (default bench/results/<preset>-<device>-<date>/)")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--summary-rows", type=int, default=60, help="lines of the summary printed at the end")
+    p.add_argument("--no-plots", action="store_true",
+                   help="write the tables (results.csv, .json, .md) but no plots (default: plots when matplotlib "
+                   "is installed)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no tqdm progress bar on stderr (default: a bar when tqdm is installed)")
+    p.add_argument("--summary-rows", type=int, default=60,
+                   help="lines of the summary printed at the end (default: %(default)s)")
     return p
 
 

@@ -57,7 +57,7 @@ PRESETS = {
     # the paper's CIFAR-100 recipe (authors' scripts)
     "cifar100": dict(
         teacher="resnet32x4", student="resnet8x4", batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
-        epochs=240, teacher_epochs=240, lr_decay_epochs=[150, 180, 210], lr_decay_rate=0.1, bank_size=16384,
+        epochs=240, teacher_epochs=240, lr_decay_epochs=None, lr_decay_rate=0.1, bank_size=16384,
         feat_dim=128, kd_T=4.0, save_every=10, seeds=1, threads=None, workers=1, methods=["ce", "kd", "kd_rrd"],
     ),
 }
@@ -72,6 +72,18 @@ RRD_CONFIGS = {
 def scaled_milestones(epochs: int) -> list[int]:
     """The paper's decay points (150, 180, 210 of 240 epochs) scaled to ``epochs``."""
     return sorted({max(1, round(epochs * e / 240)) for e in (150, 180, 210)})
+
+
+def _epochs_text(epochs: list[int]) -> str:
+    return ",".join(map(str, epochs))
+
+
+def _decay_help() -> str:
+    per_preset = ", ".join(f"{_epochs_text(scaled_milestones(pre['epochs']))} on {name} ({pre['epochs']} epochs)"
+                           for name, pre in PRESETS.items())
+    return ("epochs after which the lr is multiplied by --lr-decay-rate, for the teacher and the students "
+            "(default: the paper's 150,180,210 of 240 scaled to --epochs and rounded: " + per_preset +
+            "; the job prints the schedule it uses when it starts)")
 
 
 def _method_list(text: str) -> list[str]:
@@ -117,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher", choices=sorted(MODELS), default=None, metavar="MODEL",
                    help=f"teacher model (preset: digits_cnn on digits, resnet32x4 on cifar100); one of {models}")
     g.add_argument("--student", choices=sorted(MODELS), default=None, metavar="MODEL",
-                   help="student model (preset: digits_mlp on digits, resnet8x4 on cifar100)")
+                   help=f"student model (preset: digits_mlp on digits, resnet8x4 on cifar100); one of {models}")
     g.add_argument("--teacher-ckpt", default=None,
                    help="load the teacher from this file (a final.pt written by this app, or a state_dict) "
                         "instead of training it")
@@ -135,9 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None, help="SGD learning rate (preset: 0.05)")
     g.add_argument("--momentum", type=float, default=None, help="SGD momentum (preset: 0.9)")
     g.add_argument("--weight-decay", type=float, default=None, help="weight decay (preset: 5e-4)")
-    g.add_argument("--lr-decay-epochs", type=_int_list, default=None,
-                   help="epochs at which the lr is multiplied by --lr-decay-rate (default: 150,180,210 of 240, "
-                        "scaled to --epochs)")
+    g.add_argument("--lr-decay-epochs", type=_int_list, default=None, metavar="E1,E2,...", help=_decay_help())
     g.add_argument("--lr-decay-rate", type=float, default=None, help="lr factor at each decay epoch (preset: 0.1)")
     g = p.add_argument_group("loss")
     g.add_argument("--gamma", type=float, default=1.0, help="weight of the cross-entropy with the labels")
@@ -159,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under DDP, each process stores only its 1/W of the --bank-size rows (RRDLoss("
                         "shard_bank=True)); same loss as the gathered bank")
     g = p.add_argument_group("runtime")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to train: auto = the GPU when torch sees one (torch.cuda.is_available()), else the "
+                        "CPU; cuda fails at once without a GPU")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on digits, torch's choice on cifar100)")
     g.add_argument("--workers", type=int, default=None,
@@ -208,11 +220,14 @@ def resolve_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     if args.shard_bank and not args.gather_distributed:
         p.error("--shard-bank shards the one gathered bank: it cannot be combined with --no-gather-distributed")
     if any(METHODS[m][2] for m in args.methods) and args.batch_size * world > args.bank_size:
-        p.error(
-            f"--batch-size {args.batch_size} x {world} process(es) is larger than the RRD bank "
-            f"(--bank-size {args.bank_size}); each step enqueues every process's batch, so use "
-            f"--bank-size >= {args.batch_size * world}"
-        )
+        if world > 1:
+            p.error(
+                f"--batch-size {args.batch_size} x {world} DDP processes is larger than the RRD bank "
+                f"(--bank-size {args.bank_size}); each step enqueues every process's batch, so use "
+                f"--bank-size >= {args.batch_size * world}"
+            )
+        p.error(f"--batch-size {args.batch_size} is larger than the RRD bank (--bank-size {args.bank_size}); "
+                f"each step enqueues the batch, so use --bank-size >= {args.batch_size}")
     if args.dataset == "cifar100" and args.data_dir is None:
         p.error("--data-dir is required with --dataset cifar100 (the folder holding cifar-100-python/)")
     for role in ("teacher", "student"):
@@ -291,8 +306,16 @@ def main(argv=None) -> int:
     if ctx.is_main:
         os.makedirs(args.out_dir, exist_ok=True)
         save_json(os.path.join(args.out_dir, "config.json"), {**vars(args), "world_size": ctx.world})
-    log(f"{args.dataset}: {len(data.train)} train / {len(data.test)} test images; device {ctx.device}, "
-        f"{ctx.world} process(es); output {args.out_dir}")
+    if ctx.distributed:
+        ranks = (f"{ctx.world} DDP ranks (torchrun processes; each rank trains every stage on its share of each "
+                 f"batch)")
+    else:
+        ranks = "one process (not under torchrun: no DDP)"
+    log(f"{args.dataset}: {len(data.train)} train / {len(data.test)} test images; device {ctx.device}, {ranks}; "
+        f"output {args.out_dir}")
+    log(f"lr schedule (teacher and students): lr {args.lr:g}, x{args.lr_decay_rate:g} after epoch(s) "
+        f"{_epochs_text(args.lr_decay_epochs)} (--lr-decay-epochs); teacher {args.teacher_epochs} epochs, "
+        f"students {args.epochs}")
     runner = StageRunner(ctx, cfg, data, make, log=log)
     stopped = resume_error = None
     try:
@@ -321,7 +344,8 @@ def main(argv=None) -> int:
         seeds = list(range(args.seed, args.seed + args.seeds))
         workers, why_not_more = worker_count(args, ctx)
         if workers > 1:
-            log(f"students: {len(seeds)} seeds x {len(methods)} methods on {workers} worker processes")
+            log(f"students: {len(seeds)} seeds x {len(methods)} methods on {workers} worker processes "
+                f"(started by this process on this machine, each training whole seeds; not DDP ranks)")
             spec = WorkerSpec(
                 load_data=functools.partial(load_dataset, args.dataset, args.data_dir, split_seed=0),
                 build_model=make,

@@ -181,9 +181,11 @@ class RRDLoss(nn.Module):
             raise RuntimeError(f"RRDLoss(shard_bank=True) was built for {self.layout.world} ranks, the process group "
                                f"now has {world}")
         if self.layout is None and f_s.shape[0] * world > self.bank_size:
-            raise ValueError(
-                f"batch of {f_s.shape[0]} x {world} rank(s) is larger than the bank (bank_size={self.bank_size})"
-            )
+            batch = f_s.shape[0]
+            if world > 1:  # every rank's keys are gathered and enqueued: the bank must hold all of them
+                raise ValueError(f"batch of {batch} x {world} ranks (= {batch * world} keys per step, all-gathered) "
+                                 f"is larger than the bank (bank_size={self.bank_size})")
+            raise ValueError(f"batch of {batch} is larger than the bank (bank_size={self.bank_size})")
         for name, f, head in (("f_s", f_s, self.embed_s), ("f_t", f_t, self.embed_t)):
             if f.dtype != head.weight.dtype and not torch.is_autocast_enabled(f.device.type):
                 raise TypeError(f"{name} has dtype {f.dtype} but the {name[-1]} head's weights are {head.weight.dtype}")

@@ -116,7 +116,7 @@ def test_pooled_feature_maps_are_flattened():
 @pytest.mark.parametrize(
     "f_s,f_t,error,pattern",
     [
-        (torch.randn(21, 8), torch.randn(21, 12), ValueError, "larger than the bank"),
+        (torch.randn(21, 8), torch.randn(21, 12), ValueError, r"^batch of 21 is larger than the bank \(bank_size=20\)$"),
         (torch.randn(5, 9), torch.randn(5, 12), ValueError, r"f_s must be \(B, 8\) or \(B, 8, 1, 1\).*got shape \(5, 9\)$"),
         (torch.randn(5, 8), torch.randn(5, 11), ValueError, r"f_t must be \(B, 12\).*got shape \(5, 11\)$"),
         # an unpooled map: the error names the shape as passed, what is expected, and what to do
@@ -138,6 +138,21 @@ def test_failed_call_leaves_the_bank_unchanged(f_s, f_t, error, pattern):
         with pytest.raises(error, match=pattern):
             m(f_s, f_t)
         assert torch.equal(m.bank, bank) and torch.equal(m.bank_ptr, ptr)
+
+
+def test_batch_larger_than_the_bank_under_ranks_names_them(monkeypatch):
+    """With W ranks every rank's keys are gathered into the bank, so the message counts them (checked before
+    any collective, so a fake world size is enough here)."""
+    import rrd_kernels.nn as rrd_nn
+
+    m = RRDLoss(8, 12, feat_dim=6, bank_size=20)
+    monkeypatch.setattr(rrd_nn, "distributed_world", lambda: 2)
+    with pytest.raises(ValueError, match=r"^batch of 11 x 2 ranks \(= 22 keys per step, all-gathered\) is larger "
+                                         r"than the bank \(bank_size=20\)$"):
+        m(torch.randn(11, 8), torch.randn(11, 12))
+    m_local = RRDLoss(8, 12, feat_dim=6, bank_size=20, gather_distributed=False)  # local banks: no ranks counted
+    with pytest.raises(ValueError, match=r"^batch of 21 is larger than the bank \(bank_size=20\)$"):
+        m_local(torch.randn(21, 8), torch.randn(21, 12))
 
 
 @pytest.mark.parametrize(

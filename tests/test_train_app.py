@@ -101,6 +101,10 @@ def test_smoke_pipeline_outputs(smoke):
     assert int(crit["bank_ptr"]) == (2 * n_train) % 1024  # two epochs of keys enqueued
     assert set(ckpt["rng_per_rank"][0]) == {"python", "numpy", "torch", "cuda", "augment"}
     assert "RRD+KD" in res["table"] and res["table"] in proc.stdout
+    # the first lines say how it runs: one process (no torchrun, no DDP) and the lr schedule as resolved
+    assert "device cpu, one process (not under torchrun: no DDP)" in proc.stdout, proc.stdout
+    assert ("lr schedule (teacher and students): lr 0.05, x0.1 after epoch(s) 1,2 (--lr-decay-epochs); teacher 3 "
+            "epochs, students 2") in proc.stdout, proc.stdout
     # paired comparisons: every method against the student alone and KD (not a baseline against itself)
     final = {name: res["methods"][name]["final_acc"] for name in expected_weights}
     assert res["methods"]["ce"]["paired"] == {} and set(res["methods"]["kd"]["paired"]) == {"ce"}
@@ -243,6 +247,9 @@ def test_cifar_preset_defaults(app):
     args = app.resolve_args(app.build_parser(), ["--rrd-config", "authors2025", "--tau-s", "0.2"])
     assert (args.tau_s, args.tau_t, args.enqueue) == (0.2, 0.02, "before")
     assert app.scaled_milestones(240) == [150, 180, 210] and app.scaled_milestones(30) == [19, 22, 26]
+    # the cifar100 milestones scale with --epochs too, as the help says (a 120-epoch run still decays)
+    args = app.resolve_args(app.build_parser(), ["--dataset", "cifar100", "--data-dir", "x", "--epochs", "120"])
+    assert args.lr_decay_epochs == [75, 90, 105]
 
 
 @pytest.mark.parametrize(
@@ -252,7 +259,7 @@ def test_cifar_preset_defaults(app):
         (["--teacher", "nope"], ["--teacher", "invalid choice"]),
         (["--dataset", "imagenet"], ["--dataset", "invalid choice", "imagenet"]),
         (["--methods", "ce,crd"], ["--methods", "crd"]),
-        (["--batch-size", "128", "--bank-size", "64"], ["--batch-size 128", "--bank-size 64"]),
+        (["--batch-size", "128", "--bank-size", "64"], ["--batch-size 128 is larger", "--bank-size 64", ">= 128"]),
         (["--dataset", "cifar100"], ["--data-dir is required"]),
         (["--teacher-ckpt", "/no/such/teacher.pt"], ["--teacher-ckpt", "/no/such/teacher.pt"]),
         (["--epochs", "0"], ["--epochs must be >= 1"]),
@@ -482,6 +489,7 @@ def test_seeds_on_worker_processes_match_one_process(app, smoke, tmp_path):
     out, proc = smoke
     if usable_cpus() >= 2:
         assert "2 seeds x 4 methods on 2 worker processes" in proc.stdout, proc.stdout
+        assert "not DDP ranks" in proc.stdout  # the line says what kind of process it counts
     serial = run_app("--teacher-ckpt", out / "teacher" / "final.pt", "--epochs", 2, "--methods", "ce,kd,rrd,kd_rrd",
                      "--seeds", 2, "--workers", 1, "--out-dir", tmp_path)
     assert "worker processes" not in serial.stdout
