@@ -9,8 +9,9 @@ warps and arguments are recorded instead of run. Each kernel's SASS (cuobjdump -
 - the bank loop (the outermost loop holding the kernel's products) is executed once per bank tile of every
   row block and output slice: cdiv(K, BLOCK_K) x grid[0] x grid[2] iterations in all; loops nested in it walk
   the features, cdiv(D, BLOCK_DK) times; everything else runs once per program (its own loops over D
-  cdiv(D, BLOCK_DK) times). Kernels without a bank loop (merge, finish) run per row: each of their loops is
-  counted max(n_splits, cdiv(D, BLOCK_DK)) times, an upper bound (they are O(B) work, under 1 % at size).
+  cdiv(D, BLOCK_DK) times). Kernels without a bank loop (argmax, merge, finish) run per row: each of their
+  loops is counted max(n_splits, cdiv(D, BLOCK_DK), BLOCK_K) times, an upper bound (O(B) work, under 1 % of
+  the call at the sizes of the table).
 - warp-instructions: every SASS instruction one warp issues; MUFU lanes: MUFU warp-instructions x 32;
   tensor FLOPs: HMMA/HGMMA shapes (an HGMMA issue is a quarter of its warpgroup's 64 x N x K product);
   L2 bytes: global loads, stores and async copies x 32 lanes (an upper bound: masked lanes are counted);
@@ -126,9 +127,13 @@ def _count_kernel(compiled, grid, values, B, K, D):
     roots = sass.loops(instrs)
     warps = compiled.metadata.num_warps
     programs = grid[0] * grid[1] * grid[2]
+    streaming = "tiles_per_split" in values  # walks a chunk of the bank (the forward and backward passes)
     block_k = values.get("BLOCK_K")
     block_dk = values.get("BLOCK_DK") or D
     d_trips = max(1, math.ceil(D / block_dk))
+    # A per-row kernel's loops walk the splits, the feature chunks or (rrd_argmax_kernel) one tile's rows;
+    # each loop is counted with the largest of those: an upper bound.
+    row_trips = max(values.get("n_splits") or grid[1], d_trips, 1 if streaming else (block_k or 1))
 
     def product_weight(loop):
         inside = [i for i in instrs if loop.contains(i.addr)]
@@ -136,11 +141,10 @@ def _count_kernel(compiled, grid, values, B, K, D):
         return mma if mma else sum(1 for i in inside if i.op == "FFMA") * 1e-3
 
     bank_loop = None
-    if block_k is not None and roots:
+    if streaming and roots:
         bank_loop = max(roots, key=product_weight)
         if product_weight(bank_loop) == 0:
             bank_loop = None
-    n_splits = values.get("n_splits") or (grid[1] if bank_loop is None else 1)
 
     def chain(ins) -> list:
         """The loops around an instruction, innermost first."""
@@ -154,7 +158,7 @@ def _count_kernel(compiled, grid, values, B, K, D):
         """How many times one warp of the whole launch's programs issues this instruction, summed."""
         around = chain(ins)
         if bank_loop is None:
-            return programs * max(n_splits, d_trips) ** len(around)
+            return programs * row_trips ** len(around)
         if bank_loop in around:
             # Loops inside the bank loop walk the features; the bank loop runs once per tile of the bank
             # for every row block and output slice.
@@ -227,8 +231,10 @@ def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest"
         instrs, bank_loop, tot, steady = _count_kernel(compiled[md.hash], grid, values, B, K, D)
         hbm = _hbm_bytes(src, values, bank_loop, B, D, bdt.itemsize)
         tensor = sum(tot["tensor_flops"].values())
+        from tools.triton_gate import _resources
+        regs, stack = _resources(compiled[md.hash].asm["cubin"])
         kernels.append(dict(
-            name=src.fn.__name__, grid=list(grid), warps=md.num_warps, stages=md.num_stages,
+            name=src.fn.__name__, grid=list(grid), warps=md.num_warps, stages=md.num_stages, regs=regs, stack=stack,
             tiles={k: v for k, v in values.items() if k.startswith("BLOCK_")},
             sass_instructions=len(instrs),
             bank_loop_instructions=None if bank_loop is None else sum(1 for i in instrs if bank_loop.contains(i.addr)),
@@ -284,16 +290,16 @@ def format_result(r: dict) -> str:
     c = r["config"]
     head = (f"{c['arch']} {c['dtype']}{'/' + c['precision'] if c['precision'] else ''} bank {c['bank_dtype']} "
             f"D {c['D']} B {c['B']} K {c['K']} on {r['gpu']}")
-    lines = [head, f"{'kernel':24} {'grid':>16} {'warps':>5} {'steady/pair':>11} {'warp-instr/pair':>15} "
+    lines = [head, f"{'kernel':24} {'grid':>16} {'warps':>5} {'regs':>4} {'stack':>5} {'steady/pair':>11} {'warp-instr/pair':>15} "
                    f"{'MUFU/pair':>9} {'products':>8} {'L2 B/pair':>9} {'HBM B/pair':>10}"]
     for k in r["kernels"]:
         lines.append(
-            f"{k['name']:24} {'x'.join(map(str, k['grid'])):>16} {k['warps']:>5} "
+            f"{k['name']:24} {'x'.join(map(str, k['grid'])):>16} {k['warps']:>5} {k['regs']:>4} {k['stack']:>5} "
             f"{_fmt(k['steady_warp_instructions_per_pair']):>11} {_fmt(k['warp_instructions_per_pair']):>15} "
             f"{_fmt(k['mufu_per_pair']):>9} {_fmt(k['tensor_flop_per_pair'] / (2 * c['D']), 2):>8} "
             f"{_fmt(k['l2_bytes_per_pair'], 2):>9} {_fmt(k['hbm_bytes_per_pair'], 3):>10}")
     lines.append(
-        f"{'total':24} {'':>16} {'':>5} {'':>11} {_fmt(r['warp_instructions_per_pair']):>15} "
+        f"{'total':24} {'':>16} {'':>5} {'':>4} {'':>5} {'':>11} {_fmt(r['warp_instructions_per_pair']):>15} "
         f"{_fmt(r['mufu_per_pair']):>9} {_fmt(r['bank_products'], 2):>8} {_fmt(r['l2_bytes_per_pair'], 2):>9} "
         f"{_fmt(r['hbm_bytes_per_pair'], 3):>10}")
     b = r["bounds_ms"]

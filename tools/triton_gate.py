@@ -40,7 +40,9 @@ MODES = [
     ("float32", "highest"), ("float32", "high"), ("bfloat16", "highest"), ("float16", "highest"),
 ]
 BANK_DTYPES = ["float32", "bfloat16", "float16"]
-SHAPES = [128, 100, 1]  # D: divisible by 16, not divisible, and 1 (unit strides)
+# D: divisible by 16, not divisible, and 1 (unit strides), on the resident kernels (D <= 128 where the plan has
+# them); 256 and 300 on the chunked kernels (aligned and not).
+SHAPES = [128, 100, 1, 256, 300]
 
 
 def _cases():
@@ -72,12 +74,10 @@ def run_arch(arch_name: str) -> list[dict]:
     import triton
 
     from rrd_kernels.triton_kernels import launch
-    from rrd_kernels.triton_kernels.backward import rrd_bwd_finish_kernel, rrd_bwd_kernel
-    from rrd_kernels.triton_kernels.forward import rrd_fwd_kernel, rrd_merge_kernel
     from tools.standin_driver import ARCHS, stand_in
 
     arch = ARCHS[arch_name]
-    kernels = [rrd_fwd_kernel, rrd_merge_kernel, rrd_bwd_kernel, rrd_bwd_finish_kernel]
+    kernels = list(launch._KERNELS)
     for k in kernels:
         k.device_caches.clear()  # a binder remembers the target it was made for
     seen: dict[tuple, dict] = {}

@@ -3,18 +3,49 @@ row blocks times the splits fill the GPU (flash-decoding), then a merge of the s
 
 Per row the state is (m_a, n_a, m_b, n_b, W, V, argmax) of online_state.py, in log2 units; results go back
 to natural units at the end. A row that meets a non-finite logit (NaN or inf anywhere in its student,
-teacher or the bank) gets n_a = NaN, which every merge carries, so its loss and saved statistics are NaN and
-so is its gradient: never an exception, never a silently finite answer. The maxima and argmax see such
-logits as -inf, so no reduction meets a NaN (reductions treat NaN differently on GPUs and in the
-interpreter).
+teacher or the bank) gets NaN sums, which every merge carries, so its loss and saved statistics are NaN and
+so is its gradient: never an exception, never a silently finite answer.
 """
 import triton
 import triton.language as tl
 
-from .common import LN2, log2_1p, logit_scales, logit_tiles, split_range
+from .common import LN2, load_rows_chunk, log2_1p, logit_scales, logit_tiles, split_range
 from .online_state import empty_state, merge_state, tile_count
 
 N_STATE = 6  # float planes of the split state: m_a, n_a, m_b, n_b, W, V (the argmax has its own buffer)
+
+
+@triton.jit
+def _fold_tile(
+    S, T, Q, stride_s, stride_t, stride_q, rows, k0, B, K, D, row_scale_a, row_scale_b,
+    m_a, n_a, m_b, n_b, w, v, idx,
+    OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Count the bank tile starting at k0 and merge it into the running state. Only the last tile of the bank
+    is MASKED (its columns past K are padding); every other tile runs without a mask."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    a, b = logit_tiles(
+        S, T, Q, stride_s, stride_t, stride_q, rows, ks, B, K, D, row_scale_a, row_scale_b,
+        OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K, BLOCK_DK,
+    )
+    if MASKED:
+        # Padded bank rows load as 0, so a and b are finite there; -inf keeps them out of the maxima and
+        # makes e_b = 0, so e_b * (m - a) is 0 on them.
+        valid = (ks < K)[None, :]
+        a_counted = tl.where(valid, a, float("-inf"))
+        b_counted = tl.where(valid, b, float("-inf"))
+    else:
+        a_counted = a
+        b_counted = b
+    m_a_t, _, n_a_t = tile_count(a_counted)
+    m_b_t, e_b, n_b_t = tile_count(b_counted)
+    w_t = tl.sum(e_b * (m_a_t[:, None] - a), axis=1)
+    v_t = tl.sum(e_b * (m_b_t[:, None] - b), axis=1)
+    # The tile that holds the student's maximum, not the row: resolve_argmax finds the row after the loop,
+    # which keeps an index reduction off every element.
+    idx_t = tl.full([BLOCK_B], 0, tl.int32) + k0
+    return merge_state(m_a, n_a, m_b, n_b, w, v, idx, m_a_t, n_a_t, m_b_t, n_b_t, w_t, v_t, idx_t)
 
 
 @triton.jit(do_not_specialize=["B", "K", "tiles_per_split"])
@@ -27,33 +58,27 @@ def rrd_fwd_kernel(
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr,
 ):
     """Grid (row blocks, splits): the partial state of BLOCK_B rows over one chunk of the bank, written to
-    PART [N_STATE, n_splits, B] and PART_IDX [n_splits, B] (global bank row indices)."""
+    PART [N_STATE, n_splits, B] and PART_IDX [n_splits, B] (the first bank row of the tile holding the
+    student's maximum; rrd_argmax_kernel turns it into the row).
+
+    Non-finite logits are not tested for: a NaN (or an infinity, which meets another infinity or a zero in
+    the products or the exponents) reaches n_a, n_b, W and V by plain arithmetic, so the row's loss and
+    saved statistics are NaN. GPUs' max ignores NaN and the interpreter's propagates it: either way the
+    sums are NaN."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_scale_a, row_scale_b = logit_scales(S, T, stride_s, stride_t, rows, B, D, scale_a, scale_b, BLOCK_B, BLOCK_DK)
     k_begin, k_end = split_range(K, tiles_per_split, BLOCK_K)
+    k_full = k_begin + (k_end - k_begin) // BLOCK_K * BLOCK_K  # end of the tiles with no padding
     m_a, n_a, m_b, n_b, w, v, idx = empty_state(BLOCK_B)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a, b = logit_tiles(
-            S, T, Q, stride_s, stride_t, stride_q, rows, ks, B, K, D, row_scale_a, row_scale_b,
-            OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K, BLOCK_DK,
+    for k0 in range(k_begin, k_full, BLOCK_K):
+        m_a, n_a, m_b, n_b, w, v, idx = _fold_tile(
+            S, T, Q, stride_s, stride_t, stride_q, rows, k0, B, K, D, row_scale_a, row_scale_b,
+            m_a, n_a, m_b, n_b, w, v, idx, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K, BLOCK_DK, False,
         )
-        valid = (ks < K)[None, :]
-        finite = (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf"))
-        row_bad = tl.max((valid & ~finite).to(tl.int32), axis=1) > 0
-        # Padded bank rows load as 0, so a and b are finite there; the masked copies feed max and exp2, so
-        # e_b is 0 on padded columns and e_b * (m - a) never meets an infinity.
-        keep = valid & finite
-        a_masked = tl.where(keep, a, float("-inf"))
-        b_masked = tl.where(keep, b, float("-inf"))
-        m_a_t, _, n_a_t = tile_count(a_masked)
-        m_b_t, e_b, n_b_t = tile_count(b_masked)
-        w_t = tl.sum(tl.where(keep, e_b * (m_a_t[:, None] - a), 0.0), axis=1)
-        v_t = tl.sum(tl.where(keep, e_b * (m_b_t[:, None] - b), 0.0), axis=1)
-        idx_t = tl.argmax(a_masked, axis=1).to(tl.int32) + k0
-        n_a_t = tl.where(row_bad, float("nan"), n_a_t)
-        m_a, n_a, m_b, n_b, w, v, idx = merge_state(
-            m_a, n_a, m_b, n_b, w, v, idx, m_a_t, n_a_t, m_b_t, n_b_t, w_t, v_t, idx_t
+    if k_full < k_end:
+        m_a, n_a, m_b, n_b, w, v, idx = _fold_tile(
+            S, T, Q, stride_s, stride_t, stride_q, rows, k_full, B, K, D, row_scale_a, row_scale_b,
+            m_a, n_a, m_b, n_b, w, v, idx, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K, BLOCK_DK, True,
         )
 
     mask = rows < B
@@ -66,6 +91,43 @@ def rrd_fwd_kernel(
     tl.store(base + 4 * plane, w, mask=mask)
     tl.store(base + 5 * plane, v, mask=mask)
     tl.store(PART_IDX + tl.program_id(1) * B + rows, idx, mask=mask)
+
+
+@triton.jit(do_not_specialize=["B", "K", "n_splits"])
+def rrd_argmax_kernel(
+    S, Q, PART, PART_IDX, B, K, D, stride_s, stride_q, n_splits,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """For each row: the split with the largest student maximum, and in the tile PART_IDX names there the
+    bank row with the largest s_i . Q_k, written to PART_IDX for every split (so any merge of the splits, or
+    of bank shards, carries it). The forward only recorded the tile: one index per row and tile instead of
+    an index reduction over every element.
+
+    The logits here are fp32 dot products of the raw rows, not the tensor-core products of the forward, so
+    two rows within rounding of each other may be ordered differently: then neither is a sharp maximum
+    (each has probability <= 1/2), where the backward's guard is off (ref = -1) or helps either way."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    best = tl.load(PART + rows, mask=row_mask, other=0.0)
+    tile = tl.load(PART_IDX + rows, mask=row_mask, other=0)
+    for j in range(1, n_splits):
+        m_j = tl.load(PART + j * B + rows, mask=row_mask, other=0.0)
+        tile_j = tl.load(PART_IDX + j * B + rows, mask=row_mask, other=0)
+        tile = tl.where(m_j > best, tile_j, tile)
+        best = tl.maximum(best, m_j)
+    cols = tl.arange(0, D_PAD)
+    s = load_rows_chunk(S, stride_s, rows, cols, B, D).to(tl.float32)
+    top = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    arg = tile
+    for j in range(BLOCK_K):
+        k = tile + j
+        q = load_rows_chunk(Q, stride_q, k, cols, K, D).to(tl.float32)
+        dot = tl.sum(s * q, axis=1)
+        better = (dot > top) & (k < K)
+        arg = tl.where(better, k, arg)
+        top = tl.where(better, dot, top)
+    for j in range(n_splits):
+        tl.store(PART_IDX + j * B + rows, arg, mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["B", "n_splits", "kl"])

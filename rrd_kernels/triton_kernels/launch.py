@@ -14,8 +14,9 @@ import triton.language as tl
 
 from .backward import rrd_bwd_finish_kernel, rrd_bwd_kernel
 from .common import LOG2E
-from .forward import N_STATE, rrd_fwd_kernel, rrd_merge_kernel
-from .plans import FINISH, MERGE_BLOCK_B, DeviceLimits, Plan, current_limits, family, interpreting, mode_of
+from .forward import N_STATE, rrd_argmax_kernel, rrd_fwd_kernel, rrd_merge_kernel
+from .resident import rrd_bwd_resident_kernel, rrd_fwd_resident_kernel
+from .plans import ARGMAX_BLOCK_B, FINISH, MERGE_BLOCK_B, DeviceLimits, Plan, current_limits, family, interpreting, mode_of
 from .plans import make_plan as _make_plan
 
 MAX_D = 512
@@ -51,21 +52,26 @@ def why_unusable(device, dtype, bank_dtype, B, K, D) -> str | None:
     return None
 
 
-_KERNELS = (rrd_fwd_kernel, rrd_merge_kernel, rrd_bwd_kernel, rrd_bwd_finish_kernel)
+_KERNELS = (rrd_fwd_kernel, rrd_fwd_resident_kernel, rrd_argmax_kernel, rrd_merge_kernel, rrd_bwd_kernel,
+            rrd_bwd_resident_kernel, rrd_bwd_finish_kernel)
 _compiled_for = [None]  # the Triton driver the kernels' caches were filled under
 
 
 def _on(device):
-    """Run under the tensors' device: the current device decides the compile target and the stream."""
-    if not interpreting():
-        drv = triton.runtime.driver.active
-        if drv is not _compiled_for[0]:
-            # Triton keys compiled kernels by device index only and keeps the target of the first driver it
-            # saw; when the active driver is replaced (a stand-in for another GPU, as the compile gate and
-            # tests do) the kernels must be compiled for the new one.
-            for kernel in _KERNELS:
-                kernel.device_caches.clear()
-            _compiled_for[0] = drv
+    """Run under the tensors' device: the current device decides the compile target and the stream. In the
+    interpreter, numpy's floating-point warnings are off: a GPU overflows to inf and forms NaN silently, and
+    the kernels rely on that (the resident kernels' -inf start references, NaN rows)."""
+    if interpreting():
+        import numpy as np
+        return np.errstate(all="ignore")
+    drv = triton.runtime.driver.active
+    if drv is not _compiled_for[0]:
+        # Triton keys compiled kernels by device index only and keeps the target of the first driver it
+        # saw; when the active driver is replaced (a stand-in for another GPU, as the compile gate and
+        # tests do) the kernels must be compiled for the new one.
+        for kernel in _KERNELS:
+            kernel.device_caches.clear()
+        _compiled_for[0] = drv
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -107,6 +113,29 @@ def forward_states(student, teacher, bank, tau_s, tau_t, plan: Plan):
     t = plan.tiles
     part = torch.empty((N_STATE, plan.n_splits, B), device=student.device, dtype=torch.float32)
     part_idx = torch.empty((plan.n_splits, B), device=student.device, dtype=torch.int32)
+    if plan.resident:
+        rrd_fwd_resident_kernel[(plan.n_row_blocks, plan.n_splits)](
+            student, teacher, bank, part, part_idx,
+            B, K, D, student.stride(0), teacher.stride(0), bank.stride(0),
+            LOG2E / tau_s, LOG2E / tau_t,
+            plan.tiles_per_split,
+            OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
+            BLOCK_B=t.block_b, BLOCK_K=t.block_k, D_PAD=t.block_dk, EVEN_D=D == t.block_dk,
+            num_warps=t.fwd_warps, num_stages=t.fwd_stages,
+        )
+    else:
+        _fwd_chunked(student, teacher, bank, tau_s, tau_t, plan, part, part_idx)
+    rrd_argmax_kernel[(triton.cdiv(B, ARGMAX_BLOCK_B),)](
+        student, bank, part, part_idx, B, K, D, student.stride(0), bank.stride(0), plan.n_splits,
+        BLOCK_B=ARGMAX_BLOCK_B, BLOCK_K=t.block_k, D_PAD=triton.next_power_of_2(D),
+    )
+    return part, part_idx
+
+
+def _fwd_chunked(student, teacher, bank, tau_s, tau_t, plan, part, part_idx):
+    B, D = student.shape
+    K = bank.shape[0]
+    t = plan.tiles
     rrd_fwd_kernel[(plan.n_row_blocks, plan.n_splits)](
         student, teacher, bank, part, part_idx,
         B, K, D, student.stride(0), teacher.stride(0), bank.stride(0),
@@ -116,7 +145,6 @@ def forward_states(student, teacher, bank, tau_s, tau_t, plan: Plan):
         BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_DK=t.block_dk,
         num_warps=t.fwd_warps, num_stages=t.fwd_stages,
     )
-    return part, part_idx
 
 
 def merge_states(part, part_idx, kl):
@@ -149,13 +177,24 @@ def backward_sums(student, teacher, bank, lse_diff, lse_t, tau_s, tau_t, plan: P
     t = plan.tiles
     part = torch.empty((plan.n_splits, B, plan.d_pad), device=student.device, dtype=torch.float32)
     part_sigma = torch.empty((plan.n_splits, B), device=student.device, dtype=torch.float32)
+    if plan.resident:
+        rrd_bwd_resident_kernel[(triton.cdiv(B, t.bwd_rows), plan.n_splits)](
+            student, teacher, bank, lse_diff, lse_t, part, part_sigma,
+            B, K, D, student.stride(0), teacher.stride(0), bank.stride(0),
+            LOG2E / tau_s, LOG2E / tau_t,
+            plan.tiles_per_split * t.bwd_split,
+            OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
+            BLOCK_B=t.bwd_rows, BLOCK_K=t.block_k // t.bwd_split, D_PAD=t.block_dk, EVEN_D=D == t.block_dk,
+            num_warps=t.bwd_warps, num_stages=t.bwd_stages,
+        )
+        return part, part_sigma
     rrd_bwd_kernel[(plan.n_row_blocks, plan.n_splits, plan.n_dslices)](
         student, teacher, bank, lse_diff, lse_t, part, part_sigma,
         B, K, D, plan.d_pad, student.stride(0), teacher.stride(0), bank.stride(0),
         LOG2E / tau_s, LOG2E / tau_t,
         plan.tiles_per_split,
         OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
-        BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_DK=t.block_dk, BLOCK_DV=t.block_dv,
+        BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_DK=t.block_dk, BLOCK_DV=plan.block_dv,
         num_warps=t.bwd_warps, num_stages=t.bwd_stages,
     )
     return part, part_sigma

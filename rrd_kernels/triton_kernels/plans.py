@@ -10,7 +10,7 @@ measured are committed in compile-report.txt beside this file.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import triton
 
@@ -27,11 +27,17 @@ class Tiles:
     block_b: int  # rows of S/T per program
     block_k: int  # bank rows per step
     block_dk: int  # features per product step (the chunk walked over D)
-    block_dv: int  # output features per backward program (grid axis 2)
+    block_dv: int  # at most this many output features per backward program (grid axis 2; see make_plan)
     fwd_warps: int
     fwd_stages: int
     bwd_warps: int
     bwd_stages: int
+    bwd_split: int = 1  # the backward walks bank tiles of block_k / bwd_split rows (same split boundaries)
+    bwd_block_b: int = 0  # rows per backward program (0: block_b)
+
+    @property
+    def bwd_rows(self) -> int:
+        return self.bwd_block_b or self.block_b
 
 
 @dataclass(frozen=True)
@@ -47,9 +53,12 @@ class FinishTiles:
 # by 16 and not (unaligned rows load element by element, which costs registers): fp32 FMA products hold their
 # operands in registers, so they get the smallest tiles.
 _IEEE = Tiles(16, 32, 16, 64, 4, 1, 4, 1)
-_TF32 = Tiles(32, 64, 32, 64, 8, 1, 8, 1)
-_TF32_16BIT_BANK = Tiles(32, 64, 32, 64, 8, 2, 8, 2)  # one stage spills 8 B here, two do not (ptxas, all archs)
-_HALF = Tiles(64, 64, 32, 64, 8, 2, 8, 2)
+_TF32 = Tiles(32, 64, 32, 128, 8, 1, 8, 1)
+_TF32_16BIT_BANK = Tiles(32, 64, 32, 128, 8, 2, 8, 2)  # one stage spills 8 B here, two do not (ptxas, all archs)
+# (On sm_80/sm_86, mma.sync, Triton spreads these 8 warps over the 64-row tile as 4 x 1 and repeats the
+# tile's columns on the other four: every product is computed twice, as the cost model's SASS count shows.
+# 4 warps spill there. These chunked tiles serve D > 128 only; the resident plans below do D <= 128.)
+_HALF = Tiles(64, 64, 32, 128, 8, 2, 8, 2)
 # Triton's CPU interpreter runs each tile op as a numpy call: larger tiles make the tests fast, and D = 100 or
 # 128 still takes several feature chunks. Tile sizes change only the order of fp32 sums, never the math;
 # RRD_TRITON_ARCH=sm_80|sm_86|sm_90 makes the interpreter use that family's GPU tiles instead.
@@ -60,8 +69,30 @@ TILES = {
     "sm_86": {"ieee": _IEEE, "tf32": _TF32, "tf32_16bit_bank": _TF32_16BIT_BANK, "half": _HALF},
     "interpreter": {"ieee": _INTERPRETER, "tf32": _INTERPRETER, "tf32_16bit_bank": _INTERPRETER, "half": _INTERPRETER},
 }
+# Resident plans (resident.py): S and T of a row block and a whole bank tile held at once, so block_dk =
+# block_dv is the largest D_PAD (D rounded up to a power of two) they take; a larger D uses the chunked
+# kernels above. Only the fields the resident kernels read matter: block_b, block_k, block_dk, the warps and
+# stages.
+# The forward keeps two logit tiles and little else: 128 bank rows per tile halve its per-row work; the
+# backward also holds the [block_b, D] accumulator and the coefficients, so its tiles are half as wide.
+_RESIDENT_HALF = Tiles(64, 128, 128, 128, 4, 2, 4, 2, bwd_split=2)
+# The interpreter takes the resident kernels up to D 128 (every test shape but the GPU-family ones, which
+# follow their family's plans and so also reach the chunked kernels).
+_INTERPRETER_RESIDENT = Tiles(64, 64, 128, 128, 4, 1, 4, 1)
+# mma.sync (sm_80/sm_86) holds the row block's operands in registers: 64-row backward programs spill there.
+_RESIDENT_HALF_MMA_SYNC = Tiles(64, 64, 128, 128, 4, 2, 4, 2, bwd_split=2, bwd_block_b=32)
+# TF32 on wgmma (sm_90) fits 64 x 64 tiles; on mma.sync (sm_80/sm_86) every resident TF32 tile tried spilled,
+# and fp32 FMA products ("ieee") hold too much in registers for any resident tile: both stay chunked there.
+_RESIDENT_TF32 = Tiles(64, 64, 128, 128, 4, 2, 4, 2, bwd_split=2)
+RESIDENT = {
+    "sm_90": {"half": _RESIDENT_HALF, "tf32": _RESIDENT_TF32, "tf32_16bit_bank": _RESIDENT_TF32},
+    "sm_80": {"half": _RESIDENT_HALF_MMA_SYNC},
+    "sm_86": {"half": _RESIDENT_HALF_MMA_SYNC},
+    "interpreter": {mode: _INTERPRETER_RESIDENT for mode in ("ieee", "tf32", "tf32_16bit_bank", "half")},
+}
 FINISH = FinishTiles(16, 32, 4)
 MERGE_BLOCK_B = 128
+ARGMAX_BLOCK_B = 16  # rows per program of rrd_argmax_kernel (D_PAD fp32 values of each row in registers)
 
 # Devices below the gate's families (and the limits that pick a family).
 MIN_CAPABILITY = 80
@@ -142,16 +173,22 @@ class Plan:
     n_splits: int
     tiles_per_split: int
     n_dslices: int
+    block_dv: int  # output features per backward program
+    resident: bool = False  # resident.py's kernels (block_dk = block_dv = D_PAD), else the chunked ones
 
     @property
     def d_pad(self) -> int:
-        return self.n_dslices * self.tiles.block_dv
+        return self.n_dslices * self.block_dv
 
 
 def make_plan(B: int, K: int, D: int, limits: DeviceLimits, mode: str, n_splits: int | None = None) -> Plan:
     """Tiles for the device and the split of the bank. ``n_splits`` forces a split count (tests, the sharded
     bank); by default the bank is split until about two programs per multiprocessor are in flight."""
     tiles = tiles_for(limits, mode)
+    d_pad = max(16, triton.next_power_of_2(D))
+    resident = RESIDENT.get(family(limits), {}).get(mode)
+    if resident is not None and d_pad <= resident.block_dk:
+        tiles = replace(resident, block_dk=d_pad, block_dv=d_pad)
     n_row_blocks = triton.cdiv(B, tiles.block_b)
     n_tiles = triton.cdiv(K, tiles.block_k)
     if n_splits is None:
@@ -159,4 +196,8 @@ def make_plan(B: int, K: int, D: int, limits: DeviceLimits, mode: str, n_splits:
     n_splits = max(1, min(n_splits, n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty chunk: every split sees a valid column
-    return Plan(tiles, n_row_blocks, n_splits, tiles_per_split, triton.cdiv(D, tiles.block_dv))
+    # Each output slice of the backward recomputes both logit products over its bank chunk, so the fewer
+    # slices the better: one slice as wide as D (to the next power of two) up to the tile's block_dv.
+    block_dv = min(tiles.block_dv, d_pad)
+    return Plan(tiles, n_row_blocks, n_splits, tiles_per_split, triton.cdiv(D, block_dv), block_dv,
+                resident=resident is not None and d_pad <= resident.block_dk)

@@ -1,0 +1,247 @@
+"""Forward and backward kernels with the row block resident: S and T of BLOCK_B rows are loaded once, every bank
+tile is loaded once and used by every product that needs it, and all D features go into one product (D
+padded to D_PAD, a power of two). The plans use them wherever D_PAD fits the tiles (plans.py); the chunked
+kernels of forward.py / backward.py walk the features otherwise.
+
+The math is docs/math.md's: the same cancellation-free state (section 3), the same q - p (section 5); the
+organisation is chosen to issue few instructions per (row, bank row) pair:
+
+- The products take the raw rows (for fp16/bf16 inputs they are the operands as given, so no rounding is
+  added) and each logit is x_raw * c_i with the per-row factor c_i = log2(e) / (tau max(||x_i||, eps)),
+  folded into the exponent as one fused multiply-add, 2^(x_raw c_i - M_i).
+- The running maxima are kept in raw units (m_i); the reference of the row's sums is M_i = fl(m_i c_i). An
+  entry is "at the maximum" when its raw logit equals m_i (an exact comparison, whatever the compiler fuses),
+  and the fused exponent of such an entry is exactly -r_i, r_i = fl(m_i c_i) - m_i c_i, the rounding of the
+  reference: so the exact 1 of the maximum is counted, never summed, and the entries at the maximum add their
+  true 2^-r_i - 1 per row (below 2e-5 of 1 in size, computed without cancellation), while W and V take
+  the fused exponents as they are: every sum is relative to the same reference M_i, as the identity
+  CE = log2 sum_k 2^(a_k - M) + sum_k p_k (M - a_k) allows for any M.
+- Only the last tile of a split masks its padded bank rows (MASKED, a constexpr), and only an unaligned D
+  masks features (EVEN_D).
+- Non-finite logits are not tested for: they reach the sums by arithmetic (forward.py says how).
+"""
+import triton
+import triton.language as tl
+
+from .common import LN2, NORM_EPS, as_operand, dot_acc, load_rows_chunk, split_range
+
+# The running maxima start at a finite number below any raw logit (|a_raw| <= ||S_i|| for unit bank rows).
+LOW = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def resident_rows(X, stride, rows, B, D, scale, OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                  D_PAD: tl.constexpr):
+    """(x, c): the raw rows as product operands [BLOCK_B, D_PAD] (0 outside), and their logit factors
+    c_i = scale / max(||x_i||, eps) in fp32, the norm taken of the rows as given."""
+    x = load_rows_chunk(X, stride, rows, tl.arange(0, D_PAD), B, D)
+    x32 = x.to(tl.float32)
+    factor = scale / tl.maximum(tl.sqrt(tl.sum(x32 * x32, axis=1)), NORM_EPS)
+    return as_operand(x, OP_DTYPE, UPCAST), factor
+
+
+@triton.jit
+def bank_tile(Q, stride_q, ks, K, D, OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr, D_PAD: tl.constexpr,
+              EVEN_D: tl.constexpr, MASKED: tl.constexpr):
+    """Bank rows ks, all features: [BLOCK_K, D_PAD] operands, 0 past K (MASKED tiles) and past D."""
+    cols = tl.arange(0, D_PAD)
+    ptrs = Q + ks.to(tl.int64)[:, None] * stride_q + cols[None, :]
+    if MASKED:
+        q = tl.load(ptrs, mask=(ks[:, None] < K) & (cols[None, :] < D), other=0.0)
+    elif EVEN_D:
+        q = tl.load(ptrs)
+    else:
+        q = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
+    return as_operand(q, OP_DTYPE, UPCAST)
+
+
+@triton.jit
+def _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                   UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
+                   EVEN_D: tl.constexpr, MASKED: tl.constexpr):
+    """(a, b, q): raw student and teacher dot products with bank rows ks, and the bank tile itself."""
+    q = bank_tile(Q, stride_q, ks, K, D, OP_DTYPE, UPCAST, D_PAD, EVEN_D, MASKED)
+    zero = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
+    q_t = tl.trans(q)
+    return dot_acc(s, q_t, zero, OP_DTYPE, PRECISION, UPCAST), dot_acc(t, q_t, zero, OP_DTYPE, PRECISION, UPCAST), q
+
+
+@triton.jit
+def _count(x, valid, m_old, ref_old, n_old, c, MASKED: tl.constexpr):
+    """Fold one tile of raw logits x into the row's (m, n): m the raw maximum, n = sum_k 2^(x_k c - M) - 1 with
+    M = fl(m c) (ref_old = fl(m_old c)). Returns (m, M, n, e, arg): e = 2^arg, arg = x c - M (one fused
+    multiply-add), arg = 0 on padded columns (MASKED tiles) so that e * arg is 0 there.
+
+    The exactness rests on the raw comparison x < m and on the two explicit tl.fma (arg and -r), which the
+    compiler cannot round differently; where it fuses other products (ref_old - ref, the shifts of W and V)
+    the result moves by at most r, relative to terms that are not small (docs/math.md, section 3)."""
+    if MASKED:
+        x = tl.where(valid, x, LOW)
+    m = tl.maximum(m_old, tl.max(x, axis=1))
+    ref = m * c
+    arg = tl.fma(x, c[:, None], -ref[:, None])
+    e = tl.exp2(arg)
+    below_max = x < m[:, None]
+    below = tl.sum(tl.where(below_max, e, 0.0), axis=1)
+    # Entries at the maximum: the plain sum minus the rest is their count times 2^-r, r = ref - m c, within
+    # far less than 1/2 of the count (a NaN anywhere in the row makes it NaN, and with it the row's state).
+    at_max = tl.floor(tl.sum(e, axis=1) - below + 0.5)
+    neg_r = tl.fma(m, c, -ref)  # -r: the exponent of the entries at the maximum (|r| <= 2^-24 |ref|)
+    at_max_excess = at_max * (neg_r * LN2) * (1.0 + 0.5 * LN2 * neg_r)  # at_max (2^-r - 1)
+    raised = m > m_old
+    rescale = tl.exp2(tl.where(raised, ref_old - ref, 0.0))
+    # Raised: the old sum 1 + n_old now weighs rescale < 1 and the new maximum brings its exact 1 (one per
+    # tie). Not raised: entries at the maximum tie with the old one and add 1 each.
+    n = tl.where(raised, (n_old + 1.0) * rescale + (at_max - 1.0), n_old + at_max) + below + at_max_excess
+    if MASKED:
+        arg = tl.where(valid, arg, 0.0)
+    return m, ref, n, e, arg
+
+
+@triton.jit
+def _fold(a, b, valid, m_a, n_a, m_b, n_b, w, v, c_a, c_b, MASKED: tl.constexpr):
+    """The running state after one tile of raw student logits a and teacher logits b (docs/math.md section 3):
+    raw maxima m, normalisers n and W, V relative to the references M = fl(m c)."""
+    ref_a_old = m_a * c_a
+    ref_b_old = m_b * c_b
+    m_a, ref_a, n_a, e_a, arg_a = _count(a, valid, m_a, ref_a_old, n_a, c_a, MASKED)
+    m_b2, ref_b, n_b2, e_b, arg_b = _count(b, valid, m_b, ref_b_old, n_b, c_b, MASKED)
+    # W and V: teacher weights rescaled to the new teacher reference, distances shifted to the new references
+    # (each shift >= 0). The first tile's old references may be -inf: its rescale is 0 and so is the product.
+    r_b = tl.exp2(ref_b_old - ref_b)
+    z_b = 1.0 + n_b
+    first = r_b == 0.0
+    w = tl.where(first, 0.0, r_b * (w + (ref_a - ref_a_old) * z_b)) - tl.sum(e_b * arg_a, axis=1)
+    v = tl.where(first, 0.0, r_b * (v + (ref_b - ref_b_old) * z_b)) - tl.sum(e_b * arg_b, axis=1)
+    return m_a, n_a, m_b2, n_b2, w, v
+
+
+@triton.jit(do_not_specialize=["B", "K", "tiles_per_split"])
+def rrd_fwd_resident_kernel(
+    S, T, Q, PART, PART_IDX,
+    B, K, D, stride_s, stride_t, stride_q,
+    scale_a, scale_b,  # log2(e) / tau
+    tiles_per_split,
+    OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """Grid (row blocks, splits): as rrd_fwd_kernel (forward.py), the partial state of BLOCK_B rows over one
+    chunk of the bank into PART [N_STATE, n_splits, B], and the first bank row of the tile that raised the
+    student maximum last into PART_IDX (rrd_argmax_kernel resolves it to the row)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    s, c_a = resident_rows(S, stride_s, rows, B, D, scale_a, OP_DTYPE, UPCAST, D_PAD)
+    t, c_b = resident_rows(T, stride_t, rows, B, D, scale_b, OP_DTYPE, UPCAST, D_PAD)
+    k_begin, k_end = split_range(K, tiles_per_split, BLOCK_K)
+    k_full = k_begin + (k_end - k_begin) // BLOCK_K * BLOCK_K  # end of the tiles with no padding
+    m_a = tl.full([BLOCK_B], LOW, tl.float32)
+    m_b = tl.full([BLOCK_B], LOW, tl.float32)
+    n_a = tl.zeros([BLOCK_B], tl.float32)
+    n_b = tl.zeros([BLOCK_B], tl.float32)
+    w = tl.zeros([BLOCK_B], tl.float32)
+    v = tl.zeros([BLOCK_B], tl.float32)
+    tile = tl.zeros([BLOCK_B], tl.int32) + k_begin
+    for k0 in range(k_begin, k_full, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a, b, _ = _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
+                                 D_PAD, EVEN_D, False)
+        m_a_old = m_a
+        m_a, n_a, m_b, n_b, w, v = _fold(a, b, None, m_a, n_a, m_b, n_b, w, v, c_a, c_b, False)
+        tile = tl.where(m_a > m_a_old, k0, tile)
+    if k_full < k_end:
+        ks = k_full + tl.arange(0, BLOCK_K)
+        a, b, _ = _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
+                                 D_PAD, EVEN_D, True)
+        m_a_old = m_a
+        m_a, n_a, m_b, n_b, w, v = _fold(a, b, (ks < K)[None, :], m_a, n_a, m_b, n_b, w, v, c_a, c_b, True)
+        tile = tl.where(m_a > m_a_old, k_full, tile)
+    # The merge kernel takes the maxima in log2 units: the references M the sums are relative to.
+    m_a = m_a * c_a
+    m_b = m_b * c_b
+
+    mask = rows < B
+    plane = tl.num_programs(1) * B
+    base = PART + tl.program_id(1) * B + rows
+    tl.store(base, m_a, mask=mask)
+    tl.store(base + plane, n_a, mask=mask)
+    tl.store(base + 2 * plane, m_b, mask=mask)
+    tl.store(base + 3 * plane, n_b, mask=mask)
+    tl.store(base + 4 * plane, w, mask=mask)
+    tl.store(base + 5 * plane, v, mask=mask)
+    tl.store(PART_IDX + tl.program_id(1) * B + rows, tile, mask=mask)
+
+
+@triton.jit
+def exp2m1_near0(x):
+    """2^x - 1 for |x| <= 1/2 without cancellation: y = x ln2 times the Taylor series of (e^y - 1)/y to y^5
+    (the first term left out, y^6 / 7!, is below 3.5e-7 of the result: a relative error of q - p far below
+    what the gradient's bound allows; docs/math.md section 5)."""
+    y = x * LN2
+    p = 1.0 / 720.0
+    p = p * y + 1.0 / 120.0
+    p = p * y + 1.0 / 24.0
+    p = p * y + 1.0 / 6.0
+    p = p * y + 0.5
+    p = p * y + 1.0
+    return p * y
+
+
+@triton.jit
+def _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, valid, MASKED: tl.constexpr):
+    """c = q - p for one tile of raw products (docs/math.md section 5): p (2^delta - 1) where the two are
+    within 2^(1/2) of each other, the plain difference elsewhere; 0 on padded bank rows."""
+    a2 = a * c_a[:, None]
+    b2 = b * c_b[:, None]
+    p = tl.exp2(b2 - lse_b[:, None])
+    q = tl.exp2(a2 - lse_a[:, None])
+    delta = (a2 - b2) - lse_diff[:, None]
+    c = tl.where(tl.abs(delta) <= 0.5, p * exp2m1_near0(delta), q - p)
+    if MASKED:
+        c = tl.where(valid, c, 0.0)
+    return c
+
+
+@triton.jit(do_not_specialize=["B", "K", "tiles_per_split"])
+def rrd_bwd_resident_kernel(
+    S, T, Q, LSE_DIFF, LSE_T, PART, PART_SIGMA,
+    B, K, D, stride_s, stride_t, stride_q,
+    scale_a, scale_b,
+    tiles_per_split,
+    OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """Grid (row blocks, splits): sum_k c_ik Q_k over one chunk of the bank, all features at once, into PART
+    [n_splits, B, D_PAD], and sigma_i = sum_k c_ik (as the product saw it) into PART_SIGMA [n_splits, B]; the
+    finish kernel (backward.py) is shared with the chunked path. Each bank tile is loaded once and feeds the
+    two logit products and the c Q product."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    s, c_a = resident_rows(S, stride_s, rows, B, D, scale_a, OP_DTYPE, UPCAST, D_PAD)
+    t, c_b = resident_rows(T, stride_t, rows, B, D, scale_b, OP_DTYPE, UPCAST, D_PAD)
+    k_begin, k_end = split_range(K, tiles_per_split, BLOCK_K)
+    k_full = k_begin + (k_end - k_begin) // BLOCK_K * BLOCK_K
+    lse_diff = tl.load(LSE_DIFF + rows, mask=row_mask, other=0.0)  # lse_a - lse_b, base 2
+    lse_b = tl.load(LSE_T + rows, mask=row_mask, other=0.0)
+    lse_a = lse_diff + lse_b
+    acc = tl.zeros([BLOCK_B, D_PAD], tl.float32)
+    sigma = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)  # summed over the tile's columns once, at the end
+    for k0 in range(k_begin, k_full, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a, b, q = _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
+                                 D_PAD, EVEN_D, False)
+        c = as_operand(_coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, None, False), OP_DTYPE, UPCAST)
+        sigma += c.to(tl.float32)
+        acc = dot_acc(c, q, acc, OP_DTYPE, PRECISION, UPCAST)
+    if k_full < k_end:
+        ks = k_full + tl.arange(0, BLOCK_K)
+        a, b, q = _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
+                                 D_PAD, EVEN_D, True)
+        c = _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, (ks < K)[None, :], True)
+        c = as_operand(c, OP_DTYPE, UPCAST)
+        sigma += c.to(tl.float32)
+        acc = dot_acc(c, q, acc, OP_DTYPE, PRECISION, UPCAST)
+
+    split = tl.program_id(1)
+    cols = tl.arange(0, D_PAD)
+    out = PART + (split * B + rows.to(tl.int64)[:, None]) * D_PAD + cols[None, :]
+    tl.store(out, acc, mask=row_mask[:, None])
+    tl.store(PART_SIGMA + split * B + rows, tl.sum(sigma, axis=1), mask=row_mask)
