@@ -9,9 +9,9 @@ warps and arguments are recorded instead of run. Each kernel's SASS (cuobjdump -
 - the bank loop (the outermost loop holding the kernel's products) is executed once per bank tile of every
   row block and output slice: cdiv(K, BLOCK_K) x grid[0] x grid[2] iterations in all; loops nested in it walk
   the features, cdiv(D, BLOCK_DK) times; everything else runs once per program (its own loops over D
-  cdiv(D, BLOCK_DK) times). Kernels without a bank loop (argmax, merge, finish) run per row: each of their
-  loops is counted max(n_splits, cdiv(D, BLOCK_DK), BLOCK_K) times, an upper bound (O(B) work, under 1 % of
-  the call at the sizes of the table).
+  cdiv(D, BLOCK_DK) times). Kernels without a bank loop (argmax, merge, finish) run per row: a loop there
+  holding another walks the feature chunks, a loop inside one walks the splits, and a lone loop is counted
+  max(n_splits, cdiv(D, BLOCK_DK), BLOCK_K) times, an upper bound (O(B) work, a few % of the call at most).
 - warp-instructions: every SASS instruction one warp issues; MUFU lanes: MUFU warp-instructions x 32;
   tensor FLOPs: HMMA/HGMMA shapes (an HGMMA issue is a quarter of its warpgroup's 64 x N x K product);
   L2 bytes: global loads, stores and async copies x 32 lanes (an upper bound: masked lanes are counted);
@@ -131,9 +131,16 @@ def _count_kernel(compiled, grid, values, B, K, D):
     block_k = values.get("BLOCK_K")
     block_dk = values.get("BLOCK_DK") or D
     d_trips = max(1, math.ceil(D / block_dk))
-    # A per-row kernel's loops walk the splits, the feature chunks or (rrd_argmax_kernel) one tile's rows;
-    # each loop is counted with the largest of those: an upper bound.
-    row_trips = max(values.get("n_splits") or grid[1], d_trips, 1 if streaming else (block_k or 1))
+    # A per-row kernel's loops walk the splits, the feature chunks or (rrd_argmax_kernel) one tile's rows. A
+    # loop holding another walks the features (the finish kernel's chunks, each summing the splits); a loop
+    # inside one walks the splits; a lone loop is counted with the largest of the three: an upper bound.
+    splits = values.get("n_splits") or grid[1]
+    lone_trips = max(splits, d_trips, 1 if streaming else (block_k or 1))
+
+    def row_trips(lp) -> int:
+        if lp.children:
+            return d_trips
+        return splits if lp.parent is not None else lone_trips
 
     def product_weight(loop):
         inside = [i for i in instrs if loop.contains(i.addr)]
@@ -158,7 +165,7 @@ def _count_kernel(compiled, grid, values, B, K, D):
         """How many times one warp of the whole launch's programs issues this instruction, summed."""
         around = chain(ins)
         if bank_loop is None:
-            return programs * row_trips ** len(around)
+            return programs * math.prod(row_trips(lp) for lp in around)
         if bank_loop in around:
             # Loops inside the bank loop walk the features; the bank loop runs once per tile of the bank
             # for every row block and output slice.

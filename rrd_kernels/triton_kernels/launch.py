@@ -100,14 +100,15 @@ def forward(student, teacher, bank, tau_s, tau_t, kl, n_splits=None):
     with _on(student.device):
         plan = make_plan(student.shape[0], bank.shape[0], student.shape[1], student.dtype, n_splits=n_splits,
                          bank_dtype=bank.dtype)
-        part, part_idx = forward_states(student, teacher, bank, tau_s, tau_t, plan)
+        part, part_idx = forward_states(student, teacher, bank, tau_s, tau_t, plan, kl=kl)
         # The contract's lse_s slot carries lse_s - lse_t (base 2): see backward.py for why.
         return merge_states(part, part_idx, kl)
 
 
-def forward_states(student, teacher, bank, tau_s, tau_t, plan: Plan):
+def forward_states(student, teacher, bank, tau_s, tau_t, plan: Plan, kl=True):
     """Partial online-softmax states of every row over each of plan.n_splits chunks of the bank:
-    ([N_STATE, n_splits, B] float32, [n_splits, B] int32 argmax rows of this bank)."""
+    ([N_STATE, n_splits, B] float32, [n_splits, B] int32 argmax rows of this bank). With kl=False the states
+    may leave out the teacher's entropy (V = 0): merge them only for the cross-entropy."""
     B, D = student.shape
     K = bank.shape[0]
     t = plan.tiles
@@ -120,7 +121,7 @@ def forward_states(student, teacher, bank, tau_s, tau_t, plan: Plan):
             LOG2E / tau_s, LOG2E / tau_t,
             plan.tiles_per_split,
             OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
-            BLOCK_B=t.block_b, BLOCK_K=t.block_k, D_PAD=t.block_dk, EVEN_D=D == t.block_dk,
+            BLOCK_B=t.block_b, BLOCK_K=t.block_k, D_PAD=t.block_dk, EVEN_D=D == t.block_dk, KL=bool(kl),
             num_warps=t.fwd_warps, num_stages=t.fwd_stages,
         )
     else:

@@ -69,13 +69,15 @@ TILES = {
     "sm_86": {"ieee": _IEEE, "tf32": _TF32, "tf32_16bit_bank": _TF32_16BIT_BANK, "half": _HALF},
     "interpreter": {"ieee": _INTERPRETER, "tf32": _INTERPRETER, "tf32_16bit_bank": _INTERPRETER, "half": _INTERPRETER},
 }
-# Resident plans (resident.py): S and T of a row block and a whole bank tile held at once, so block_dk =
-# block_dv is the largest D_PAD (D rounded up to a power of two) they take; a larger D uses the chunked
-# kernels above. Only the fields the resident kernels read matter: block_b, block_k, block_dk, the warps and
-# stages.
+# Resident plans (resident.py): S and T of a row block and a whole bank tile held at once. Each entry serves
+# D_PAD (D rounded up to a power of two) up to its block_dk (= block_dv); the first that fits is taken, and a
+# D beyond them all uses the chunked kernels above. The resident kernels read block_b, block_k, the warps,
+# the stages and the bwd_ fields.
 # The forward keeps two logit tiles and little else: 128 bank rows per tile halve its per-row work; the
 # backward also holds the [block_b, D] accumulator and the coefficients, so its tiles are half as wide.
-_RESIDENT_HALF = Tiles(64, 128, 128, 128, 4, 2, 4, 2, bwd_split=2)
+_RESIDENT_HALF = Tiles(128, 128, 128, 128, 8, 2, 8, 2, bwd_split=2)
+# D 256: a 64 x 256 fp32 accumulator per warpgroup; the backward fits without spills in one stage only.
+_RESIDENT_HALF_256 = Tiles(64, 64, 256, 256, 4, 2, 4, 1, bwd_split=2)
 # The interpreter takes the resident kernels up to D 128 (every test shape but the GPU-family ones, which
 # follow their family's plans and so also reach the chunked kernels).
 _INTERPRETER_RESIDENT = Tiles(64, 64, 128, 128, 4, 1, 4, 1)
@@ -85,10 +87,11 @@ _RESIDENT_HALF_MMA_SYNC = Tiles(64, 64, 128, 128, 4, 2, 4, 2, bwd_split=2, bwd_b
 # and fp32 FMA products ("ieee") hold too much in registers for any resident tile: both stay chunked there.
 _RESIDENT_TF32 = Tiles(64, 64, 128, 128, 4, 2, 4, 2, bwd_split=2)
 RESIDENT = {
-    "sm_90": {"half": _RESIDENT_HALF, "tf32": _RESIDENT_TF32, "tf32_16bit_bank": _RESIDENT_TF32},
-    "sm_80": {"half": _RESIDENT_HALF_MMA_SYNC},
-    "sm_86": {"half": _RESIDENT_HALF_MMA_SYNC},
-    "interpreter": {mode: _INTERPRETER_RESIDENT for mode in ("ieee", "tf32", "tf32_16bit_bank", "half")},
+    "sm_90": {"half": (_RESIDENT_HALF, _RESIDENT_HALF_256), "tf32": (_RESIDENT_TF32,),
+              "tf32_16bit_bank": (_RESIDENT_TF32,)},
+    "sm_80": {"half": (_RESIDENT_HALF_MMA_SYNC,)},
+    "sm_86": {"half": (_RESIDENT_HALF_MMA_SYNC,)},
+    "interpreter": {mode: (_INTERPRETER_RESIDENT,) for mode in ("ieee", "tf32", "tf32_16bit_bank", "half")},
 }
 FINISH = FinishTiles(16, 32, 4)
 MERGE_BLOCK_B = 128
@@ -186,8 +189,8 @@ def make_plan(B: int, K: int, D: int, limits: DeviceLimits, mode: str, n_splits:
     bank); by default the bank is split until about two programs per multiprocessor are in flight."""
     tiles = tiles_for(limits, mode)
     d_pad = max(16, triton.next_power_of_2(D))
-    resident = RESIDENT.get(family(limits), {}).get(mode)
-    if resident is not None and d_pad <= resident.block_dk:
+    resident = next((r for r in RESIDENT.get(family(limits), {}).get(mode, ()) if d_pad <= r.block_dk), None)
+    if resident is not None:
         tiles = replace(resident, block_dk=d_pad, block_dv=d_pad)
     n_row_blocks = triton.cdiv(B, tiles.block_b)
     n_tiles = triton.cdiv(K, tiles.block_k)
@@ -200,4 +203,4 @@ def make_plan(B: int, K: int, D: int, limits: DeviceLimits, mode: str, n_splits:
     # slices the better: one slice as wide as D (to the next power of two) up to the tile's block_dv.
     block_dv = min(tiles.block_dv, d_pad)
     return Plan(tiles, n_row_blocks, n_splits, tiles_per_split, triton.cdiv(D, block_dv), block_dv,
-                resident=resident is not None and d_pad <= resident.block_dk)
+                resident=resident is not None)

@@ -99,20 +99,43 @@ def _count(x, valid, m_old, ref_old, n_old, c, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _fold(a, b, valid, m_a, n_a, m_b, n_b, w, v, c_a, c_b, MASKED: tl.constexpr):
+def _sum_plain(x, m_old, ref_old, n_old, c):
+    """(m, M, n, e, arg) as _count, with n = sum_k 2^(x_k c - M) - 1 formed by subtracting the 1: exact to
+    2^-24 absolute, which is all the teacher's normaliser needs for the cross-entropy (it enters as
+    z = 1 + n, and the backward's lse; docs/math.md section 3)."""
+    m = tl.maximum(m_old, tl.max(x, axis=1))
+    ref = m * c
+    arg = tl.fma(x, c[:, None], -ref[:, None])
+    e = tl.exp2(arg)
+    z = tl.sum(e, axis=1)
+    raised = m > m_old
+    rescale = tl.exp2(tl.where(raised, ref_old - ref, 0.0))
+    n = tl.where(raised, (n_old + 1.0) * rescale + (z - 1.0), n_old + z)
+    return m, ref, n, e, arg
+
+
+@triton.jit
+def _fold(a, b, valid, m_a, n_a, m_b, n_b, w, v, c_a, c_b, MASKED: tl.constexpr, KL: tl.constexpr):
     """The running state after one tile of raw student logits a and teacher logits b (docs/math.md section 3):
-    raw maxima m, normalisers n and W, V relative to the references M = fl(m c)."""
+    raw maxima m, normalisers n and W, V relative to the references M = fl(m c). The teacher's entropy (V,
+    and n_b to full relative accuracy) is only formed for the KL objective (KL, a constexpr)."""
     ref_a_old = m_a * c_a
     ref_b_old = m_b * c_b
     m_a, ref_a, n_a, e_a, arg_a = _count(a, valid, m_a, ref_a_old, n_a, c_a, MASKED)
-    m_b2, ref_b, n_b2, e_b, arg_b = _count(b, valid, m_b, ref_b_old, n_b, c_b, MASKED)
+    if KL:
+        m_b2, ref_b, n_b2, e_b, arg_b = _count(b, valid, m_b, ref_b_old, n_b, c_b, MASKED)
+    else:
+        if MASKED:
+            b = tl.where(valid, b, LOW)
+        m_b2, ref_b, n_b2, e_b, arg_b = _sum_plain(b, m_b, ref_b_old, n_b, c_b)
     # W and V: teacher weights rescaled to the new teacher reference, distances shifted to the new references
     # (each shift >= 0). The first tile's old references may be -inf: its rescale is 0 and so is the product.
     r_b = tl.exp2(ref_b_old - ref_b)
     z_b = 1.0 + n_b
     first = r_b == 0.0
     w = tl.where(first, 0.0, r_b * (w + (ref_a - ref_a_old) * z_b)) - tl.sum(e_b * arg_a, axis=1)
-    v = tl.where(first, 0.0, r_b * (v + (ref_b - ref_b_old) * z_b)) - tl.sum(e_b * arg_b, axis=1)
+    if KL:
+        v = tl.where(first, 0.0, r_b * (v + (ref_b - ref_b_old) * z_b)) - tl.sum(e_b * arg_b, axis=1)
     return m_a, n_a, m_b2, n_b2, w, v
 
 
@@ -123,11 +146,12 @@ def rrd_fwd_resident_kernel(
     scale_a, scale_b,  # log2(e) / tau
     tiles_per_split,
     OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, KL: tl.constexpr,
 ):
     """Grid (row blocks, splits): as rrd_fwd_kernel (forward.py), the partial state of BLOCK_B rows over one
     chunk of the bank into PART [N_STATE, n_splits, B], and the first bank row of the tile that raised the
-    student maximum last into PART_IDX (rrd_argmax_kernel resolves it to the row)."""
+    student maximum last into PART_IDX (rrd_argmax_kernel resolves it to the row). Without KL, V is 0 and
+    n_b exact to 2^-24 absolute (all the cross-entropy and its gradient use of them)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     s, c_a = resident_rows(S, stride_s, rows, B, D, scale_a, OP_DTYPE, UPCAST, D_PAD)
     t, c_b = resident_rows(T, stride_t, rows, B, D, scale_b, OP_DTYPE, UPCAST, D_PAD)
@@ -145,14 +169,14 @@ def rrd_fwd_resident_kernel(
         a, b, _ = _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
                                  D_PAD, EVEN_D, False)
         m_a_old = m_a
-        m_a, n_a, m_b, n_b, w, v = _fold(a, b, None, m_a, n_a, m_b, n_b, w, v, c_a, c_b, False)
+        m_a, n_a, m_b, n_b, w, v = _fold(a, b, None, m_a, n_a, m_b, n_b, w, v, c_a, c_b, False, KL)
         tile = tl.where(m_a > m_a_old, k0, tile)
     if k_full < k_end:
         ks = k_full + tl.arange(0, BLOCK_K)
         a, b, _ = _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
                                  D_PAD, EVEN_D, True)
         m_a_old = m_a
-        m_a, n_a, m_b, n_b, w, v = _fold(a, b, (ks < K)[None, :], m_a, n_a, m_b, n_b, w, v, c_a, c_b, True)
+        m_a, n_a, m_b, n_b, w, v = _fold(a, b, (ks < K)[None, :], m_a, n_a, m_b, n_b, w, v, c_a, c_b, True, KL)
         tile = tl.where(m_a > m_a_old, k_full, tile)
     # The merge kernel takes the maxima in log2 units: the references M the sums are relative to.
     m_a = m_a * c_a
@@ -172,17 +196,16 @@ def rrd_fwd_resident_kernel(
 
 @triton.jit
 def exp2m1_near0(x):
-    """2^x - 1 for |x| <= 1/2 without cancellation: y = x ln2 times the Taylor series of (e^y - 1)/y to y^5
-    (the first term left out, y^6 / 7!, is below 3.5e-7 of the result: a relative error of q - p far below
-    what the gradient's bound allows; docs/math.md section 5)."""
-    y = x * LN2
-    p = 1.0 / 720.0
-    p = p * y + 1.0 / 120.0
-    p = p * y + 1.0 / 24.0
-    p = p * y + 1.0 / 6.0
-    p = p * y + 0.5
-    p = p * y + 1.0
-    return p * y
+    """2^x - 1 for |x| <= 1/2 without cancellation: x P(x), P the degree-5 polynomial fitted by least squares
+    to (2^x - 1)/x on [-1/2, 1/2] (largest relative error 2.8e-8, below fp32 rounding; the Taylor series to
+    the same degree is off by 3.9e-7). Five fused multiply-adds and one multiply."""
+    p = 0.000154569915358
+    p = p * x + 0.00133856554507
+    p = p * x + 0.00961806831783
+    p = p * x + 0.0555036742053
+    p = p * x + 0.240226508648
+    p = p * x + 0.693147185735
+    return p * x
 
 
 @triton.jit
@@ -210,9 +233,14 @@ def rrd_bwd_resident_kernel(
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """Grid (row blocks, splits): sum_k c_ik Q_k over one chunk of the bank, all features at once, into PART
-    [n_splits, B, D_PAD], and sigma_i = sum_k c_ik (as the product saw it) into PART_SIGMA [n_splits, B]; the
-    finish kernel (backward.py) is shared with the chunked path. Each bank tile is loaded once and feeds the
-    two logit products and the c Q product."""
+    [n_splits, B, D_PAD], and sigma_i = sum_k c_ik into PART_SIGMA [n_splits, B]; the finish kernel
+    (backward.py) is shared with the chunked path. Each bank tile is loaded once and feeds the two logit
+    products and the c Q product.
+
+    sigma sums c in fp32, before c is rounded to a 16-bit product operand (as TF32 products round their fp32
+    operands inside the MMA): where the guard matters (both softmaxes sharp on one row) every c_ik is tiny or
+    the row's, whose own rounding the guard removes whatever its value; elsewhere the difference is the
+    operands' rounding, which the product carries anyway."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     s, c_a = resident_rows(S, stride_s, rows, B, D, scale_a, OP_DTYPE, UPCAST, D_PAD)
@@ -228,17 +256,16 @@ def rrd_bwd_resident_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         a, b, q = _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
                                  D_PAD, EVEN_D, False)
-        c = as_operand(_coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, None, False), OP_DTYPE, UPCAST)
-        sigma += c.to(tl.float32)
-        acc = dot_acc(c, q, acc, OP_DTYPE, PRECISION, UPCAST)
+        c = _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, None, False)
+        sigma += c
+        acc = dot_acc(as_operand(c, OP_DTYPE, UPCAST), q, acc, OP_DTYPE, PRECISION, UPCAST)
     if k_full < k_end:
         ks = k_full + tl.arange(0, BLOCK_K)
         a, b, q = _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
                                  D_PAD, EVEN_D, True)
         c = _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, (ks < K)[None, :], True)
-        c = as_operand(c, OP_DTYPE, UPCAST)
-        sigma += c.to(tl.float32)
-        acc = dot_acc(c, q, acc, OP_DTYPE, PRECISION, UPCAST)
+        sigma += c
+        acc = dot_acc(as_operand(c, OP_DTYPE, UPCAST), q, acc, OP_DTYPE, PRECISION, UPCAST)
 
     split = tl.program_id(1)
     cols = tl.arange(0, D_PAD)
