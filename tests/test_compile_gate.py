@@ -83,13 +83,14 @@ def test_plan_follows_the_active_drivers_device():
         "from rrd_kernels.triton_kernels import launch\n"
         "for name in ('sm_80', 'sm_86', 'sm_90'):\n"
         "    with stand_in(ARCHS[name]):\n"
-        "        p = launch.make_plan(64, 64 * 16632, 128, torch.bfloat16)\n"
+        "        p = launch.make_plan(64, 128 * 16632, 128, torch.bfloat16)\n"
         "        print(name, p.n_splits, p.tiles.block_b)\n"
         "with stand_in(Arch('sm_75', 75, 65536, 40)):\n"
         "    print('sm_75', launch.family(launch.current_limits()))\n"
     )
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
-    # two programs per multiprocessor: 2 x SMs splits of one row block (16632 tiles divide evenly by each)
+    # two programs per multiprocessor: 2 x SMs splits of one row block (the bank's tiles of 32, 64 or 128 rows
+    # divide evenly by each)
     assert lines["sm_80"].split()[0] == str(2 * 108)
     assert lines["sm_86"].split()[0] == str(2 * 84)
     assert lines["sm_90"].split()[0] == str(2 * 132)

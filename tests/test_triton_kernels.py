@@ -207,3 +207,20 @@ def test_gpu_family_tiles_match_float64(gen, monkeypatch, family, dtype, precisi
         # bf16 rows and bank are the operands as given (exact products, fp32 sums): the loss is fp32-exact;
         # the gradient is rounded to bf16 twice (q - p as a product operand, then the output): 2^-9 each.
         assert rel_err(rows, ref_rows) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-2
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's choice of GPU tiles")
+@pytest.mark.parametrize("D,resident", [(200, True), (300, False)])
+def test_sm90_half_size_classes_match_float64(gen, monkeypatch, D, resident):
+    """sm_90's fp16/bf16 plans by size class of D: the resident D-256 tiles (D 200 pads to 256) and, past them,
+    the chunked kernels (D 300), both against float64 with a ragged B, K and split."""
+    from rrd_kernels.triton_kernels import make_plan
+
+    monkeypatch.setenv("RRD_TRITON_ARCH", "sm_90")
+    assert make_plan(33, 300, D, torch.bfloat16, bank_dtype=torch.bfloat16).resident == resident
+    s, t, q = make_inputs(33, 300, D, gen, dtype=torch.bfloat16)
+    w = torch.rand(33, generator=gen)
+    rows, grad = run_kernels(s, t, q, 0.04, 0.1, False, w, 3)
+    ref_rows, ref_grad = reference_rows_and_grad(s, t, q, 0.04, 0.1, False, w)
+    # As in test_gpu_family_tiles_match_float64: exact bf16 products, fp32 sums; the gradient rounded to bf16.
+    assert rel_err(rows, ref_rows) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-2

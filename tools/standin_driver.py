@@ -105,9 +105,15 @@ def stand_in(arch: Arch, launcher_cls=None):
     """Make a StandInDriver for `arch` Triton's active driver for the duration of the block. launcher_cls
     (called as Triton calls a launcher: grid, stream, function, metadata, hooks, kernel arguments) replaces
     the launch that does nothing, e.g. to record launches (tools/cost_model.py)."""
+    from triton.compiler import compiler
+
     previous = _driver._active
     _driver.set_active(StandInDriver(arch, launcher_cls))
+    # Triton caches the device's shared-memory limit per device index for the process: another arch's
+    # limit would be checked at launch.
+    compiler.max_shared_mem.cache_clear()
     try:
         yield
     finally:
         _driver._active = previous
+        compiler.max_shared_mem.cache_clear()

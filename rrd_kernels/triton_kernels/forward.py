@@ -15,39 +15,6 @@ from .online_state import empty_state, merge_state, tile_count
 N_STATE = 6  # float planes of the split state: m_a, n_a, m_b, n_b, W, V (the argmax has its own buffer)
 
 
-@triton.jit
-def _fold_tile(
-    S, T, Q, stride_s, stride_t, stride_q, rows, k0, B, K, D, row_scale_a, row_scale_b,
-    m_a, n_a, m_b, n_b, w, v, idx,
-    OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr, MASKED: tl.constexpr,
-):
-    """Count the bank tile starting at k0 and merge it into the running state. Only the last tile of the bank
-    is MASKED (its columns past K are padding); every other tile runs without a mask."""
-    ks = k0 + tl.arange(0, BLOCK_K)
-    a, b = logit_tiles(
-        S, T, Q, stride_s, stride_t, stride_q, rows, ks, B, K, D, row_scale_a, row_scale_b,
-        OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K, BLOCK_DK,
-    )
-    if MASKED:
-        # Padded bank rows load as 0, so a and b are finite there; -inf keeps them out of the maxima and
-        # makes e_b = 0, so e_b * (m - a) is 0 on them.
-        valid = (ks < K)[None, :]
-        a_counted = tl.where(valid, a, float("-inf"))
-        b_counted = tl.where(valid, b, float("-inf"))
-    else:
-        a_counted = a
-        b_counted = b
-    m_a_t, _, n_a_t = tile_count(a_counted)
-    m_b_t, e_b, n_b_t = tile_count(b_counted)
-    w_t = tl.sum(e_b * (m_a_t[:, None] - a), axis=1)
-    v_t = tl.sum(e_b * (m_b_t[:, None] - b), axis=1)
-    # The tile that holds the student's maximum, not the row: resolve_argmax finds the row after the loop,
-    # which keeps an index reduction off every element.
-    idx_t = tl.full([BLOCK_B], 0, tl.int32) + k0
-    return merge_state(m_a, n_a, m_b, n_b, w, v, idx, m_a_t, n_a_t, m_b_t, n_b_t, w_t, v_t, idx_t)
-
-
 @triton.jit(do_not_specialize=["B", "K", "tiles_per_split"])
 def rrd_fwd_kernel(
     S, T, Q, PART, PART_IDX,
@@ -59,7 +26,8 @@ def rrd_fwd_kernel(
 ):
     """Grid (row blocks, splits): the partial state of BLOCK_B rows over one chunk of the bank, written to
     PART [N_STATE, n_splits, B] and PART_IDX [n_splits, B] (the first bank row of the tile holding the
-    student's maximum; rrd_argmax_kernel turns it into the row).
+    student's maximum; rrd_argmax_kernel turns it into the row). The features are walked in chunks of
+    BLOCK_DK inside every product (common.logit_tiles), for D beyond the resident kernels (resident.py).
 
     Non-finite logits are not tested for: a NaN (or an infinity, which meets another infinity or a zero in
     the products or the exponents) reaches n_a, n_b, W and V by plain arithmetic, so the row's loss and
@@ -68,17 +36,27 @@ def rrd_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_scale_a, row_scale_b = logit_scales(S, T, stride_s, stride_t, rows, B, D, scale_a, scale_b, BLOCK_B, BLOCK_DK)
     k_begin, k_end = split_range(K, tiles_per_split, BLOCK_K)
-    k_full = k_begin + (k_end - k_begin) // BLOCK_K * BLOCK_K  # end of the tiles with no padding
     m_a, n_a, m_b, n_b, w, v, idx = empty_state(BLOCK_B)
-    for k0 in range(k_begin, k_full, BLOCK_K):
-        m_a, n_a, m_b, n_b, w, v, idx = _fold_tile(
-            S, T, Q, stride_s, stride_t, stride_q, rows, k0, B, K, D, row_scale_a, row_scale_b,
-            m_a, n_a, m_b, n_b, w, v, idx, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K, BLOCK_DK, False,
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a, b = logit_tiles(
+            S, T, Q, stride_s, stride_t, stride_q, rows, ks, B, K, D, row_scale_a, row_scale_b,
+            OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K, BLOCK_DK,
         )
-    if k_full < k_end:
-        m_a, n_a, m_b, n_b, w, v, idx = _fold_tile(
-            S, T, Q, stride_s, stride_t, stride_q, rows, k_full, B, K, D, row_scale_a, row_scale_b,
-            m_a, n_a, m_b, n_b, w, v, idx, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K, BLOCK_DK, True,
+        # Padded bank rows load as 0, so a and b are finite there; -inf keeps them out of the maxima and
+        # makes e_b = 0, and the where keeps e_b * (m - a) at 0 on them.
+        valid = (ks < K)[None, :]
+        a_counted = tl.where(valid, a, float("-inf"))
+        b_counted = tl.where(valid, b, float("-inf"))
+        m_a_t, _, n_a_t = tile_count(a_counted)
+        m_b_t, e_b, n_b_t = tile_count(b_counted)
+        w_t = tl.sum(tl.where(valid, e_b * (m_a_t[:, None] - a), 0.0), axis=1)
+        v_t = tl.sum(tl.where(valid, e_b * (m_b_t[:, None] - b), 0.0), axis=1)
+        # The tile that holds the student's maximum, not the row: an index reduction over every element
+        # would cost more than all the rest of the count.
+        idx_t = tl.full([BLOCK_B], 0, tl.int32) + k0
+        m_a, n_a, m_b, n_b, w, v, idx = merge_state(
+            m_a, n_a, m_b, n_b, w, v, idx, m_a_t, n_a_t, m_b_t, n_b_t, w_t, v_t, idx_t
         )
 
     mask = rows < B

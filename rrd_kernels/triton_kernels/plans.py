@@ -55,19 +55,24 @@ class FinishTiles:
 _IEEE = Tiles(16, 32, 16, 64, 4, 1, 4, 1)
 _TF32 = Tiles(32, 64, 32, 128, 8, 1, 8, 1)
 _TF32_16BIT_BANK = Tiles(32, 64, 32, 128, 8, 2, 8, 2)  # one stage spills 8 B here, two do not (ptxas, all archs)
-# (On sm_80/sm_86, mma.sync, Triton spreads these 8 warps over the 64-row tile as 4 x 1 and repeats the
-# tile's columns on the other four: every product is computed twice, as the cost model's SASS count shows.
-# 4 warps spill there. These chunked tiles serve D > 128 only; the resident plans below do D <= 128.)
+# (On sm_80/sm_86, mma.sync, Triton spreads 8 warps over a 64-row tile as 4 x 1 and repeats the tile's
+# columns on the other four: every product is computed twice, as the cost model's SASS count shows; 32-row
+# tiles on 4 warps do not. The chunked half tiles serve D beyond the resident plans below.)
 _HALF = Tiles(64, 64, 32, 128, 8, 2, 8, 2)
+_HALF_MMA_SYNC = Tiles(32, 64, 32, 128, 4, 2, 4, 2)  # sm_80/sm_86: no repeated products, no spills at D 300
 # Triton's CPU interpreter runs each tile op as a numpy call: larger tiles make the tests fast, and D = 100 or
 # 128 still takes several feature chunks. Tile sizes change only the order of fp32 sums, never the math;
 # RRD_TRITON_ARCH=sm_80|sm_86|sm_90 makes the interpreter use that family's GPU tiles instead.
 _INTERPRETER = Tiles(64, 64, 32, 64, 4, 1, 4, 1)
+MODES = ("ieee", "tf32", "tf32_16bit_bank", "half", "half_fp32_bank")
 TILES = {
-    "sm_90": {"ieee": _IEEE, "tf32": _TF32, "tf32_16bit_bank": _TF32_16BIT_BANK, "half": _HALF},
-    "sm_80": {"ieee": _IEEE, "tf32": _TF32, "tf32_16bit_bank": _TF32_16BIT_BANK, "half": _HALF},
-    "sm_86": {"ieee": _IEEE, "tf32": _TF32, "tf32_16bit_bank": _TF32_16BIT_BANK, "half": _HALF},
-    "interpreter": {"ieee": _INTERPRETER, "tf32": _INTERPRETER, "tf32_16bit_bank": _INTERPRETER, "half": _INTERPRETER},
+    "sm_90": {"ieee": _IEEE, "tf32": _TF32, "tf32_16bit_bank": _TF32_16BIT_BANK, "half": _HALF,
+              "half_fp32_bank": _HALF},
+    "sm_80": {"ieee": _IEEE, "tf32": _TF32, "tf32_16bit_bank": _TF32_16BIT_BANK, "half": _HALF_MMA_SYNC,
+              "half_fp32_bank": _HALF_MMA_SYNC},
+    "sm_86": {"ieee": _IEEE, "tf32": _TF32, "tf32_16bit_bank": _TF32_16BIT_BANK, "half": _HALF_MMA_SYNC,
+              "half_fp32_bank": _HALF_MMA_SYNC},
+    "interpreter": {mode: _INTERPRETER for mode in MODES},
 }
 # Resident plans (resident.py): S and T of a row block and a whole bank tile held at once. Each entry serves
 # D_PAD (D rounded up to a power of two) up to its block_dk (= block_dv); the first that fits is taken, and a
@@ -76,22 +81,24 @@ TILES = {
 # The forward keeps two logit tiles and little else: 128 bank rows per tile halve its per-row work; the
 # backward also holds the [block_b, D] accumulator and the coefficients, so its tiles are half as wide.
 _RESIDENT_HALF = Tiles(128, 128, 128, 128, 8, 2, 8, 2, bwd_split=2)
+_RESIDENT_HALF_FP32_BANK = Tiles(128, 128, 128, 128, 8, 3, 8, 2, bwd_split=2)  # two stages spill at D 100
 # D 256: a 64 x 256 fp32 accumulator per warpgroup; the backward fits without spills in one stage only.
 _RESIDENT_HALF_256 = Tiles(64, 64, 256, 256, 4, 2, 4, 1, bwd_split=2)
 # The interpreter takes the resident kernels up to D 128 (every test shape but the GPU-family ones, which
 # follow their family's plans and so also reach the chunked kernels).
 _INTERPRETER_RESIDENT = Tiles(64, 64, 128, 128, 4, 1, 4, 1)
 # mma.sync (sm_80/sm_86) holds the row block's operands in registers: 64-row backward programs spill there.
-_RESIDENT_HALF_MMA_SYNC = Tiles(64, 64, 128, 128, 4, 2, 4, 2, bwd_split=2, bwd_block_b=32)
+# 32-row backward programs with 4 warps repeat products as 8-warp 64-row tiles do; 16 rows do not.
+_RESIDENT_HALF_MMA_SYNC = Tiles(64, 32, 128, 128, 4, 2, 4, 2, bwd_block_b=16)
 # TF32 on wgmma (sm_90) fits 64 x 64 tiles; on mma.sync (sm_80/sm_86) every resident TF32 tile tried spilled,
 # and fp32 FMA products ("ieee") hold too much in registers for any resident tile: both stay chunked there.
-_RESIDENT_TF32 = Tiles(64, 64, 128, 128, 4, 2, 4, 2, bwd_split=2)
+_RESIDENT_TF32 = Tiles(64, 32, 128, 128, 4, 2, 4, 2)  # 64 x 64 forward tiles spill at D 100
 RESIDENT = {
-    "sm_90": {"half": (_RESIDENT_HALF, _RESIDENT_HALF_256), "tf32": (_RESIDENT_TF32,),
-              "tf32_16bit_bank": (_RESIDENT_TF32,)},
-    "sm_80": {"half": (_RESIDENT_HALF_MMA_SYNC,)},
-    "sm_86": {"half": (_RESIDENT_HALF_MMA_SYNC,)},
-    "interpreter": {mode: (_INTERPRETER_RESIDENT,) for mode in ("ieee", "tf32", "tf32_16bit_bank", "half")},
+    "sm_90": {"half": (_RESIDENT_HALF, _RESIDENT_HALF_256), "half_fp32_bank": (_RESIDENT_HALF_FP32_BANK, _RESIDENT_HALF_256),
+              "tf32": (_RESIDENT_TF32,), "tf32_16bit_bank": (_RESIDENT_TF32,)},
+    "sm_80": {"half": (_RESIDENT_HALF_MMA_SYNC,), "half_fp32_bank": (_RESIDENT_HALF_MMA_SYNC,)},
+    "sm_86": {"half": (_RESIDENT_HALF_MMA_SYNC,), "half_fp32_bank": (_RESIDENT_HALF_MMA_SYNC,)},
+    "interpreter": {mode: (_INTERPRETER_RESIDENT,) for mode in MODES},
 }
 FINISH = FinishTiles(16, 32, 4)
 MERGE_BLOCK_B = 128
@@ -155,7 +162,7 @@ def current_limits() -> DeviceLimits:
 
 def mode_of(op_dtype_is_fp32: bool, fp32_precision: str, bank_bytes: int = 4) -> str:
     if not op_dtype_is_fp32:
-        return "half"
+        return "half" if bank_bytes < 4 else "half_fp32_bank"
     if fp32_precision == "tf32":
         return "tf32" if bank_bytes == 4 else "tf32_16bit_bank"
     return "ieee"
