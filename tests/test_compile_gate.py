@@ -46,7 +46,8 @@ def split_gate_output(stdout: str) -> tuple[str, list[str], str]:
 
 def test_gate_output_splits_into_table_notes_and_footer():
     out = ("# header\narch   kernel\nsm_80  k  a  ok\nsm_90  (refused)  b  refused (why)\n"
-           "# versions: torch x, triton y\n# 2 rows: 1 kernels, 1 refused cases, 0 failing, 3 s\n")
+           "# versions: torch x, triton y\n# 2 rows: 1 kernels (0 with stack on untuned archs), 1 refused cases, "
+           "0 failing, 3 s\n")
     table, rows, footer = split_gate_output(out)
     assert table == "# header\narch   kernel\nsm_80  k  a  ok\nsm_90  (refused)  b  refused (why)\n"
     assert len(rows) == 2 and footer.startswith("2 rows")
@@ -57,8 +58,8 @@ def test_every_kernel_compiles_fits_and_does_not_spill_on_every_gate_arch():
     """With the pinned triton: every kernel ok (or refused by the plans, not compiled), and the table equals
     the committed one. With another triton (a newcomer's fresh venv takes the newest): compile errors and
     shared memory over the limit still fail; a stack frame (spills) is reported as a warning, not a failure,
-    because spill freedom is a tuning property of one compiler version (triton 3.8.0 gives 3 of the 100
-    sm_90 kernels an 8-byte frame)."""
+    because spill freedom is a tuning property of one compiler version (triton 3.8.0 gives some kernels
+    8-40 B frames; docs/design.md, section 7)."""
     jobs = str(min(3, os.cpu_count() or 1))
     out = subprocess.run([sys.executable, "-m", "tools.triton_gate", "-j", jobs], cwd=ROOT, env=_gate_env(),
                          capture_output=True, text=True, timeout=3600)
@@ -118,8 +119,9 @@ def test_gate_verdicts():
     assert g.verdict(base) == "ok" and not g.failed(base)
     assert g.verdict(base | dict(stack=8)) == "FAIL stack 8 B (spills)"
     assert g.verdict(base | dict(shared=300000)).startswith("FAIL shared 300000 > 232448")
-    assert g.verdict(base | dict(arch="sm_120", stack=8)) == "ok, stack within sm_120's 8 B allowance"
-    assert g.failed(base | dict(arch="sm_120", stack=16))
+    assert g.verdict(base | dict(arch="sm_120", stack=64)) == "ok, untuned (sm_86's plans): stack 64 B (spills)"
+    assert g.failed(base | dict(arch="sm_120", stack=64, shared=300000))  # shared memory fails everywhere
+    assert set(g.UNTUNED) == {"sm_100", "sm_120"}
     refused = dict(arch="sm_100", kernel="(refused)", case="c", refused="why")
     assert g.verdict(refused) == "refused (why)" and not g.failed(refused)
     assert not g.failed(refused | dict(tried="still fails: RuntimeError: x"))
@@ -141,20 +143,19 @@ def test_plan_follows_the_active_drivers_device():
         "for name in ('sm_80', 'sm_86', 'sm_90', 'sm_100', 'sm_120'):\n"
         "    with stand_in(ARCHS[name]):\n"
         "        p = launch.make_plan(64, 64 * 16632, 128, torch.bfloat16)\n"
-        "        print(name, p.n_splits, p.tiles.block_b, launch.family(launch.current_limits()))\n"
+        "        print(name, p.n_splits, p.n_row_blocks, p.tiles.block_k, launch.family(launch.current_limits()))\n"
         "with stand_in(Arch('sm_75', 75, 65536, 40)):\n"
         "    print('sm_75', launch.family(launch.current_limits()))\n"
     )
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
-    # two programs per multiprocessor: 2 x SMs splits of one row block (16632 tiles divide evenly by each)
-    assert lines["sm_80"].split()[0] == str(2 * 108)
-    assert lines["sm_86"].split()[0] == str(2 * 84)
-    assert lines["sm_90"].split()[0] == str(2 * 132)
-    for name, sms in (("sm_100", 148), ("sm_120", 170)):  # 2 x SMs asked for; whole chunks of tiles given
-        per_split = -(-16632 // (2 * sms))
-        assert lines[name].split()[0] == str(-(-16632 // per_split))
-    assert [lines[n].split()[2] for n in ("sm_80", "sm_86", "sm_90", "sm_100", "sm_120")] == [
-        "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+    # about two programs per multiprocessor: 2 x SMs splits of the one row block asked for, in whole and equal
+    # chunks of bank tiles (so a few fewer where the tile count does not divide evenly)
+    for name, sms in (("sm_80", 108), ("sm_86", 84), ("sm_90", 132), ("sm_100", 148), ("sm_120", 170)):
+        n_splits, n_row_blocks, block_k, fam = lines[name].split()
+        n_tiles = -(-64 * 16632 // int(block_k))
+        per_split = -(-n_tiles // (2 * sms))
+        assert (int(n_row_blocks), int(n_splits), fam) == (1, -(-n_tiles // per_split), name), lines[name]
+        assert 0.95 * 2 * sms <= int(n_splits) <= 2 * sms
     assert lines["sm_75"] == "None"
 
 
@@ -181,57 +182,64 @@ def test_family_needs_capability_and_shared_memory():
 
 def test_blackwell_families_take_the_plans_they_borrow():
     """The same Tiles objects (a retune of sm_90 or sm_86 applies to sm_100 or sm_120 too)."""
-    from rrd_kernels.triton_kernels.plans import TILES
+    from rrd_kernels.triton_kernels.plans import RESIDENT, TILES
 
     assert TILES["sm_100"] is TILES["sm_90"] and TILES["sm_120"] is TILES["sm_86"]
+    assert RESIDENT["sm_100"] is RESIDENT["sm_90"] and RESIDENT["sm_120"] is RESIDENT["sm_86"]
 
 
 def test_unsupported_refuses_what_does_not_compile_and_devices_without_a_family(monkeypatch):
     from rrd_kernels.triton_kernels import plans
-    from rrd_kernels.triton_kernels.plans import UNSUPPORTED, DeviceLimits, mode_of, unsupported
+    from rrd_kernels.triton_kernels.plans import UNSUPPORTED, DeviceLimits, make_plan, mode_of, unsupported
 
     monkeypatch.setattr(plans, "_triton_version", lambda: (3, 6, 0))
     b200, rtx5090, h200 = DeviceLimits(100, 232448, 148), DeviceLimits(120, 101376, 170), DeviceLimits(90, 232448, 132)
+    chunked = {D: not make_plan(1, 1, D, b200, "half").resident for D in (1, 100, 128, 256, 300, 512)}
+    assert chunked[512], "no D takes the chunked kernels on sm_100 any more: the sm_100 entries can go"
     for emb in (torch.bfloat16, torch.float16):
         for bank in (torch.float32, torch.bfloat16, torch.float16):
             mode = mode_of(False, "ieee", bank.itemsize)
-            reason = unsupported(b200, mode, emb, bank)
-            if bank == emb:
-                assert reason is None
-            else:  # triton 3.6's pipeliner fails on sm_100 when the bank tile is cast before the product
-                assert "sm_100" in reason and "TritonGPUPipeline" in reason and str(emb)[6:] in reason
-            assert unsupported(h200, mode, emb, bank) is None and unsupported(rtx5090, mode, emb, bank) is None
-    assert unsupported(b200, "half", "float16", "float32") == unsupported(b200, "half", torch.float16, torch.float32)
+            for D, on_chunked in chunked.items():
+                reason = unsupported(b200, mode, emb, bank, D)
+                if bank == emb or not on_chunked:
+                    assert reason is None, (emb, bank, D)
+                else:  # triton 3.6's pipeliner fails on sm_100 when the bank tile is cast before the product
+                    assert "sm_100" in reason and "TritonGPUPipeline" in reason and str(emb)[6:] in reason
+                    assert f"D = {D}" in reason
+                assert unsupported(h200, mode, emb, bank, D) is None and unsupported(rtx5090, mode, emb, bank, D) is None
+    assert unsupported(b200, "half", "float16", "float32", 512) == unsupported(b200, "half", torch.float16, torch.float32, 512)
     monkeypatch.setattr(plans, "_triton_version", lambda: (3, 8, 0))  # the first triton seen to compile them
-    assert unsupported(b200, "half", torch.float16, torch.float32) is None
+    assert unsupported(b200, "half", torch.float16, torch.float32, 512) is None
     monkeypatch.setattr(plans, "_triton_version", lambda: (3, 6, 0))
     for precision in ("ieee", "tf32"):
         for bank in (torch.float32, torch.bfloat16):
-            assert unsupported(b200, mode_of(True, precision, bank.itemsize), torch.float32, bank) is None
+            assert unsupported(b200, mode_of(True, precision, bank.itemsize), torch.float32, bank, 512) is None
     assert {key[0] for key in UNSUPPORTED} == {"sm_100"} and len(UNSUPPORTED) == 4
-    reason = unsupported(DeviceLimits(75, 65536, 40), "ieee", torch.float32, torch.float32)
+    assert {key[4] for key in UNSUPPORTED} == {"chunked"}
+    reason = unsupported(DeviceLimits(75, 65536, 40), "ieee", torch.float32, torch.float32, 128)
     assert "7.5" in reason and "sm_120 (12.x, >= 99 KiB)" in reason
 
 
 @pytest.mark.skipif(not have_triton(), reason="triton not installed")
 def test_gate_refuses_what_the_plans_refuse_without_compiling():
     """tools.triton_gate.refusal asks the plans as the launcher does, for the stand-in driver's device (the
-    sm_100 refusals hold for triton before 3.8)."""
+    sm_100 refusals hold for triton before 3.8, on the chunked kernels: D 512 here, not 128)."""
     from rrd_kernels.triton_kernels import plans
 
-    old_triton = plans._triton_version() < (3, 8)
+    old = plans._triton_version() < (3, 8)
     out = _in_subprocess(
         "import torch\n"
         "from tools.standin_driver import ARCHS, stand_in\n"
         "from tools.triton_gate import refusal\n"
         "for name in ('sm_90', 'sm_100', 'sm_120'):\n"
         "    with stand_in(ARCHS[name]):\n"
-        "        print(name, [refusal(e, b) is not None for e, b in ((torch.float16, torch.float32),\n"
-        "              (torch.bfloat16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16))])\n"
+        "        print(name, [refusal(e, b, D) is not None for e, b, D in ((torch.float16, torch.float32, 512),\n"
+        "              (torch.bfloat16, torch.float16, 512), (torch.bfloat16, torch.float16, 128),\n"
+        "              (torch.bfloat16, torch.bfloat16, 512), (torch.float32, torch.float16, 512))])\n"
     )
-    assert out.split("\n")[:3] == ["sm_90 [False, False, False, False]",
-                                    f"sm_100 [{old_triton}, {old_triton}, False, False]",
-                                    "sm_120 [False, False, False, False]"]
+    assert out.split("\n")[:3] == ["sm_90 [False, False, False, False, False]",
+                                    f"sm_100 [{old}, {old}, False, False, False]",
+                                    "sm_120 [False, False, False, False, False]"]
 
 
 def test_why_unusable_refuses_a_gpu_without_a_checked_plan(monkeypatch):
@@ -257,7 +265,8 @@ def _launch_consults_unsupported() -> bool:
 @pytest.mark.skipif(not _launch_consults_unsupported(),
                     reason="launch.why_unusable does not consult plans.unsupported yet")
 def test_why_unusable_refuses_what_the_plans_refuse(monkeypatch):
-    """A B200 with fp16 embeddings and an fp32 bank is refused before any compile (so "auto" falls back)."""
+    """A B200 with fp16 embeddings and an fp32 bank at D 512 is refused before any compile (so "auto" falls
+    back)."""
     from rrd_kernels.triton_kernels import launch, plans
     from rrd_kernels.triton_kernels.plans import DeviceLimits
 
@@ -265,10 +274,11 @@ def test_why_unusable_refuses_what_the_plans_refuse(monkeypatch):
     monkeypatch.setattr(launch, "_on", lambda device: __import__("contextlib").nullcontext())
     monkeypatch.setattr(plans, "_triton_version", lambda: (3, 6, 0))
     cuda = torch.device("cuda", 0)
-    reason = launch.why_unusable(cuda, torch.float16, torch.float32, 4, 100, 128)
+    reason = launch.why_unusable(cuda, torch.float16, torch.float32, 4, 100, 512)  # D 512: chunked kernels
     assert reason is not None and "sm_100" in reason
-    assert launch.why_unusable(cuda, torch.float16, torch.float16, 4, 100, 128) is None
-    assert launch.why_unusable(cuda, torch.float32, torch.float32, 4, 100, 128) is None
+    assert launch.why_unusable(cuda, torch.float16, torch.float32, 4, 100, 128) is None  # resident: compiles
+    assert launch.why_unusable(cuda, torch.float16, torch.float16, 4, 100, 512) is None
+    assert launch.why_unusable(cuda, torch.float32, torch.float32, 4, 100, 512) is None
 
 
 @pytest.mark.slow  # three compilations

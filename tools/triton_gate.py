@@ -11,8 +11,8 @@ integer and pointer arguments on divisibility by 16 (an aligned D such as 128, a
 cannot make new kernels.
 
 A kernel fails the gate on a compile error, on dynamic shared memory above the architecture's per-block
-limit (what Triton refuses at launch), or on any stack frame (register spills, local arrays) beyond the
-arch's allowance (STACK_ALLOWANCE: none but on sm_120, whose plans are borrowed and untuned). A case the
+limit (what Triton refuses at launch), or on any stack frame (register spills, local arrays), except on the
+archs whose plans are borrowed and untuned (UNTUNED: sm_100, sm_120), where a frame is reported only. A case the
 plans refuse (plans.unsupported(): the UNSUPPORTED table, what is known not to compile) is not compiled: it
 is a "refused (reason)" row, which is not a failure; --try-refused compiles it anyway, to see whether this
 triton still needs the refusal.
@@ -42,11 +42,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "rrd_kernels" / "triton_kernels" / "compile-report.txt"
 MAX_STACK = 0  # bytes of stack frame a kernel may have
-# Per arch, where it differs: sm_120 runs the sm_86 plans, tuned for Ampere/Ada, and ptxas (CUDA 12.9, triton
-# 3.6) leaves 8-byte frames (4-8 B of spill stores) in 5 of its kernels at unaligned D: the fp32-FMA forward
-# (16 x 32 tiles, 96 registers) and the fp16/bf16 backward with an fp32 bank. Slower by a few local-memory
-# accesses per bank tile, not wrong; 0 once sm_120 has tiles of its own.
-STACK_ALLOWANCE = {"sm_120": 8}
+# Archs whose plans are borrowed from another family and not tuned for them (plans.py: TILES/RESIDENT
+# aliases): a stack frame there is reported in the verdict but is no failure, since no plan has been tuned
+# (or run) on such a GPU yet; compile errors and shared memory over the limit fail as everywhere. Remove an
+# arch from here when it gets tiles of its own, and its spills fail the gate.
+UNTUNED = {"sm_100": "sm_90's plans", "sm_120": "sm_86's plans"}
 
 # The torch/triton versions story (README "Versions"). The pinned triton makes the committed report and is
 # what CI (.ci/run: torch 2.13.0 CPU) and the GPU machines (torch 2.11 + cu130, whose pin it is) run.
@@ -54,8 +54,8 @@ PINNED_TRITON = "3.6.0"
 KNOWN_TRITON = {
     PINNED_TRITON: "the pinned triton (CI, the GPU machines): the committed report applies exactly",
     "3.8.0": "torch 2.14.1's pin (a fresh venv's default torch): no compile error or shared memory over the "
-             "limit on sm_90; 8-byte stack frames in 3 of its 100 kernels (fp32, D 128), which the gate fails "
-             "and the gate test only warns about",
+             "limit seen, but stack frames (spills) in some kernels (docs/design.md, section 7), which the gate "
+             "fails and the gate test only warns about",
 }
 
 # (embedding dtype, fp32 matmul precision, bank dtype): every product mode with every bank dtype.
@@ -88,7 +88,7 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def refusal(dtype, bank_dtype) -> str | None:
+def refusal(dtype, bank_dtype, D: int) -> str | None:
     """The reason the plans refuse this case on the active (stand-in) driver's device, as the launcher would
     (plans.unsupported with the call's product mode), or None. Compiles nothing."""
     import torch
@@ -96,7 +96,7 @@ def refusal(dtype, bank_dtype) -> str | None:
     from rrd_kernels.triton_kernels import launch, plans
 
     mode = plans.mode_of(dtype == torch.float32, launch._fp32_precision(), bank_dtype.itemsize)
-    return plans.unsupported(plans.current_limits(), mode, dtype, bank_dtype)
+    return plans.unsupported(plans.current_limits(), mode, dtype, bank_dtype, D)
 
 
 def run_arch(arch_name: str, try_refused: bool = False) -> list[dict]:
@@ -126,7 +126,7 @@ def run_arch(arch_name: str, try_refused: bool = False) -> list[dict]:
             t = torch.randn(B, D, generator=gen).to(dt)
             q = torch.randn(K, D, generator=gen).to(bdt)
             case = f"{dtype}/{precision if dtype == 'float32' else '-'} bank {bank_dtype} D {D}"
-            refused = refusal(dt, bdt)
+            refused = refusal(dt, bdt, D)
             if refused is not None:
                 row = dict(arch=arch_name, kernel="(refused)", case=case, refused=refused)
                 seen[("refused", case)] = row
@@ -170,12 +170,14 @@ def verdict(row: dict) -> str:
     problems = []
     if row["shared"] > row["limit"]:
         problems.append(f"shared {row['shared']} > {row['limit']}")
-    allowed = STACK_ALLOWANCE.get(row["arch"], MAX_STACK)
-    if row["stack"] > allowed:
+    untuned = row["arch"] in UNTUNED
+    if row["stack"] > MAX_STACK and not untuned:
         problems.append(f"stack {row['stack']} B (spills)")
     if problems:
         return "FAIL " + ", ".join(problems)
-    return f"ok, stack within {row['arch']}'s {allowed} B allowance" if row["stack"] > MAX_STACK else "ok"
+    if row["stack"] > MAX_STACK:
+        return f"ok, untuned ({UNTUNED[row['arch']]}): stack {row['stack']} B (spills)"
+    return "ok"
 
 
 def failed(row: dict) -> bool:
@@ -259,8 +261,9 @@ def main(argv=None) -> int:
         print("# WARNING " + line)
     failures = [r for r in results if failed(r)]
     refused = sum("refused" in r for r in results)
-    print(f"# {len(results)} rows: {len(results) - refused} kernels, {refused} refused cases, {len(failures)} "
-          f"failing, {time.time() - t0:.0f} s")
+    spilling = sum(r.get("stack", 0) > MAX_STACK and r["arch"] in UNTUNED for r in results)
+    print(f"# {len(results)} rows: {len(results) - refused} kernels ({spilling} with stack on untuned archs), "
+          f"{refused} refused cases, {len(failures)} failing, {time.time() - t0:.0f} s")
     if args.write and not args.try_refused:
         REPORT.write_text(table)
     return 1 if failures else 0

@@ -119,19 +119,21 @@ FAMILIES = (
 )
 FAMILY_MIN_SHARED = {name: smem for name, _lo, _hi, smem in FAMILIES}
 
-# (family, product mode, embedding dtype, bank dtype) -> (reason, the first triton seen to compile it): what
-# triton before that version fails to compile, refused before any compile (unsupported(), consulted by the
-# launcher's why_unusable) so that backend "auto" falls back, and reported as "refused" rows by the compile
-# gate instead of being compiled.
-# sm_100, fp16/bf16 embeddings with a bank of another dtype (the bank tile is cast before the product): with
-# triton 3.6.0 the software pipeliner fails an assertion ("Operations must be in the schedule") and the
-# compile ends in `PassManager::run failed` in TritonGPUPipeline, forward and backward kernels alike, for
-# every D but 1, with the plans' 2 stages (3 too; 1 stage compiles). Same-dtype banks compile; triton 3.8.0
-# compiles all of them.
-_SM100_MIXED = ("triton {version} cannot compile the fused kernels for sm_100 with {emb} embeddings and a {bank} "
-                "bank (TritonGPUPipeline fails; triton 3.8.0 can); cast the bank to {emb}")
+# (family, product mode, embedding dtype, bank dtype, kernels) -> (reason, the first triton seen to compile
+# it), where kernels is "chunked" or "resident" (what make_plan picks for the call's D): what triton before
+# that version fails to compile, refused before any compile (unsupported(), consulted by the launcher's
+# why_unusable) so that backend "auto" falls back, and reported as "refused" rows by the compile gate
+# instead of being compiled.
+# sm_100, fp16/bf16 embeddings with a bank of another dtype (the bank tile is cast before the product), on
+# the chunked kernels (D > 256 with the sm_90 plans): with triton 3.6.0 the software pipeliner fails an
+# assertion ("Operations must be in the schedule") and the compile ends in `PassManager::run failed` in
+# TritonGPUPipeline, forward and backward kernels alike, at every D tried (257, 300, 512; before the resident
+# kernels also 100 and 128, not 1), with the plans' 2 stages (3 too; 1 compiles). The resident kernels and
+# same-dtype banks compile; triton 3.8.0 compiles all of them.
+_SM100_MIXED = ("triton {version} cannot compile the chunked kernels (taken at D = {D}) for sm_100 with {emb} "
+                "embeddings and a {bank} bank (TritonGPUPipeline fails; triton 3.8.0 can); cast the bank to {emb}")
 UNSUPPORTED = {
-    ("sm_100", "half", emb, bank): (_SM100_MIXED.replace("{emb}", emb).replace("{bank}", bank), (3, 8))
+    ("sm_100", "half", emb, bank, "chunked"): (_SM100_MIXED.replace("{emb}", emb).replace("{bank}", bank), (3, 8))
     for emb in ("bfloat16", "float16") for bank in ("float32", "bfloat16", "float16") if bank != emb
 }
 
@@ -165,21 +167,24 @@ def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def unsupported(limits: DeviceLimits, mode: str, dtype, bank_dtype) -> str | None:
+def unsupported(limits: DeviceLimits, mode: str, dtype, bank_dtype, D: int) -> str | None:
     """Why the Triton kernels cannot run on this device in this configuration, or None. dtype and bank_dtype:
-    the embeddings' and the bank's (torch dtypes or their names); mode: mode_of(...) of the call. Checks that a
-    gate-checked family fits the device, then the UNSUPPORTED table (for the triton installed); compiles
-    nothing."""
+    the embeddings' and the bank's (torch dtypes or their names); mode: mode_of(...) of the call; D: its
+    embedding width (which decides chunked or resident kernels). Checks that a gate-checked family fits the
+    device, then the UNSUPPORTED table (for the triton installed); compiles nothing."""
     name = family(limits)
     if name is None:
         cap = limits.capability
         needs = ", ".join(f"{n} ({lo // 10}.x, >= {smem // 1024} KiB)" for n, lo, _hi, smem in FAMILIES)
         return (f"no checked Triton tile plan fits this GPU (compute capability {cap // 10}.{cap % 10}, "
                 f"{limits.max_shared_mem // 1024} KiB shared memory per block; the checked families: {needs})")
-    entry = UNSUPPORTED.get((name, mode, _dtype_name(dtype), _dtype_name(bank_dtype)))
+    if not any(key[:4] == (name, mode, _dtype_name(dtype), _dtype_name(bank_dtype)) for key in UNSUPPORTED):
+        return None
+    kernels = "resident" if make_plan(1, 1, D, limits, mode).resident else "chunked"
+    entry = UNSUPPORTED.get((name, mode, _dtype_name(dtype), _dtype_name(bank_dtype), kernels))
     if entry is None or _triton_version() >= entry[1]:
         return None
-    return entry[0].format(version=triton.__version__)
+    return entry[0].format(version=triton.__version__, D=D)
 
 
 def _triton_version() -> tuple[int, ...]:
