@@ -87,6 +87,11 @@ def predict(rows: list[tuple[int, int, int, str]], device_name: str, capability:
     """The predictions document for these (B, K, D, dtype) rows on this device."""
     gpu, gpu_note = gpu_for(device_name)
     arch, arch_note = arch_for(capability, max_shared_mem, sm_count)
+    from tools import cost_model
+
+    if arch is not None and arch not in cost_model.DEFAULT_GPU:  # the archs whose SASS the model was made on
+        arch_note = "; ".join(n for n in (arch_note, f"the cost model reads sm_80/sm_86/sm_90 SASS; {arch}'s "
+                                          "may not count (a row's error says so)") if n)
     doc = dict(device=device_name, capability=capability, gpu=gpu, arch=arch,
                note="; ".join(n for n in (gpu_note, arch_note) if n), precision=precision, rows=[])
     if arch is None:

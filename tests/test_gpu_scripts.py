@@ -245,6 +245,12 @@ def test_predict_writes_each_row_with_a_triton_cache_of_its_own(monkeypatch, tmp
                        "--matmul-precision", "high", "--row", "8", "300", "7", "float32"])
     doc = __import__("json").loads(out.read_text())
     assert rc == 1 and doc["rows"][0]["error"] == "RuntimeError: no" and doc["rows"][0]["precision"] == "high"
+    assert doc["note"] == ""
+    predict.main(["--out", str(out), "--jobs", "1", "--device-name", "NVIDIA B200", "--capability", "100",
+                  "--row", "8", "300", "32", "bfloat16"])
+    doc = __import__("json").loads(out.read_text())
+    assert (doc["gpu"], doc["arch"]) == ("H200", "sm_100") and "H200 figures" in doc["note"]
+    assert "sm_80/sm_86/sm_90 SASS" in doc["note"]
 
 
 def _bench_dir(tmp_path, name, rows, precision="highest"):
