@@ -119,24 +119,6 @@ FAMILIES = (
 )
 FAMILY_MIN_SHARED = {name: smem for name, _lo, _hi, smem in FAMILIES}
 
-# (family, product mode, embedding dtype, bank dtype, kernels) -> (reason, the first triton seen to compile
-# it), where kernels is "chunked" or "resident" (what make_plan picks for the call's D): what triton before
-# that version fails to compile, refused before any compile (unsupported(), consulted by the launcher's
-# why_unusable) so that backend "auto" falls back, and reported as "refused" rows by the compile gate
-# instead of being compiled.
-# sm_100, fp16/bf16 embeddings with a bank of another dtype (the bank tile is cast before the product), on
-# the chunked kernels (D > 256 with the sm_90 plans): with triton 3.6.0 the software pipeliner fails an
-# assertion ("Operations must be in the schedule") and the compile ends in `PassManager::run failed` in
-# TritonGPUPipeline, forward and backward kernels alike, at every D tried (257, 300, 512; before the resident
-# kernels also 100 and 128, not 1), with the plans' 2 stages (3 too; 1 compiles). The resident kernels and
-# same-dtype banks compile; triton 3.8.0 compiles all of them.
-_SM100_MIXED = ("triton {version} cannot compile the chunked kernels (taken at D = {D}) for sm_100 with {emb} "
-                "embeddings and a {bank} bank (TritonGPUPipeline fails; triton 3.8.0 can); cast the bank to {emb}")
-UNSUPPORTED = {
-    ("sm_100", "half", emb, bank, "chunked"): (_SM100_MIXED.replace("{emb}", emb).replace("{bank}", bank), (3, 8))
-    for emb in ("bfloat16", "float16") for bank in ("float32", "bfloat16", "float16") if bank != emb
-}
-
 # What the interpreter (CPU tensors, TRITON_INTERPRET=1) plans as: capability 0 stands for the interpreter
 # itself; RRD_TRITON_ARCH picks a GPU family's limits instead.
 INTERPRETER_LIMITS = {
@@ -222,6 +204,27 @@ def mode_of(op_dtype_is_fp32: bool, fp32_precision: str, bank_bytes: int = 4) ->
     if fp32_precision == "tf32":
         return "tf32" if bank_bytes == 4 else "tf32_16bit_bank"
     return "ieee"
+
+
+# (family, product mode, embedding dtype, bank dtype, kernels) -> (reason, the first triton seen to compile
+# it), where kernels is "chunked" or "resident" (what make_plan picks for the call's D): what triton before
+# that version fails to compile, refused before any compile (unsupported(), consulted by the launcher's
+# why_unusable) so that backend "auto" falls back, and reported as "refused" rows by the compile gate
+# instead of being compiled.
+# sm_100, fp16/bf16 embeddings with a bank of another dtype (the bank tile is cast before the product), on
+# the chunked kernels (D > 256 with the sm_90 plans): with triton 3.6.0 the software pipeliner fails an
+# assertion ("Operations must be in the schedule") and the compile ends in `PassManager::run failed` in
+# TritonGPUPipeline, forward and backward kernels alike, at every D tried (257, 300, 512; before the resident
+# kernels also 100 and 128, not 1), with the plans' 2 stages (3 too; 1 compiles). The resident kernels and
+# same-dtype banks compile; triton 3.8.0 compiles all of them.
+_SM100_MIXED = ("triton {version} cannot compile the chunked kernels (taken at D = {D}) for sm_100 with {emb} "
+                "embeddings and a {bank} bank (TritonGPUPipeline fails; triton 3.8.0 can); cast the bank to {emb}")
+# (The mode is mode_of's for fp16/bf16 embeddings with that bank, so the keys follow its mode names.)
+UNSUPPORTED = {
+    ("sm_100", mode_of(False, "ieee", 4 if bank == "float32" else 2), emb, bank, "chunked"):
+        (_SM100_MIXED.replace("{emb}", emb).replace("{bank}", bank), (3, 8))
+    for emb in ("bfloat16", "float16") for bank in ("float32", "bfloat16", "float16") if bank != emb
+}
 
 
 def tiles_for(limits: DeviceLimits, mode: str) -> Tiles:
