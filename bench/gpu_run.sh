@@ -9,6 +9,12 @@
 # Stages, in order, each under its own time limit (clamped to what the budget has left, so the script as a
 # whole never overruns; a stage that times out is recorded and the next one starts):
 #   env        versions of the GPU, driver, torch, triton, nvcc, compute-sanitizer
+#   predict    in the background from here on (CPU only, niced): python -m bench.predict, the static cost
+#              model (tools/cost_model.py) for each benchmarked Triton row on this GPU (its arch, sm_90 on
+#              an H100/H200; the model's H100/H200/A100 figures, else the H200's with a note), in a Triton
+#              cache of its own so the bench's first-call compile times stay real; ~10-20 s, done before
+#              the bench starts. The summary prints every triton row's measured ms beside predicted_ms,
+#              calibrated_ms and measured/predicted (the data that calibrates the model)
 #   install    pip install --no-build-isolation --no-deps --no-index -e . (builds the CUDA extension with
 #              nvcc, sm_90 only unless RRD_CUDA_ARCHS says otherwise); if the extension then does not import
 #              from the tree, `setup.py build_ext --inplace`; the package always runs from the tree
@@ -22,11 +28,13 @@
 #   racecheck  compute-sanitizer racecheck on the same small case, with what is left
 # Files under $OUT (at most 8 come back from a device call), each written as its stage runs, so a run cut
 # short keeps what finished: gpu_run.log (stage lines, versions), install.log, tests.log, selfcheck.log,
-# sanitizer.log, bench.log, bench-results.tar.gz (the bench folders: CSV, JSON, MD), summary.txt (rewritten
-# after every stage: each stage's verdict and the benchmark table).
+# sanitizer.log, bench.log, bench-results.tar.gz (the bench folders: CSV, JSON, MD; predictions.json and
+# predict.log), summary.txt (rewritten after every stage: each stage's verdict, the benchmark table, the
+# cost model's predictions beside the measured triton rows).
 #
 # Knobs (environment): BUDGET_S, PYTHON (default python3), OUT (default bench/results/gpu-run-<time>),
-# SKIP_INSTALL=1, RRD_CUDA_ARCHS (default 90), BENCH_ARGS (extra arguments for both bench runs).
+# SKIP_INSTALL=1, RRD_CUDA_ARCHS (default 90), BENCH_ARGS (extra arguments for both bench runs),
+# PREDICT_ARGS (extra arguments for bench.predict, e.g. --device-name H200 --capability 90 without a GPU).
 set -u
 
 T0=$(date +%s)
@@ -83,9 +91,11 @@ summarize() {
             "$OUT/selfcheck.log"
         [ -f "$OUT/sanitizer.log" ] && grep -E '^====|ERROR SUMMARY|RACECHECK SUMMARY|^small case:' "$OUT/sanitizer.log"
         [ -f "$OUT/bench.log" ] && grep -E '^first call' "$OUT/bench.log"
-        local dirs=""
+        [ -f "$PRED_LOG" ] && grep -E '^(cost model for|  B |bench.predict:|Traceback|[A-Za-z]*Error)' "$PRED_LOG"
+        local dirs="" pred=""
         for d in paper big; do [ -f "$WORK/$d/results.json" ] && dirs="$dirs $WORK/$d"; done
-        [ -n "$dirs" ] && $PY -m bench.summary $dirs --limit 40 2>&1
+        [ -s "$PRED" ] && pred="--predictions $PRED"
+        [ -n "$dirs" ] && $PY -m bench.summary $dirs --limit 40 $pred 2>&1
     } >"$SUMMARY" 2>&1
 }
 
@@ -96,6 +106,14 @@ say "commit $RRD_GIT_COMMIT, budget ${BUDGET_S}s, out $OUT, work $WORK"
     (command -v nvcc && nvcc --version | tail -n 2) || echo "nvcc: not on PATH"
     (command -v compute-sanitizer && compute-sanitizer --version | tail -n 1) || echo "compute-sanitizer: not on PATH"
 } >>"$LOG" 2>&1
+
+# 0. the cost model's predictions for the benchmarked Triton rows (the same B, K, D, dtype as the two bench
+#    runs below), on the CPU in the background while the GPU stages run; waited for before the last summary
+PRED="$WORK/predictions.json"
+PRED_LOG="$WORK/predict.log"
+step predict 240 "$PRED_LOG" nice -n 10 $PY -m bench.predict --out "$PRED" --jobs 2 \
+    --row 64 16384 128 float32 --row 4096 262144 128 bfloat16 ${PREDICT_ARGS:-} &
+PREDICT_PID=$!
 
 # 1. install: the build needs setuptools, pybind11 (and uses ninja when present); --no-index: no network
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
@@ -147,7 +165,8 @@ pack; summarize
 
 # 6. racecheck with what is left
 if [ -n "$SAN" ]; then sanitize racecheck 75; else say "racecheck: skipped, compute-sanitizer not found"; fi
-summarize
+wait "$PREDICT_PID"  # long done; its own limit is clamped to the budget
+pack; summarize
 
 say "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 echo

@@ -141,6 +141,54 @@ def summary_lines(rows: list[dict], mode: str = "fwd+bwd", limit: int = 80) -> l
     return out
 
 
+def _precision_of(row: dict) -> str | None:
+    """The fp32 product mode a row ran in, as the cost model names it (None for fp16/bf16 rows)."""
+    if row.get("dtype") != "float32":
+        return None
+    return "high" if row.get("fp32_matmul_precision") in ("high", "medium") else "highest"
+
+
+def prediction_lines(rows: list[dict], predictions: dict | None, mode: str = "fwd+bwd") -> list[str]:
+    """The measured triton rows beside the static cost model's prediction for the same (B, K, D, dtype) and
+    GPU (bench/predict.py): python and graph medians, predicted and calibrated ms, measured / predicted."""
+    if not predictions:
+        return ["cost model: no predictions (bench/predict.py did not finish)"]
+    note = f"; {predictions['note']}" if predictions.get("note") else ""
+    out = [f"cost model vs measured (triton {mode}; tools/cost_model.py for {predictions.get('arch')} on "
+           f"{predictions.get('gpu')}, device {predictions.get('device')}{note}):",
+           f"{'B':>5} {'K':>8} {'D':>4} {'dtype':>15} {'status':>10} {'py ms':>9} {'graph ms':>9} {'pred ms':>9} "
+           f"{'calib ms':>9} {'py/pred':>7} {'gr/pred':>7} bound"]
+    preds = {(p["B"], p["K"], p["D"], p["dtype"], p.get("precision")): p for p in predictions.get("rows", [])}
+    by: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("provider") == "triton" and r.get("mode") == mode:
+            key = (r["B"], r["K"], r["D"], r["dtype"], _precision_of(r))
+            by.setdefault(key, {})[r.get("timing")] = r
+    for key in list(by) + [k for k in preds if k not in by]:
+        d = by.get(key, {})
+        py, gr = d.get("python", {}), d.get("graph", {})
+        status = (py or gr).get("status", "not run") if d else "not run"
+        p = preds.get(key) or {}
+        pred, calib = p.get("predicted_ms"), p.get("calibrated_ms")
+
+        def ms(v):
+            return f"{v:9.4f}" if isinstance(v, (int, float)) and not math.isnan(v) else f"{'-':>9}"
+
+        def ratio(v):
+            ok = isinstance(v, (int, float)) and not math.isnan(v) and isinstance(pred, (int, float)) and pred > 0
+            return f"{sig2(v / pred):>7}" if ok else f"{'-':>7}"
+
+        mpy = py.get("median_ms") if py.get("status") in OK_STATUSES else None
+        mgr = gr.get("median_ms") if gr.get("status") in OK_STATUSES else None
+        bound = p.get("bound") or (p.get("error") or "no prediction")[:60]
+        dtype = key[3] + ("/" + key[4] if key[4] else "")
+        out.append(f"{key[0]:>5} {key[1]:>8} {key[2]:>4} {dtype:>15} {status[:10]:>10} {ms(mpy)} {ms(mgr)} "
+                   f"{ms(pred)} {ms(calib)} {ratio(mpy)} {ratio(mgr)} {bound}")
+    if len(out) == 2:
+        out.append("  (no triton rows measured and no predictions)")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- plots
 def _groups(rows, mode):
     """{(B, D, dtype, taus): {(provider, timing): [(K, row)]}} for rows of one mode."""

@@ -1,4 +1,5 @@
-"""Print the short summary table of finished runs: python -m bench.summary DIR [DIR ...] [--mode MODE]."""
+"""Print the short summary table of finished runs: python -m bench.summary DIR [DIR ...] [--mode MODE]
+[--predictions FILE] (bench/predict.py's JSON: the triton rows of all DIRs beside the cost model's)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from .report import summary_lines
+from .report import prediction_lines, summary_lines
 
 
 def main(argv=None) -> int:
@@ -14,8 +15,10 @@ def main(argv=None) -> int:
     p.add_argument("dirs", nargs="+", type=Path, help="output folders of python -m bench (with results.json)")
     p.add_argument("--mode", default="fwd+bwd", choices=["fwd", "bwd", "fwd+bwd"])
     p.add_argument("--limit", type=int, default=40)
+    p.add_argument("--predictions", type=Path, help="bench/predict.py's output: print the triton rows beside it")
     args = p.parse_args(argv)
     status = 0
+    every_row = []
     for d in args.dirs:
         path = d / "results.json"
         if not path.exists():
@@ -35,6 +38,14 @@ def main(argv=None) -> int:
         part = " (PARTIAL)" if meta.get("partial") else ""
         print(f"== {d}{part}: {meta.get('device')}, torch {meta.get('torch')}, commit {meta.get('git_commit')}{ceil}")
         print("\n".join(summary_lines(rows, mode=args.mode, limit=args.limit)))
+        every_row += [{"fp32_matmul_precision": meta.get("fp32_matmul_precision")} | r for r in rows]
+    if args.predictions is not None:
+        try:
+            predictions = json.loads(args.predictions.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"cost model: cannot read {args.predictions} ({type(exc).__name__})")
+            predictions = None
+        print("\n".join(prediction_lines(every_row, predictions, mode=args.mode)))
     return status
 
 

@@ -159,3 +159,166 @@ def test_gpu_small_case_runs_under_the_triton_interpreter():
         pytest.skip("triton not installed")
     small = load("bench/gpu_small_case.py", "gpu_small_case")
     assert small.run("triton", device="cpu") is True
+
+
+# ------------------------------------------------------------------ the cost model's predictions (bench/predict.py)
+def _predict_call() -> list[str]:
+    calls = [c for c in python_calls() if c[:2] == ["-m", "bench.predict"]]
+    assert len(calls) == 1, calls
+    return calls[0]
+
+
+def test_gpu_run_predicts_every_benchmarked_triton_row():
+    """The predict stage covers the (B, K, D, dtype) of both bench runs, runs in the background (CPU only)
+    and is waited for before the last summary, which prints the predictions beside the measured rows."""
+    from bench import predict
+    from bench.cli import parser
+
+    call = _predict_call()
+    assert call[-1] == "&", call  # in the background, while the GPU stages run
+    args = [a.replace("$PRED", "/tmp/x").strip('"') for a in call[2:-1] if not a.startswith("${PREDICT_ARGS")]
+    opts = predict.parser().parse_args(args)
+    assert opts.jobs >= 1 and opts.matmul_precision == "highest"  # as the bench runs (no --matmul-precision)
+    rows = {tuple(r) for r in opts.row}
+    bench_rows = set()
+    for c in python_calls():
+        if c[:2] == ["-m", "bench"]:
+            opts = parser().parse_args([a.replace("$WORK", "/tmp/x").strip('"') for a in c[2:]
+                                        if not a.startswith("${BENCH_ARGS")])
+            if "triton" in (opts.providers or ["triton"]):
+                bench_rows |= {(str(b), str(k), str(d), dt) for b in opts.B for k in opts.K for d in opts.D
+                               for dt in opts.dtypes}
+    assert rows == bench_rows and len(rows) == 2, (rows, bench_rows)
+    text = open(SCRIPT).read()
+    assert 'wait "$PREDICT_PID"' in text and "--predictions $PRED" in text
+    assert text.index("step predict") < text.index("step install")  # started before any GPU stage
+
+
+def test_predict_maps_the_device_to_the_models_gpu_and_arch():
+    from bench.predict import arch_for, gpu_for
+
+    assert gpu_for("NVIDIA H200") == ("H200", "")
+    assert gpu_for("NVIDIA H100 80GB HBM3") == ("H100", "")
+    assert gpu_for("NVIDIA A100-SXM4-80GB") == ("A100", "")
+    gpu, note = gpu_for("NVIDIA H100 PCIe")
+    assert gpu == "H100" and "SXM5" in note
+    gpu, note = gpu_for("NVIDIA GeForce RTX 4090")
+    assert gpu == "H200" and "RTX 4090" in note and "H200 figures" in note
+    assert arch_for(90) == ("sm_90", "") and arch_for(80) == ("sm_80", "") and arch_for(100) == ("sm_100", "")
+    arch, note = arch_for(89, 101376, 128)  # an L4 / RTX 40xx: compiled for its plan family's arch
+    assert arch == "sm_86" and "sm_86" in note
+    assert arch_for(75, 65536, 40)[0] is None
+
+
+def test_predict_writes_each_row_with_a_triton_cache_of_its_own(monkeypatch, tmp_path):
+    """bench.predict calls tools.cost_model.analyse per row with the device's arch and GPU, in a Triton cache
+    that is not the caller's (the bench's first-call compile times must stay real); a failing row is an
+    entry with its error and exit status 1."""
+    from bench import predict
+    from tools import cost_model
+
+    seen = []
+
+    def fake_analyse(**kw):
+        seen.append((kw, os.environ["TRITON_CACHE_DIR"]))
+        if kw["D"] == 7:
+            raise RuntimeError("no")
+        return dict(predicted_ms=1.5, calibrated_ms=3.45, bound="issue", bounds_ms={"issue": 1.5}, gpu="H100 SXM5")
+
+    monkeypatch.setattr(cost_model, "analyse", fake_analyse)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "bench-cache"))
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))  # restored afterwards
+    out = tmp_path / "p.json"
+    rc = predict.main(["--out", str(out), "--jobs", "1", "--device-name", "NVIDIA H100 80GB HBM3",
+                       "--capability", "90", "--row", "64", "16384", "128", "float32",
+                       "--row", "4096", "262144", "128", "bfloat16"])
+    assert rc == 0
+    doc = __import__("json").loads(out.read_text())
+    assert (doc["gpu"], doc["arch"], doc["device"]) == ("H100", "sm_90", "NVIDIA H100 80GB HBM3")
+    assert [(r["B"], r["K"], r["D"], r["dtype"], r["precision"]) for r in doc["rows"]] == [
+        (64, 16384, 128, "float32", "highest"), (4096, 262144, 128, "bfloat16", None)]
+    assert all(r["predicted_ms"] == 1.5 and r["calibrated_ms"] == 3.45 for r in doc["rows"])
+    assert [(kw["arch"], kw["gpu"], kw["dtype"], kw["B"]) for kw, _ in seen] == [
+        ("sm_90", "H100", "float32", 64), ("sm_90", "H100", "bfloat16", 4096)]
+    assert all(cache != str(tmp_path / "bench-cache") for _, cache in seen)
+    rc = predict.main(["--out", str(out), "--jobs", "1", "--device-name", "NVIDIA H200", "--capability", "90",
+                       "--matmul-precision", "high", "--row", "8", "300", "7", "float32"])
+    doc = __import__("json").loads(out.read_text())
+    assert rc == 1 and doc["rows"][0]["error"] == "RuntimeError: no" and doc["rows"][0]["precision"] == "high"
+    assert doc["note"] == ""
+    predict.main(["--out", str(out), "--jobs", "1", "--device-name", "NVIDIA B200", "--capability", "100",
+                  "--row", "8", "300", "32", "bfloat16"])
+    doc = __import__("json").loads(out.read_text())
+    assert (doc["gpu"], doc["arch"]) == ("H200", "sm_100") and "H200 figures" in doc["note"]
+    assert "sm_80/sm_86/sm_90 SASS" in doc["note"]
+
+
+def _bench_dir(tmp_path, name, rows, precision="highest"):
+    import json
+
+    d = tmp_path / name
+    d.mkdir()
+    base = dict(provider="triton", mode="fwd+bwd", tau_s=0.1, tau_t=0.02, reason=None, pct_of_floor=None,
+                speedup_vs_eager=None, loss_rel_err=None, grad_rel_err=None, fp32_matmul_precision=precision)
+    doc = {"meta": {"device": "NVIDIA H200", "torch": "2.11", "git_commit": "abc", "fp32_matmul_precision": precision},
+           "rows": [base | r for r in rows]}
+    (d / "results.json").write_text(json.dumps(doc))
+    return d
+
+
+def test_summary_prints_each_measured_triton_row_beside_its_prediction(tmp_path, capsys):
+    import json
+
+    from bench import summary
+
+    paper = _bench_dir(tmp_path, "paper", [
+        dict(B=64, K=16384, D=128, dtype="float32", timing="python", status="ok", median_ms=0.50),
+        dict(B=64, K=16384, D=128, dtype="float32", timing="graph", status="ok", median_ms=0.20),
+        dict(B=64, K=16384, D=128, dtype="float32", timing="python", status="ok", median_ms=9.0, provider="eager"),
+    ])
+    big = _bench_dir(tmp_path, "big", [
+        dict(B=4096, K=262144, D=128, dtype="bfloat16", timing="python", status="error", median_ms=None,
+             reason="boom"),
+    ])
+    pred = tmp_path / "predictions.json"
+    pred.write_text(json.dumps({"device": "NVIDIA H200", "gpu": "H200", "arch": "sm_90", "note": "", "rows": [
+        dict(B=64, K=16384, D=128, dtype="float32", precision="highest", predicted_ms=0.1, calibrated_ms=0.23,
+             bound="issue", error=None),
+        dict(B=4096, K=262144, D=128, dtype="bfloat16", precision=None, predicted_ms=7.2, calibrated_ms=16.56,
+             bound="issue", error=None),
+        dict(B=8, K=300, D=32, dtype="float16", precision=None, predicted_ms=None, calibrated_ms=None,
+             error="RuntimeError: no"),
+    ]}))
+    assert summary.main([str(paper), str(big), "--predictions", str(pred)]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("cost model vs measured"):].splitlines()
+    assert "sm_90 on H200" in lines[0] and "device NVIDIA H200" in lines[0]
+    fp32 = next(line for line in lines if line.split()[:4] == ["64", "16384", "128", "float32/highest"]).split()
+    assert fp32[4:11] == ["ok", "0.5000", "0.2000", "0.1000", "0.2300", "5.0", "2.0"] and fp32[11] == "issue"
+    bf16 = next(line for line in lines if line.split()[:4] == ["4096", "262144", "128", "bfloat16"]).split()
+    assert bf16[4:9] == ["error", "-", "-", "7.2000", "16.5600"]  # failed: no time, the prediction still shown
+    lost = next(line for line in lines if line.split()[:4] == ["8", "300", "32", "float16"])
+    assert "not run" in lost and "RuntimeError: no" in lost
+    assert not any(line.split()[:1] == ["eager"] for line in lines)
+    # without the file (the stage did not finish) the table says so and the rest of the summary stands
+    assert summary.main([str(paper), "--predictions", str(tmp_path / "missing.json")]) == 0
+    assert "cost model: cannot read" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in run")
+def test_predict_runs_the_real_cost_model(tmp_path):
+    """bench.predict end to end as gpu_run.sh calls it, for the small benchmark row on an H200 (~10 s of
+    compiles): the real tools.cost_model.analyse with its current signature."""
+    from conftest import have_triton
+
+    if not have_triton():
+        pytest.skip("triton not installed")
+    out = tmp_path / "p.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "bench.predict", "--out", str(out), "--jobs", "1",
+                          "--device-name", "NVIDIA H200", "--capability", "90", "--row", "64", "16384", "128",
+                          "float32"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    row = __import__("json").loads(out.read_text())["rows"][0]
+    assert row["error"] is None and 0 < row["predicted_ms"] < row["calibrated_ms"] and row["bound"]

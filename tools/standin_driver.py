@@ -30,6 +30,10 @@ ARCHS = {
     "sm_80": Arch("sm_80", 80, 166912, 108),  # A100
     "sm_86": Arch("sm_86", 86, 101376, 84),  # RTX 30xx, A10, A40 (sm_89 RTX 40xx / L4 has the same limit)
     "sm_90": Arch("sm_90", 90, 232448, 132),  # H100 / H200
+    "sm_100": Arch("sm_100", 100, 232448, 148),  # B200 (227 KiB per block, as sm_90)
+    # RTX 50xx (consumer Blackwell: 99 KiB per block, as sm_86); the SM count is the RTX 5090's, which only
+    # sets the split count of a plan, never which kernels compile
+    "sm_120": Arch("sm_120", 120, 101376, 170),
 }
 
 

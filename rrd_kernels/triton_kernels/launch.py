@@ -16,7 +16,8 @@ from .backward import rrd_bwd_finish_kernel, rrd_bwd_kernel
 from .common import LOG2E
 from .forward import N_STATE, rrd_argmax_kernel, rrd_fwd_kernel, rrd_merge_kernel
 from .resident import rrd_bwd_resident_kernel, rrd_fwd_resident_kernel
-from .plans import ARGMAX_BLOCK_B, FINISH, MERGE_BLOCK_B, DeviceLimits, Plan, current_limits, family, interpreting, mode_of
+from .plans import (FINISH, MERGE_BLOCK_B, DeviceLimits, Plan, current_limits, family, interpreting,
+                    argmax_rows, mode_of, unsupported)
 from .plans import make_plan as _make_plan
 
 MAX_D = 512
@@ -45,10 +46,9 @@ def why_unusable(device, dtype, bank_dtype, B, K, D) -> str | None:
     if device.type == "cuda":
         with _on(device):
             limits = current_limits()
-        if family(limits) is None:
-            return (f"no checked Triton tile plan fits this GPU (compute capability {limits.capability // 10}."
-                    f"{limits.capability % 10}, {limits.max_shared_mem // 1024} KiB shared memory per block; "
-                    "compute capability 8.0+ with 99 KiB or more is needed)")
+        # No family for the device, or a combination known not to compile there: refused before compiling.
+        return unsupported(limits, mode_of(dtype == torch.float32, _fp32_precision(), bank_dtype.itemsize), dtype,
+                           bank_dtype, D)
     return None
 
 
@@ -126,9 +126,10 @@ def forward_states(student, teacher, bank, tau_s, tau_t, plan: Plan, kl=True):
         )
     else:
         _fwd_chunked(student, teacher, bank, tau_s, tau_t, plan, part, part_idx)
-    rrd_argmax_kernel[(triton.cdiv(B, ARGMAX_BLOCK_B),)](
+    d_pad = triton.next_power_of_2(D)
+    rrd_argmax_kernel[(triton.cdiv(B, argmax_rows(d_pad)),)](
         student, bank, part, part_idx, B, K, D, student.stride(0), bank.stride(0), plan.n_splits,
-        BLOCK_B=ARGMAX_BLOCK_B, BLOCK_K=t.block_k, D_PAD=triton.next_power_of_2(D),
+        BLOCK_B=argmax_rows(d_pad), BLOCK_K=t.block_k, D_PAD=d_pad,
     )
     return part, part_idx
 

@@ -5,11 +5,13 @@ driver, which is what a launch compiles for) and on how the products run (fp32 F
 tensor cores). It does not depend on D: the kernels walk the features in chunks. Every entry of TILES is
 compiled for its architecture by the compile gate (tools/triton_gate.py, run in CI), which checks that it
 compiles, fits the architecture's shared memory and needs no stack (no register spills); the resources it
-measured are committed in compile-report.txt beside this file.
+measured are committed in compile-report.txt beside this file. What the compiler cannot build for a family
+is refused before any compile (UNSUPPORTED, unsupported()), so that backend "auto" falls back.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 
 import triton
@@ -100,13 +102,35 @@ RESIDENT = {
     "sm_86": {"half": (_RESIDENT_HALF_MMA_SYNC,), "half_fp32_bank": (_RESIDENT_HALF_MMA_SYNC,)},
     "interpreter": {mode: (_INTERPRETER_RESIDENT,) for mode in MODES},
 }
+# Blackwell takes the plans (chunked and resident) of the family it shares a tensor-core path with, as the same
+# objects, so a retune there applies here too (and the gate compiles it for both): sm_100 (B200) the
+# datacenter sm_90 plans, sm_120 (RTX 50xx, mma.sync like Ampere/Ada) the sm_86 plans. Not tuned for
+# Blackwell itself.
+TILES["sm_100"], RESIDENT["sm_100"] = TILES["sm_90"], RESIDENT["sm_90"]
+TILES["sm_120"], RESIDENT["sm_120"] = TILES["sm_86"], RESIDENT["sm_86"]
 FINISH = FinishTiles(16, 32, 4)
 MERGE_BLOCK_B = 128
-ARGMAX_BLOCK_B = 16  # rows per program of rrd_argmax_kernel (D_PAD fp32 values of each row in registers)
+# Rows per program of rrd_argmax_kernel: it holds 2 x rows x D_PAD fp32 values (a row block and one bank row
+# each) in 4 warps' registers, 8 K values.
+ARGMAX_ELEMENTS = 4096
 
-# Devices below the gate's families (and the limits that pick a family).
-MIN_CAPABILITY = 80
-FAMILY_MIN_SHARED = {"sm_90": 232448, "sm_80": 166912, "sm_86": 101376}
+
+def argmax_rows(d_pad: int) -> int:
+    return max(1, min(16, ARGMAX_ELEMENTS // d_pad))
+
+# The families: (name, compute capabilities [lo, hi), shared memory per block at least), first match wins.
+# A family is an architecture the compile gate compiles for (tools/triton_gate.py), so a device gets plans
+# only within its major version: 9.x with less than 227 KiB, 11.x (Thor) and 13.x+ get none (nothing checked
+# compiles their code), and 10.x/12.x devices other than 10.0/12.0 (B300 10.3, GB10 12.1) take the plans the
+# gate checked for 10.0/12.0.
+FAMILIES = (
+    ("sm_90", 90, 100, 232448),  # H100, H200, GH200: 227 KiB
+    ("sm_80", 80, 90, 166912),  # A100, Orin: 163 KiB
+    ("sm_86", 80, 90, 101376),  # RTX 30xx/40xx, A10, A40, L4, L40: 99 KiB
+    ("sm_100", 100, 110, 232448),  # B200, GB200, B300: 227 KiB
+    ("sm_120", 120, 130, 101376),  # RTX 50xx, RTX PRO 6000 Blackwell, GB10: 99 KiB
+)
+FAMILY_MIN_SHARED = {name: smem for name, _lo, _hi, smem in FAMILIES}
 
 # What the interpreter (CPU tensors, TRITON_INTERPRET=1) plans as: capability 0 stands for the interpreter
 # itself; RRD_TRITON_ARCH picks a GPU family's limits instead.
@@ -115,6 +139,8 @@ INTERPRETER_LIMITS = {
     "sm_90": DeviceLimits(90, 232448, 132),
     "sm_80": DeviceLimits(80, 166912, 108),
     "sm_86": DeviceLimits(86, 101376, 84),
+    "sm_100": DeviceLimits(100, 232448, 148),
+    "sm_120": DeviceLimits(120, 101376, 170),
 }
 
 
@@ -126,13 +152,38 @@ def family(limits: DeviceLimits) -> str | None:
     """The gate-checked family whose plans fit this device, or None when none does."""
     if limits.capability == 0:
         return "interpreter"
-    if limits.capability < MIN_CAPABILITY:
-        return None
-    for name in ("sm_90", "sm_80", "sm_86"):
-        need_cap = 90 if name == "sm_90" else 80
-        if limits.capability >= need_cap and limits.max_shared_mem >= FAMILY_MIN_SHARED[name]:
+    for name, lo, hi, smem in FAMILIES:
+        if lo <= limits.capability < hi and limits.max_shared_mem >= smem:
             return name
     return None
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def unsupported(limits: DeviceLimits, mode: str, dtype, bank_dtype, D: int) -> str | None:
+    """Why the Triton kernels cannot run on this device in this configuration, or None. dtype and bank_dtype:
+    the embeddings' and the bank's (torch dtypes or their names); mode: mode_of(...) of the call; D: its
+    embedding width (which decides chunked or resident kernels). Checks that a gate-checked family fits the
+    device, then the UNSUPPORTED table (for the triton installed); compiles nothing."""
+    name = family(limits)
+    if name is None:
+        cap = limits.capability
+        needs = ", ".join(f"{n} ({lo // 10}.x, >= {smem // 1024} KiB)" for n, lo, _hi, smem in FAMILIES)
+        return (f"no checked Triton tile plan fits this GPU (compute capability {cap // 10}.{cap % 10}, "
+                f"{limits.max_shared_mem // 1024} KiB shared memory per block; the checked families: {needs})")
+    if not any(key[:4] == (name, mode, _dtype_name(dtype), _dtype_name(bank_dtype)) for key in UNSUPPORTED):
+        return None
+    kernels = "resident" if make_plan(1, 1, D, limits, mode).resident else "chunked"
+    entry = UNSUPPORTED.get((name, mode, _dtype_name(dtype), _dtype_name(bank_dtype), kernels))
+    if entry is None or _triton_version() >= entry[1]:
+        return None
+    return entry[0].format(version=triton.__version__, D=D)
+
+
+def _triton_version() -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:3])
 
 
 _LIMITS: dict[tuple[int, int], tuple[object, DeviceLimits]] = {}
@@ -166,6 +217,27 @@ def mode_of(op_dtype_is_fp32: bool, fp32_precision: str, bank_bytes: int = 4) ->
     if fp32_precision == "tf32":
         return "tf32" if bank_bytes == 4 else "tf32_16bit_bank"
     return "ieee"
+
+
+# (family, product mode, embedding dtype, bank dtype, kernels) -> (reason, the first triton seen to compile
+# it), where kernels is "chunked" or "resident" (what make_plan picks for the call's D): what triton before
+# that version fails to compile, refused before any compile (unsupported(), consulted by the launcher's
+# why_unusable) so that backend "auto" falls back, and reported as "refused" rows by the compile gate
+# instead of being compiled.
+# sm_100, fp16/bf16 embeddings with a bank of another dtype (the bank tile is cast before the product), on
+# the chunked kernels (D > 256 with the sm_90 plans): with triton 3.6.0 the software pipeliner fails an
+# assertion ("Operations must be in the schedule") and the compile ends in `PassManager::run failed` in
+# TritonGPUPipeline, forward and backward kernels alike, at every D tried (257, 300, 512; before the resident
+# kernels also 100 and 128, not 1), with the plans' 2 stages (3 too; 1 compiles). The resident kernels and
+# same-dtype banks compile; triton 3.8.0 compiles all of them.
+_SM100_MIXED = ("triton {version} cannot compile the chunked kernels (taken at D = {D}) for sm_100 with {emb} "
+                "embeddings and a {bank} bank (TritonGPUPipeline fails; triton 3.8.0 can); cast the bank to {emb}")
+# (The mode is mode_of's for fp16/bf16 embeddings with that bank, so the keys follow its mode names.)
+UNSUPPORTED = {
+    ("sm_100", mode_of(False, "ieee", 4 if bank == "float32" else 2), emb, bank, "chunked"):
+        (_SM100_MIXED.replace("{emb}", emb).replace("{bank}", bank), (3, 8))
+    for emb in ("bfloat16", "float16") for bank in ("float32", "bfloat16", "float16") if bank != emb
+}
 
 
 def tiles_for(limits: DeviceLimits, mode: str) -> Tiles:
