@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .common import LN2, load_rows_chunk, log2_1p, logit_scales, logit_tiles, split_range
-from .online_state import empty_state, merge_state, tile_count
+from .online_state import empty_state, merge_state, store_state, tile_count
 
 N_STATE = 6  # float planes of the split state: m_a, n_a, m_b, n_b, W, V (the argmax has its own buffer)
 
@@ -59,16 +59,7 @@ def rrd_fwd_kernel(
             m_a, n_a, m_b, n_b, w, v, idx, m_a_t, n_a_t, m_b_t, n_b_t, w_t, v_t, idx_t
         )
 
-    mask = rows < B
-    plane = tl.num_programs(1) * B
-    base = PART + tl.program_id(1) * B + rows
-    tl.store(base, m_a, mask=mask)
-    tl.store(base + plane, n_a, mask=mask)
-    tl.store(base + 2 * plane, m_b, mask=mask)
-    tl.store(base + 3 * plane, n_b, mask=mask)
-    tl.store(base + 4 * plane, w, mask=mask)
-    tl.store(base + 5 * plane, v, mask=mask)
-    tl.store(PART_IDX + tl.program_id(1) * B + rows, idx, mask=mask)
+    store_state(PART, PART_IDX, rows, B, m_a, n_a, m_b, n_b, w, v, idx)
 
 
 @triton.jit(do_not_specialize=["B", "K", "n_splits"])

@@ -114,39 +114,21 @@ def forward_states(student, teacher, bank, tau_s, tau_t, plan: Plan, kl=True):
     t = plan.tiles
     part = torch.empty((N_STATE, plan.n_splits, B), device=student.device, dtype=torch.float32)
     part_idx = torch.empty((plan.n_splits, B), device=student.device, dtype=torch.int32)
+    args = (student, teacher, bank, part, part_idx, B, K, D, student.stride(0), teacher.stride(0), bank.stride(0),
+            LOG2E / tau_s, LOG2E / tau_t, plan.tiles_per_split)
+    common = dict(OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(), BLOCK_B=t.block_b,
+                  BLOCK_K=t.block_k, num_warps=t.fwd_warps, num_stages=t.fwd_stages)
     if plan.resident:
         rrd_fwd_resident_kernel[(plan.n_row_blocks, plan.n_splits)](
-            student, teacher, bank, part, part_idx,
-            B, K, D, student.stride(0), teacher.stride(0), bank.stride(0),
-            LOG2E / tau_s, LOG2E / tau_t,
-            plan.tiles_per_split,
-            OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
-            BLOCK_B=t.block_b, BLOCK_K=t.block_k, D_PAD=t.block_dk, EVEN_D=D == t.block_dk, KL=bool(kl),
-            num_warps=t.fwd_warps, num_stages=t.fwd_stages,
-        )
+            *args, D_PAD=t.block_dk, EVEN_D=D == t.block_dk, KL=bool(kl), **common)
     else:
-        _fwd_chunked(student, teacher, bank, tau_s, tau_t, plan, part, part_idx)
+        rrd_fwd_kernel[(plan.n_row_blocks, plan.n_splits)](*args, BLOCK_DK=t.block_dk, **common)
     d_pad = triton.next_power_of_2(D)
     rrd_argmax_kernel[(triton.cdiv(B, argmax_rows(d_pad)),)](
         student, bank, part, part_idx, B, K, D, student.stride(0), bank.stride(0), plan.n_splits,
         BLOCK_B=argmax_rows(d_pad), BLOCK_K=t.block_k, D_PAD=d_pad,
     )
     return part, part_idx
-
-
-def _fwd_chunked(student, teacher, bank, tau_s, tau_t, plan, part, part_idx):
-    B, D = student.shape
-    K = bank.shape[0]
-    t = plan.tiles
-    rrd_fwd_kernel[(plan.n_row_blocks, plan.n_splits)](
-        student, teacher, bank, part, part_idx,
-        B, K, D, student.stride(0), teacher.stride(0), bank.stride(0),
-        LOG2E / tau_s, LOG2E / tau_t,
-        plan.tiles_per_split,
-        OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
-        BLOCK_B=t.block_b, BLOCK_K=t.block_k, BLOCK_DK=t.block_dk,
-        num_warps=t.fwd_warps, num_stages=t.fwd_stages,
-    )
 
 
 def merge_states(part, part_idx, kl):

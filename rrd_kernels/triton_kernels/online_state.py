@@ -67,3 +67,18 @@ def merge_state(m_a, n_a, m_b, n_b, w, v, idx, m_a2, n_a2, m_b2, n_b2, w2, v2, i
     new_v = _shifted(v, new_m_b - m_b, z1, r1) + _shifted(v2, new_m_b - m_b2, z2, r2)
     new_idx = tl.where(m_a2 > m_a, idx2, idx)
     return new_m_a, new_n_a, new_m_b, new_n_b, new_w, new_v, new_idx
+
+
+@triton.jit
+def store_state(PART, PART_IDX, rows, B, m_a, n_a, m_b, n_b, w, v, idx):
+    """This program's split of the state, [N_STATE, n_splits, B] float planes and [n_splits, B] indices."""
+    mask = rows < B
+    plane = tl.num_programs(1) * B
+    base = PART + tl.program_id(1) * B + rows
+    tl.store(base, m_a, mask=mask)
+    tl.store(base + plane, n_a, mask=mask)
+    tl.store(base + 2 * plane, m_b, mask=mask)
+    tl.store(base + 3 * plane, n_b, mask=mask)
+    tl.store(base + 4 * plane, w, mask=mask)
+    tl.store(base + 5 * plane, v, mask=mask)
+    tl.store(PART_IDX + tl.program_id(1) * B + rows, idx, mask=mask)

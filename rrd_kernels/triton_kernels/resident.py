@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .common import LN2, NORM_EPS, as_operand, dot_acc, load_rows_chunk, split_range
+from .online_state import store_state
 
 # The running maxima start at a finite number below any raw logit (|a_raw| <= ||S_i|| for unit bank rows).
 LOW = tl.constexpr(-1.0e30)
@@ -181,17 +182,7 @@ def rrd_fwd_resident_kernel(
     # The merge kernel takes the maxima in log2 units: the references M the sums are relative to.
     m_a = m_a * c_a
     m_b = m_b * c_b
-
-    mask = rows < B
-    plane = tl.num_programs(1) * B
-    base = PART + tl.program_id(1) * B + rows
-    tl.store(base, m_a, mask=mask)
-    tl.store(base + plane, n_a, mask=mask)
-    tl.store(base + 2 * plane, m_b, mask=mask)
-    tl.store(base + 3 * plane, n_b, mask=mask)
-    tl.store(base + 4 * plane, w, mask=mask)
-    tl.store(base + 5 * plane, v, mask=mask)
-    tl.store(PART_IDX + tl.program_id(1) * B + rows, tile, mask=mask)
+    store_state(PART, PART_IDX, rows, B, m_a, n_a, m_b, n_b, w, v, tile)
 
 
 @triton.jit
