@@ -2,8 +2,9 @@
 
 A plan depends on the device (its compute capability and shared memory per block, read from Triton's active
 driver, which is what a launch compiles for) and on how the products run (fp32 FMA, TF32, or fp16/bf16
-tensor cores). It does not depend on D: the kernels walk the features in chunks. Every entry of TILES is
-compiled for its architecture by the compile gate (tools/triton_gate.py, run in CI), which checks that it
+tensor cores), and on D's size class: where D rounded up to a power of two fits a RESIDENT entry the resident
+kernels run (resident.py), else the chunked ones, whose TILES do not depend on D (they walk the features in
+chunks). Every entry is compiled for its architecture by the compile gate (tools/triton_gate.py, run in CI), which checks that it
 compiles, fits the architecture's shared memory and needs no stack (no register spills); the resources it
 measured are committed in compile-report.txt beside this file. What the compiler cannot build for a family
 is refused before any compile (UNSUPPORTED, unsupported()), so that backend "auto" falls back.
@@ -92,7 +93,7 @@ _INTERPRETER_RESIDENT = Tiles(64, 64, 128, 128, 4, 1, 4, 1)
 # mma.sync (sm_80/sm_86) holds the row block's operands in registers: 64-row backward programs spill there.
 # 32-row backward programs with 4 warps repeat products as 8-warp 64-row tiles do; 16 rows do not.
 _RESIDENT_HALF_MMA_SYNC = Tiles(64, 32, 128, 128, 4, 2, 4, 2, bwd_block_b=16)
-# TF32 on wgmma (sm_90) fits 64 x 64 tiles; on mma.sync (sm_80/sm_86) every resident TF32 tile tried spilled,
+# TF32 on wgmma (sm_90) fits 64-row tiles; on mma.sync (sm_80/sm_86) every resident TF32 tile tried spilled,
 # and fp32 FMA products ("ieee") hold too much in registers for any resident tile: both stay chunked there.
 _RESIDENT_TF32 = Tiles(64, 32, 128, 128, 4, 2, 4, 2)  # 64 x 64 forward tiles spill at D 100
 RESIDENT = {
@@ -117,6 +118,7 @@ ARGMAX_ELEMENTS = 4096
 
 def argmax_rows(d_pad: int) -> int:
     return max(1, min(16, ARGMAX_ELEMENTS // d_pad))
+
 
 # The families: (name, compute capabilities [lo, hi), shared memory per block at least), first match wins.
 # A family is an architecture the compile gate compiles for (tools/triton_gate.py), so a device gets plans
