@@ -174,7 +174,6 @@ def _count_kernel(compiled, grid, values, B, K, D):
         return programs * d_trips ** len(around)
 
     totals = dict(warp_instructions=0.0, mufu_lanes=0.0, ffma_lanes=0.0, l2_bytes=0.0, tensor_flops={})
-    loop_body = dict(warp_instructions=0.0, mufu_lanes=0.0, tensor_flops=0.0)
     for ins in instrs:
         n = executions(ins) * warps
         totals["warp_instructions"] += n

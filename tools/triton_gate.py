@@ -103,7 +103,6 @@ def run_arch(arch_name: str, try_refused: bool = False) -> list[dict]:
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"rrd-gate-{arch_name}-")
     sys.path.insert(0, str(ROOT))
     import torch
-    import triton
 
     from rrd_kernels.triton_kernels import launch
     from tools.standin_driver import ARCHS, stand_in
