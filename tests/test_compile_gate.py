@@ -178,11 +178,16 @@ def test_family_needs_capability_and_shared_memory():
 
 
 def test_blackwell_families_take_the_plans_they_borrow():
-    """The same Tiles objects (a retune of sm_90 or sm_86 applies to sm_100 or sm_120 too)."""
+    """The same Tiles objects (a retune of sm_90 or sm_86 applies to sm_100 or sm_120 too), except sm_90's fp16
+    planes ("ieee"), which do not fit sm_100's tensor memory (plans.py)."""
     from rrd_kernels.triton_kernels.plans import RESIDENT, TILES
 
     assert TILES["sm_100"] is TILES["sm_90"] and TILES["sm_120"] is TILES["sm_86"]
-    assert RESIDENT["sm_100"] is RESIDENT["sm_90"] and RESIDENT["sm_120"] is RESIDENT["sm_86"]
+    assert RESIDENT["sm_120"] is RESIDENT["sm_86"]
+    assert "ieee" in RESIDENT["sm_90"] and "ieee" not in RESIDENT["sm_100"]
+    assert {m: RESIDENT["sm_100"][m] for m in RESIDENT["sm_100"]} == {
+        m: t for m, t in RESIDENT["sm_90"].items() if m != "ieee"}
+    assert all(RESIDENT["sm_100"][m] is RESIDENT["sm_90"][m] for m in RESIDENT["sm_100"])
 
 
 def test_unsupported_refuses_what_does_not_compile_and_devices_without_a_family(monkeypatch):
@@ -289,10 +294,13 @@ def test_replacing_the_driver_recompiles_for_the_new_arch():
         "from tools.standin_driver import ARCHS, stand_in\n"
         "from rrd_kernels.triton_kernels import launch\n"
         "from rrd_kernels.triton_kernels.forward import rrd_fwd_kernel\n"
+        "from rrd_kernels.triton_kernels.resident import rrd_fwd_resident_kernel\n"
         "s, q = torch.randn(5, 128), torch.randn(300, 128)\n"
         "for name in ('sm_90', 'sm_80', 'sm_86'):\n"
         "    with stand_in(ARCHS[name]):\n"
         "        launch.forward(s, s, q, 0.1, 0.1, False, n_splits=2)\n"
-        "        print(sorted(k.metadata.target.arch for k in rrd_fwd_kernel.device_caches[0][0].values()))\n"
+        "        kernels = [k for f in (rrd_fwd_kernel, rrd_fwd_resident_kernel) for c in f.device_caches.values()\n"
+        "                   for k in c[0].values()]\n"
+        "        print(sorted(k.metadata.target.arch for k in kernels))\n"
     )
     assert out.split() == ["[90]", "[80]", "[86]"]

@@ -15,6 +15,7 @@ import triton.language as tl
 from .backward import rrd_bwd_finish_kernel, rrd_bwd_kernel
 from .common import LOG2E
 from .forward import N_STATE, rrd_argmax_kernel, rrd_fwd_kernel, rrd_merge_kernel
+from .planes import rrd_split_bank_kernel, rrd_split_rows_kernel, split_bank, split_rows
 from .resident import rrd_bwd_resident_kernel, rrd_fwd_resident_kernel
 from .plans import (FINISH, MERGE_BLOCK_B, DeviceLimits, Plan, current_limits, family, interpreting,
                     argmax_rows, mode_of, unsupported)
@@ -25,8 +26,9 @@ EMBED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # torch.get_float32_matmul_precision() -> tl.dot input_precision for fp32 operands, with torch's meaning:
-# "highest" is true fp32 products (at tau 0.005 a logit is 200 x a dot product, and 3xTF32's ~4x larger
-# product error would show in the loss); "high" and "medium" allow TF32.
+# "highest" is products at fp32 accuracy (at tau 0.005 a logit is 200 x a dot product): fp32 FMA, or where
+# the plan has them the fp16 planes (planes.py; their accuracy measured within 0.93-1.17 x of fp32 products,
+# docs/math.md section 6); "high" and "medium" allow TF32.
 _FP32_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
 
 
@@ -52,8 +54,8 @@ def why_unusable(device, dtype, bank_dtype, B, K, D) -> str | None:
     return None
 
 
-_KERNELS = (rrd_fwd_kernel, rrd_fwd_resident_kernel, rrd_argmax_kernel, rrd_merge_kernel, rrd_bwd_kernel,
-            rrd_bwd_resident_kernel, rrd_bwd_finish_kernel)
+_KERNELS = (rrd_split_bank_kernel, rrd_split_rows_kernel, rrd_fwd_kernel, rrd_fwd_resident_kernel, rrd_argmax_kernel,
+            rrd_merge_kernel, rrd_bwd_kernel, rrd_bwd_resident_kernel, rrd_bwd_finish_kernel)
 _compiled_for = [None]  # the Triton driver the kernels' caches were filled under
 
 
@@ -105,6 +107,19 @@ def forward(student, teacher, bank, tau_s, tau_t, kl, n_splits=None):
         return merge_states(part, part_idx, kl)
 
 
+def _resident_operands(student, teacher, bank, tau_s, tau_t, plan: Plan):
+    """The leading and PLANES arguments of the resident kernels: (S, T, Q, strides) as given, or with
+    plan.planes their hi planes, then (S_LO, T_LO, Q_LO, C_S, C_T, Q_UNSCALE) (unused placeholders without)."""
+    if not plan.planes:
+        return ((student, teacher, bank), (student.stride(0), teacher.stride(0), bank.stride(0)),
+                (student, teacher, bank, bank, bank, bank))
+    d_pad = plan.tiles.block_dk
+    q_hi, q_lo, q_amax, q_unscale = split_bank(bank, d_pad)
+    s_hi, s_lo, c_s = split_rows(student, LOG2E / tau_s, q_amax, d_pad)
+    t_hi, t_lo, c_t = split_rows(teacher, LOG2E / tau_t, q_amax, d_pad)
+    return (s_hi, t_hi, q_hi), (d_pad, d_pad, d_pad), (s_lo, t_lo, q_lo, c_s, c_t, q_unscale)
+
+
 def forward_states(student, teacher, bank, tau_s, tau_t, plan: Plan, kl=True):
     """Partial online-softmax states of every row over each of plan.n_splits chunks of the bank:
     ([N_STATE, n_splits, B] float32, [n_splits, B] int32 argmax rows of this bank). With kl=False the states
@@ -119,8 +134,10 @@ def forward_states(student, teacher, bank, tau_s, tau_t, plan: Plan, kl=True):
     common = dict(OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(), BLOCK_B=t.block_b,
                   BLOCK_K=t.block_k, num_warps=t.fwd_warps, num_stages=t.fwd_stages)
     if plan.resident:
+        ops, strides, extra = _resident_operands(student, teacher, bank, tau_s, tau_t, plan)
         rrd_fwd_resident_kernel[(plan.n_row_blocks, plan.n_splits)](
-            *args, D_PAD=t.block_dk, EVEN_D=D == t.block_dk, KL=bool(kl), **common)
+            *ops, part, part_idx, B, K, D, *strides, *args[11:], *extra,
+            D_PAD=t.block_dk, EVEN_D=D == t.block_dk, KL=bool(kl), PLANES=plan.planes, **common)
     else:
         rrd_fwd_kernel[(plan.n_row_blocks, plan.n_splits)](*args, BLOCK_DK=t.block_dk, **common)
     d_pad = triton.next_power_of_2(D)
@@ -162,14 +179,17 @@ def backward_sums(student, teacher, bank, lse_diff, lse_t, tau_s, tau_t, plan: P
     part = torch.empty((plan.n_splits, B, plan.d_pad), device=student.device, dtype=torch.float32)
     part_sigma = torch.empty((plan.n_splits, B), device=student.device, dtype=torch.float32)
     if plan.resident:
+        # The planes are made again rather than kept from the forward: two passes over the bank's bytes,
+        # against holding a bank-sized buffer for as long as autograd keeps the graph.
+        ops, strides, extra = _resident_operands(student, teacher, bank, tau_s, tau_t, plan)
         rrd_bwd_resident_kernel[(triton.cdiv(B, t.bwd_rows), plan.n_splits)](
-            student, teacher, bank, lse_diff, lse_t, part, part_sigma,
-            B, K, D, student.stride(0), teacher.stride(0), bank.stride(0),
+            *ops, lse_diff, lse_t, part, part_sigma,
+            B, K, D, *strides,
             LOG2E / tau_s, LOG2E / tau_t,
-            plan.tiles_per_split * t.bwd_split,
+            plan.tiles_per_split * t.bwd_split, *extra,
             OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
             BLOCK_B=t.bwd_rows, BLOCK_K=t.block_k // t.bwd_split, D_PAD=t.block_dk, EVEN_D=D == t.block_dk,
-            num_warps=t.bwd_warps, num_stages=t.bwd_stages,
+            PLANES=plan.planes, num_warps=t.bwd_warps, num_stages=t.bwd_stages,
         )
         return part, part_sigma
     rrd_bwd_kernel[(plan.n_row_blocks, plan.n_splits, plan.n_dslices)](

@@ -96,9 +96,14 @@ _RESIDENT_HALF_MMA_SYNC = Tiles(64, 32, 128, 128, 4, 2, 4, 2, bwd_block_b=16)
 # TF32 on wgmma (sm_90) fits 64-row tiles; on mma.sync (sm_80/sm_86) every resident TF32 tile tried spilled,
 # and fp32 FMA products ("ieee") hold too much in registers for any resident tile: both stay chunked there.
 _RESIDENT_TF32 = Tiles(64, 32, 128, 128, 4, 2, 4, 2)  # 64 x 64 forward tiles spill at D 100
+# fp32 at "highest" ("ieee") on wgmma: the operands as two fp16 planes each (planes.py), three fp16 products
+# per product. The row block's four planes and a bank tile's two take twice the shared memory of the half
+# plans' operands, so one stage.
+_RESIDENT_PLANES = Tiles(128, 128, 128, 128, 8, 1, 8, 1, bwd_split=2)
 RESIDENT = {
     "sm_90": {"half": (_RESIDENT_HALF, _RESIDENT_HALF_256), "half_fp32_bank": (_RESIDENT_HALF_FP32_BANK, _RESIDENT_HALF_256),
-              "tf32": (_RESIDENT_TF32,), "tf32_16bit_bank": (_RESIDENT_TF32,)},
+              "tf32": (_RESIDENT_TF32,), "tf32_16bit_bank": (_RESIDENT_TF32,),
+              "ieee": (_RESIDENT_PLANES,)},
     "sm_80": {"half": (_RESIDENT_HALF_MMA_SYNC,), "half_fp32_bank": (_RESIDENT_HALF_MMA_SYNC,)},
     "sm_86": {"half": (_RESIDENT_HALF_MMA_SYNC,), "half_fp32_bank": (_RESIDENT_HALF_MMA_SYNC,)},
     "interpreter": {mode: (_INTERPRETER_RESIDENT,) for mode in MODES},
@@ -107,7 +112,10 @@ RESIDENT = {
 # objects, so a retune there applies here too (and the gate compiles it for both): sm_100 (B200) the
 # datacenter sm_90 plans, sm_120 (RTX 50xx, mma.sync like Ampere/Ada) the sm_86 plans. Not tuned for
 # Blackwell itself.
-TILES["sm_100"], RESIDENT["sm_100"] = TILES["sm_90"], RESIDENT["sm_90"]
+TILES["sm_100"], RESIDENT["sm_100"] = TILES["sm_90"], dict(RESIDENT["sm_90"])
+# Except the fp16 planes ("ieee"): on sm_100 their six 128 x 128 fp32 accumulators need 768 columns of tensor
+# memory, which has 512 (triton 3.6 refuses the launch), so fp32 "highest" stays chunked there.
+del RESIDENT["sm_100"]["ieee"]
 TILES["sm_120"], RESIDENT["sm_120"] = TILES["sm_86"], RESIDENT["sm_86"]
 FINISH = FinishTiles(16, 32, 4)
 MERGE_BLOCK_B = 128
@@ -259,6 +267,7 @@ class Plan:
     n_dslices: int
     block_dv: int  # output features per backward program
     resident: bool = False  # resident.py's kernels (block_dk = block_dv = D_PAD), else the chunked ones
+    planes: bool = False  # resident fp32 at "highest": operands as fp16 planes (planes.py)
 
     @property
     def d_pad(self) -> int:
@@ -284,4 +293,4 @@ def make_plan(B: int, K: int, D: int, limits: DeviceLimits, mode: str, n_splits:
     # slices the better: one slice as wide as D (to the next power of two) up to the tile's block_dv.
     block_dv = min(tiles.block_dv, d_pad)
     return Plan(tiles, n_row_blocks, n_splits, tiles_per_split, triton.cdiv(D, block_dv), block_dv,
-                resident=resident is not None)
+                resident=resident is not None, planes=resident is not None and mode == "ieee")

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .common import LN2, NORM_EPS, as_operand, dot_acc, load_rows_chunk, split_range
 from .online_state import store_state
+from .planes import plane_exponent, pow2
 
 # The running maxima start at a finite number below any raw logit (|a_raw| <= ||S_i|| for unit bank rows).
 LOW = tl.constexpr(-1.0e30)
@@ -57,14 +58,61 @@ def bank_tile(Q, stride_q, ks, K, D, OP_DTYPE: tl.constexpr, UPCAST: tl.constexp
 
 
 @triton.jit
-def _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                   UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
-                   EVEN_D: tl.constexpr, MASKED: tl.constexpr):
-    """(a, b, q): raw student and teacher dot products with bank rows ks, and the bank tile itself."""
-    q = bank_tile(Q, stride_q, ks, K, D, OP_DTYPE, UPCAST, D_PAD, EVEN_D, MASKED)
+def plane_rows(HI, LO, FACTOR, rows, B, UPCAST: tl.constexpr, D_PAD: tl.constexpr):
+    """(hi, lo, c): the fp16 planes of a row block [BLOCK_B, D_PAD] (0 past B) and its logit factors (planes.py)."""
+    cols = tl.arange(0, D_PAD)
+    hi = load_rows_chunk(HI, D_PAD, rows, cols, B, D_PAD)
+    lo = load_rows_chunk(LO, D_PAD, rows, cols, B, D_PAD)
+    c = tl.load(FACTOR + rows, mask=rows < B, other=0.0)
+    return as_operand(hi, tl.float16, UPCAST), as_operand(lo, tl.float16, UPCAST), c
+
+
+@triton.jit
+def _row_block(S, T, S_LO, T_LO, C_S, C_T, stride_s, stride_t, rows, B, D, scale_a, scale_b,
+               OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr, D_PAD: tl.constexpr, PLANES: tl.constexpr):
+    """(s, s_lo, t, t_lo, c_a, c_b): the resident operands of a row block and their logit factors; without
+    PLANES the rows as given (s_lo, t_lo repeat s, t and are unused)."""
+    if PLANES:
+        s, s_lo, c_a = plane_rows(S, S_LO, C_S, rows, B, UPCAST, D_PAD)
+        t, t_lo, c_b = plane_rows(T, T_LO, C_T, rows, B, UPCAST, D_PAD)
+    else:
+        s, c_a = resident_rows(S, stride_s, rows, B, D, scale_a, OP_DTYPE, UPCAST, D_PAD)
+        t, c_b = resident_rows(T, stride_t, rows, B, D, scale_b, OP_DTYPE, UPCAST, D_PAD)
+        s_lo = s
+        t_lo = t
+    return s, s_lo, t, t_lo, c_a, c_b
+
+
+@triton.jit
+def dot3_acc(x_hi, x_lo, y_hi, y_lo, acc, UPCAST: tl.constexpr):
+    """acc + x @ y for operands held as fp16 planes (planes.py): hi hi' + hi lo' + lo hi', the two small
+    products first, so they are summed before the large one meets them."""
+    acc = dot_acc(x_hi, y_lo, acc, tl.float16, "ieee", UPCAST)
+    acc = dot_acc(x_lo, y_hi, acc, tl.float16, "ieee", UPCAST)
+    return dot_acc(x_hi, y_hi, acc, tl.float16, "ieee", UPCAST)
+
+
+@triton.jit
+def _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, ks, K, D, OP_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                   D_PAD: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, PLANES: tl.constexpr):
+    """(a, b, q, q_lo): raw student and teacher dot products with bank rows ks, and the bank tile itself (with
+    PLANES, its two fp16 planes; else q_lo is q and s_lo, t_lo are unused)."""
     zero = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
-    q_t = tl.trans(q)
-    return dot_acc(s, q_t, zero, OP_DTYPE, PRECISION, UPCAST), dot_acc(t, q_t, zero, OP_DTYPE, PRECISION, UPCAST), q
+    if PLANES:
+        q = bank_tile(Q, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, MASKED)
+        q_lo = bank_tile(Q_LO, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, MASKED)
+        q_t = tl.trans(q)
+        q_lo_t = tl.trans(q_lo)
+        a = dot3_acc(s, s_lo, q_t, q_lo_t, zero, UPCAST)
+        b = dot3_acc(t, t_lo, q_t, q_lo_t, zero, UPCAST)
+    else:
+        q = bank_tile(Q, stride_q, ks, K, D, OP_DTYPE, UPCAST, D_PAD, EVEN_D, MASKED)
+        q_lo = q
+        q_t = tl.trans(q)
+        a = dot_acc(s, q_t, zero, OP_DTYPE, PRECISION, UPCAST)
+        b = dot_acc(t, q_t, zero, OP_DTYPE, PRECISION, UPCAST)
+    return a, b, q, q_lo
 
 
 @triton.jit
@@ -146,16 +194,21 @@ def rrd_fwd_resident_kernel(
     B, K, D, stride_s, stride_t, stride_q,
     scale_a, scale_b,  # log2(e) / tau
     tiles_per_split,
+    S_LO, T_LO, Q_LO, C_S, C_T, Q_UNSCALE,  # PLANES only: the lo planes, the logit factors, the bank's 2^-e_q
     OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, KL: tl.constexpr,
+    PLANES: tl.constexpr,
 ):
     """Grid (row blocks, splits): as rrd_fwd_kernel (forward.py), the partial state of BLOCK_B rows over one
     chunk of the bank into PART [N_STATE, n_splits, B], and the first bank row of the tile that raised the
     student maximum last into PART_IDX (rrd_argmax_kernel resolves it to the row). Without KL, V is 0 and
-    n_b exact to 2^-24 absolute (all the cross-entropy and its gradient use of them)."""
+    n_b exact to 2^-24 absolute (all the cross-entropy and its gradient use of them).
+
+    PLANES (fp32 inputs at "highest" precision): S, T and Q are the hi planes of planes.py, S_LO, T_LO and
+    Q_LO the lo ones, and C_S, C_T the logit factors; every product is dot3_acc's three fp16 products."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    s, c_a = resident_rows(S, stride_s, rows, B, D, scale_a, OP_DTYPE, UPCAST, D_PAD)
-    t, c_b = resident_rows(T, stride_t, rows, B, D, scale_b, OP_DTYPE, UPCAST, D_PAD)
+    s, s_lo, t, t_lo, c_a, c_b = _row_block(S, T, S_LO, T_LO, C_S, C_T, stride_s, stride_t, rows, B, D, scale_a,
+                                            scale_b, OP_DTYPE, UPCAST, D_PAD, PLANES)
     k_begin, k_end = split_range(K, tiles_per_split, BLOCK_K)
     k_full = k_begin + (k_end - k_begin) // BLOCK_K * BLOCK_K  # end of the tiles with no padding
     m_a = tl.full([BLOCK_B], LOW, tl.float32)
@@ -167,15 +220,15 @@ def rrd_fwd_resident_kernel(
     tile = tl.zeros([BLOCK_B], tl.int32) + k_begin
     for k0 in range(k_begin, k_full, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a, b, _ = _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
-                                 D_PAD, EVEN_D, False)
+        a, b, _, _ = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST,
+                                    BLOCK_B, BLOCK_K, D_PAD, EVEN_D, False, PLANES)
         m_a_old = m_a
         m_a, n_a, m_b, n_b, w, v = _fold(a, b, None, m_a, n_a, m_b, n_b, w, v, c_a, c_b, False, KL)
         tile = tl.where(m_a > m_a_old, k0, tile)
     if k_full < k_end:
         ks = k_full + tl.arange(0, BLOCK_K)
-        a, b, _ = _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
-                                 D_PAD, EVEN_D, True)
+        a, b, _, _ = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST,
+                                    BLOCK_B, BLOCK_K, D_PAD, EVEN_D, True, PLANES)
         m_a_old = m_a
         m_a, n_a, m_b, n_b, w, v = _fold(a, b, (ks < K)[None, :], m_a, n_a, m_b, n_b, w, v, c_a, c_b, True, KL)
         tile = tl.where(m_a > m_a_old, k_full, tile)
@@ -214,14 +267,35 @@ def _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, valid, MASKED: tl.cons
     return c
 
 
+@triton.jit
+def _accumulate(c, q, q_lo, acc, c_exp, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                PLANES: tl.constexpr):
+    """(acc + c @ q, c_exp) for one tile of coefficients. With PLANES, c is split into planes as the operands
+    are, each row scaled by 2^c_exp_i so that its largest |c_ik| so far lies below 2^15 (c_exp only falls;
+    acc, in units of 2^c_exp_i times the scaled bank, is rescaled when it does: rarely, so under a branch)."""
+    if PLANES:
+        tile_exp = plane_exponent(tl.max(tl.abs(c), axis=1))
+        new_exp = tl.minimum(c_exp, tile_exp)
+        if tl.max((new_exp < c_exp).to(tl.int32), axis=0) > 0:
+            acc = acc * pow2(new_exp - c_exp)[:, None]
+        scaled = c * pow2(new_exp)[:, None]
+        c_hi = as_operand(scaled, tl.float16, UPCAST)
+        c_lo = as_operand(scaled - c_hi.to(tl.float32), tl.float16, UPCAST)
+        return dot3_acc(c_hi, c_lo, q, q_lo, acc, UPCAST), new_exp
+    else:
+        return dot_acc(as_operand(c, OP_DTYPE, UPCAST), q, acc, OP_DTYPE, PRECISION, UPCAST), c_exp
+
+
 @triton.jit(do_not_specialize=["B", "K", "tiles_per_split"])
 def rrd_bwd_resident_kernel(
     S, T, Q, LSE_DIFF, LSE_T, PART, PART_SIGMA,
     B, K, D, stride_s, stride_t, stride_q,
     scale_a, scale_b,
     tiles_per_split,
+    S_LO, T_LO, Q_LO, C_S, C_T, Q_UNSCALE,  # PLANES only, as the forward's
     OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+    PLANES: tl.constexpr,
 ):
     """Grid (row blocks, splits): sum_k c_ik Q_k over one chunk of the bank, all features at once, into PART
     [n_splits, B, D_PAD], and sigma_i = sum_k c_ik into PART_SIGMA [n_splits, B]; the finish kernel
@@ -231,32 +305,40 @@ def rrd_bwd_resident_kernel(
     sigma sums c in fp32, before c is rounded to a 16-bit product operand (as TF32 products round their fp32
     operands inside the MMA): where the guard matters (both softmaxes sharp on one row) every c_ik is tiny or
     the row's, whose own rounding the guard removes whatever its value; elsewhere the difference is the
-    operands' rounding, which the product carries anyway."""
+    operands' rounding, which the product carries anyway.
+
+    PLANES: as the forward's; c is split into planes too, with a scale per row (_accumulate), and the sums are
+    scaled back to bank units (exactly: powers of two) before they are stored."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    s, c_a = resident_rows(S, stride_s, rows, B, D, scale_a, OP_DTYPE, UPCAST, D_PAD)
-    t, c_b = resident_rows(T, stride_t, rows, B, D, scale_b, OP_DTYPE, UPCAST, D_PAD)
+    s, s_lo, t, t_lo, c_a, c_b = _row_block(S, T, S_LO, T_LO, C_S, C_T, stride_s, stride_t, rows, B, D, scale_a,
+                                            scale_b, OP_DTYPE, UPCAST, D_PAD, PLANES)
     k_begin, k_end = split_range(K, tiles_per_split, BLOCK_K)
     k_full = k_begin + (k_end - k_begin) // BLOCK_K * BLOCK_K
     lse_diff = tl.load(LSE_DIFF + rows, mask=row_mask, other=0.0)  # lse_a - lse_b, base 2
     lse_b = tl.load(LSE_T + rows, mask=row_mask, other=0.0)
     lse_a = lse_diff + lse_b
     acc = tl.zeros([BLOCK_B, D_PAD], tl.float32)
-    sigma = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)  # summed over the tile's columns once, at the end
+    # sigma summed over the tiles' columns once, at the end; with PLANES (whose accumulator and operands fill
+    # the registers at D 256) per tile, one register per row.
+    sigma = tl.zeros([BLOCK_B, 1 if PLANES else BLOCK_K], tl.float32)
+    c_exp = tl.full([BLOCK_B], 126, tl.int32)  # PLANES: the rows' scales of c (_accumulate)
     for k0 in range(k_begin, k_full, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a, b, q = _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
-                                 D_PAD, EVEN_D, False)
+        a, b, q, q_lo = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST,
+                                       BLOCK_B, BLOCK_K, D_PAD, EVEN_D, False, PLANES)
         c = _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, None, False)
-        sigma += c
-        acc = dot_acc(as_operand(c, OP_DTYPE, UPCAST), q, acc, OP_DTYPE, PRECISION, UPCAST)
+        sigma += tl.sum(c, axis=1, keep_dims=True) if PLANES else c
+        acc, c_exp = _accumulate(c, q, q_lo, acc, c_exp, OP_DTYPE, PRECISION, UPCAST, PLANES)
     if k_full < k_end:
         ks = k_full + tl.arange(0, BLOCK_K)
-        a, b, q = _tile_products(s, t, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
-                                 D_PAD, EVEN_D, True)
+        a, b, q, q_lo = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST,
+                                       BLOCK_B, BLOCK_K, D_PAD, EVEN_D, True, PLANES)
         c = _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, (ks < K)[None, :], True)
-        sigma += c
-        acc = dot_acc(as_operand(c, OP_DTYPE, UPCAST), q, acc, OP_DTYPE, PRECISION, UPCAST)
+        sigma += tl.sum(c, axis=1, keep_dims=True) if PLANES else c
+        acc, c_exp = _accumulate(c, q, q_lo, acc, c_exp, OP_DTYPE, PRECISION, UPCAST, PLANES)
+    if PLANES:
+        acc = acc * (pow2(-c_exp) * tl.load(Q_UNSCALE))[:, None]
 
     split = tl.program_id(1)
     cols = tl.arange(0, D_PAD)
