@@ -1,0 +1,225 @@
+"""RRDMomentumLoss: the authors' momentum-memory RRD module (heads + two per-sample memories + sampler)."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._validate import check_choice, check_temperature
+from .functional import loss_dtype
+from .gathered import SCORES, clamp_index, gathered_rrd_rows
+from .momentum_memory import momentum_rows, uniform_memory
+from .nn import _features, _positive_int
+from .reference import NORM_EPS, OBJECTIVES
+from .sampler import UniformSampler, make_generator, to_device
+
+MOMENTUM_BACKENDS = ("auto", "torch")  # fused gathered-memory kernels: issue 17 part 3, not written yet
+# Index dtypes that convert to int64 exactly (uint16/32/64 may not, bool is not an index).
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _momentum(value) -> float:
+    if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"nce_m must be a Python float, got {type(value).__name__}")
+    value = float(value)
+    if not (0.0 <= value < 1.0):  # 1 would never move the memory; NaN fails here too
+        raise ValueError(f"nce_m (the memory momentum) must be in [0, 1), got {value}")
+    return value
+
+
+class RRDMomentumLoss(nn.Module):
+    """Relational Representation Distillation with the authors' momentum memory (their
+    RRD_MomentumMemory_Loss with its ContrastMemory, CRD-style).
+
+    ``forward(f_s, f_t, idx, contrast_idx=None)``: f_s, f_t are B x s_dim / B x t_dim features (or pooled
+    B x C x 1 x 1 maps), idx the B dataset indices of the samples. The heads ``embed_s``, ``embed_t``
+    (nn.Linear to feat_dim) give embeddings s_i, t_i, unit-normalised. Each sample meets K+1 = nce_k + 1
+    memory rows: its own, idx_i, first, then nce_k rows drawn uniformly with replacement from [0, n_data)
+    (or the caller's ``contrast_idx``). Scores are cross-view: the student against the teacher memory, the
+    teacher against the student memory; the loss is the mean over the batch of the soft cross-entropy of the
+    student's softmax (tau_s) to the teacher's (tau_t). Then, under no_grad, the rows idx_i of both memories
+    move toward the batch's unit embeddings with momentum nce_m and are renormalised (memory_s toward s_i,
+    memory_t toward t_i). The loss uses the memories as they were before this update.
+
+    scores="similarity" (default): logits are the scores themselves over the temperatures, the function
+        the paper writes down.
+    scores="faithful": the authors' code exactly: each score becomes exp(score / nce_t) / Z, then is divided
+        by tau_s or tau_t inside the softmax. Z (one per view) is fixed on the first call to
+        n_data * mean exp(score / nce_t) over that batch, as theirs, but on the device (no .item()): the
+        buffer ``z`` holds (Z_s, Z_t), -1 until set, and is saved in the state_dict.
+
+    Gradients, as the authors': only the student head (and f_s) learns. The teacher's scores are detached
+    (embed_t gets no gradient) and the memories are buffers. objective="kl" subtracts the teacher's entropy
+    (same gradient). Every call updates the memories, in training or eval mode, as theirs does.
+
+    Defaults follow the authors' train_student.py where they have one: feat_dim 128, nce_k 16384, nce_t
+    0.07, nce_m 0.5. tau_s 0.04, tau_t 0.1 are the paper's (as RRDLoss); their script's defaults are tau_s
+    0.1, tau_t 0.02. n_data (the training set size: one memory row per sample) has no default. nce_k + 1 may
+    exceed n_data (draws are with replacement).
+
+    idx: B integers (int64, int32, int16, int8 or uint8), on the CPU or the module's device. contrast_idx:
+    B x (nce_k + 1) with the sample's own index first, as the authors' data sets return it (used as given,
+    column 0 is not overwritten), or B x nce_k, the negatives only (idx is put in front, as the sampler
+    does). An index outside [0, n_data) is never read or written out of bounds: on the CPU (a data loader's
+    usual output) it is a ValueError, checked for free; on a GPU it is not checked (that would synchronise
+    with the device): it is clamped on the device, that sample's loss row and gradient row are NaN (so the
+    returned mean is NaN), it does not count towards Z, and its memory row is not written.
+
+    State: buffers ``memory_s`` (student embeddings, their memory_v1), ``memory_t`` (teacher, memory_v2),
+    both n_data x feat_dim, uniform in [-stdv, stdv] with stdv = 1 / sqrt(feat_dim / 3) at init, and ``z``;
+    the sampler's generator state as the module's extra state. A resumed run draws the same indices.
+    generator: None (a CPU generator seeded from torch's global generator), an int seed, or a CPU
+    torch.Generator. A call that raises leaves memories, z and the sampler as they were.
+
+    backend: "auto" or "torch": the chunked torch path (rrd_kernels/gathered.py) that never holds the
+    B x (K+1) x D gathered rows; fused kernels for the gathered memory are not written yet.
+    """
+
+    def __init__(
+        self,
+        s_dim: int,
+        t_dim: int,
+        feat_dim: int = 128,
+        n_data: int | None = None,
+        nce_k: int = 16384,
+        tau_s: float = 0.04,
+        tau_t: float = 0.1,
+        nce_m: float = 0.5,
+        nce_t: float = 0.07,
+        scores: str = "similarity",
+        objective: str = "ce",
+        backend: str = "auto",
+        generator=None,
+    ):
+        super().__init__()
+        self.s_dim = _positive_int(s_dim, "s_dim")
+        self.t_dim = _positive_int(t_dim, "t_dim")
+        self.feat_dim = _positive_int(feat_dim, "feat_dim")
+        if n_data is None:
+            raise ValueError("n_data is required: the number of training samples (one memory row each)")
+        self.n_data = _positive_int(n_data, "n_data")
+        self.nce_k = _positive_int(nce_k, "nce_k")
+        self.tau_s = check_temperature(tau_s, "tau_s")
+        self.tau_t = check_temperature(tau_t, "tau_t")
+        self.nce_t = check_temperature(nce_t, "nce_t")
+        self.nce_m = _momentum(nce_m)
+        check_choice(scores, "scores", SCORES)
+        check_choice(objective, "objective", OBJECTIVES)
+        if backend not in MOMENTUM_BACKENDS:
+            raise ValueError(f"backend must be one of {list(MOMENTUM_BACKENDS)} for RRDMomentumLoss (fused "
+                             f"kernels for the gathered memory are not written yet), got {backend!r}")
+        self.scores, self.objective, self.backend = scores, objective, backend
+        self.sampler = UniformSampler(self.n_data, self.nce_k, make_generator(generator))
+        self.embed_s = nn.Linear(s_dim, feat_dim)
+        self.embed_t = nn.Linear(t_dim, feat_dim)
+        self.register_buffer("memory_s", uniform_memory(self.n_data, feat_dim))
+        self.register_buffer("memory_t", uniform_memory(self.n_data, feat_dim))
+        self.register_buffer("z", torch.full((2,), -1.0))  # (Z_s, Z_t), "faithful" only; < 0: not set yet
+
+    def extra_repr(self) -> str:
+        return (f"n_data={self.n_data}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, tau_s={self.tau_s}, "
+                f"tau_t={self.tau_t}, nce_m={self.nce_m}, nce_t={self.nce_t}, scores={self.scores!r}, "
+                f"objective={self.objective!r}, backend={self.backend!r}")
+
+    def get_extra_state(self):
+        return {"sampler_state": self.sampler.get_state()}
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or "sampler_state" not in state:
+            raise ValueError("extra state of RRDMomentumLoss must be a dict with 'sampler_state'")
+        self.sampler.set_state(state["sampler_state"])
+
+    def sample_contrast_idx(self, idx: torch.Tensor) -> torch.Tensor:
+        """The B x (nce_k + 1) memory rows forward would use without contrast_idx: idx first, then nce_k
+        uniform draws. Advances the sampler (the next forward draws the next ones)."""
+        y, _ = self._index(idx, "idx", (None,), self.memory_s.device)
+        return torch.cat([y[:, None], self.sampler.draw(y.shape[0], y.device)], dim=1)
+
+    def _index(self, x, name: str, shape, device):
+        """x as int64 on device; True when its values were checked (a CPU tensor), False when they will be
+        clamped and masked on the device. ``shape`` entries None match any size."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of integer indices, got {type(x).__name__}")
+        if x.dtype not in INDEX_DTYPES:
+            raise TypeError(f"{name} must be an integer tensor {INDEX_DTYPES}, got {x.dtype}")
+        if x.dim() != len(shape) or any(w is not None and w != d for w, d in zip(shape, x.shape)):
+            want = "(" + ", ".join("B" if w is None else str(w) for w in shape) + ("," if len(shape) == 1 else "") + ")"
+            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch (B = 0)")
+        if x.device.type == "cpu":
+            lo, hi = int(x.min()), int(x.max())  # host tensor: no device involved
+            if lo < 0 or hi >= self.n_data:
+                raise ValueError(f"{name} holds indices outside [0, n_data={self.n_data}): min {lo}, max {hi}")
+            return to_device(x.to(torch.int64), device), True
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device}; it must be on the CPU or on the module's device {device}")
+        return x.to(torch.int64), False
+
+    def _contrast(self, contrast_idx, y, batch: int, device):
+        """The B x (nce_k + 1) rows from the caller's contrast_idx: as given, or idx put before negatives."""
+        k = self.nce_k
+        shape = tuple(contrast_idx.shape) if isinstance(contrast_idx, torch.Tensor) else None
+        if shape == (batch, k):
+            negatives, checked = self._index(contrast_idx, "contrast_idx", (batch, k), device)
+            return torch.cat([y[:, None], negatives], dim=1), checked
+        if shape is not None and len(shape) == 2 and shape != (batch, k + 1):
+            raise ValueError(f"contrast_idx must be (B, nce_k + 1) = ({batch}, {k + 1}) with the sample's own "
+                             f"index first, or (B, nce_k) = ({batch}, {k}), negatives only; got {shape}")
+        return self._index(contrast_idx, "contrast_idx", (batch, k + 1), device)
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor, idx: torch.Tensor,
+                contrast_idx: torch.Tensor | None = None) -> torch.Tensor:
+        f_s = _features(f_s, "f_s", self.s_dim)
+        f_t = _features(f_t, "f_t", self.t_dim)
+        batch = f_s.shape[0]
+        if f_t.shape[0] != batch:
+            raise ValueError(f"f_s and f_t must have the same batch size, got {batch} and {f_t.shape[0]}")
+        for name, f, head in (("f_s", f_s, self.embed_s), ("f_t", f_t, self.embed_t)):
+            if f.dtype != head.weight.dtype and not torch.is_autocast_enabled(f.device.type):
+                raise TypeError(f"{name} has dtype {f.dtype} but the {name[-1]} head's weights are {head.weight.dtype}")
+            if f.device != head.weight.device:
+                raise ValueError(f"{name} is on {f.device} but the module is on {head.weight.device}")
+        device = self.memory_s.device
+        y, y_checked = self._index(idx, "idx", (batch,), device)
+        valid = None  # per sample: every index it uses was in range (only tracked for unchecked device ones)
+        if not y_checked:
+            y, valid = clamp_index(y, self.n_data)
+        index, index_checked = None, True
+        if contrast_idx is not None:
+            index, index_checked = self._contrast(contrast_idx, y, batch, device)
+            if not index_checked:
+                index, ok = clamp_index(index, self.n_data)
+                valid = ok if valid is None else valid & ok
+
+        student = self.embed_s(f_s)
+        teacher = self.embed_t(f_t)
+        # From here on nothing is refused: the draws advance the sampler, then the memories and z are written
+        # last. Should anything still raise, the sampler is put back, so a failed call leaves no trace.
+        state = self.sampler.get_state()
+        try:
+            if index is None:
+                index = torch.cat([y[:, None], self.sampler.draw(batch, device)], dim=1)
+            rows, z_used = gathered_rrd_rows(
+                student, teacher, self.memory_s, self.memory_t, index, tau_s=self.tau_s, tau_t=self.tau_t,
+                objective=self.objective, scores=self.scores, nce_t=self.nce_t,
+                z=self.z if self.scores == "faithful" else None, valid=valid, backend=self.backend)
+            loss = rows.to(loss_dtype(student.dtype)).mean()
+            with torch.no_grad():
+                dtype = self.memory_s.dtype
+                s_unit = F.normalize(student.detach().to(dtype), dim=1, eps=NORM_EPS)
+                t_unit = F.normalize(teacher.detach().to(dtype), dim=1, eps=NORM_EPS)
+                # A sample with any out-of-range index (device inputs only) does not write its row.
+                new_s = momentum_rows(self.memory_s, y, s_unit, self.nce_m, valid)
+                new_t = momentum_rows(self.memory_t, y, t_unit, self.nce_m, valid)
+        except BaseException:
+            self.sampler.set_state(state)
+            raise
+        with torch.no_grad():
+            self.memory_s.index_copy_(0, y, new_s)
+            self.memory_t.index_copy_(0, y, new_t)
+            if z_used is not None:
+                self.z.copy_(z_used)
+        return loss
