@@ -222,7 +222,7 @@ def heading_signature(name: str) -> list[tuple[str, str, object]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["rrd_loss", "RRDLoss"])
+@pytest.mark.parametrize("name", ["rrd_loss", "RRDLoss", "RRDMomentumLoss"])
 def test_readme_api_headings_match_the_signatures(name):
     import inspect
 
