@@ -526,3 +526,29 @@ def test_accepts_pooled_maps_and_int32_indices(gen):
     la = a(f_s, f_t, idx, contrast)
     lb = b(f_s[:, :, None, None], f_t[:, :, None, None], idx.int(), contrast.int())
     assert torch.equal(la, lb) and torch.equal(a.memory_t, b.memory_t)
+
+
+def test_given_contrast_idx_draws_nothing(gen):
+    module = make_module(gen)
+    f_s, f_t, idx, contrast = make_batch(gen)
+    before = module.sampler.get_state()
+    module(f_s, f_t, idx, contrast)
+    module(f_s, f_t, idx, contrast[:, 1:])
+    assert torch.equal(module.sampler.get_state(), before)
+
+
+@pytest.mark.parametrize("kw,error,word", [
+    (dict(z=torch.tensor([-1.0, -1.0])), ValueError, "z"),          # z with scores="similarity"
+    (dict(scores="faithful"), ValueError, "z"),                     # faithful without z
+    (dict(scores="faithful", z=torch.tensor([-1.0])), ValueError, "z"),
+    (dict(backend="triton"), ValueError, "backend"), (dict(chunk=0), ValueError, "chunk"),
+    (dict(nce_t=-0.1), ValueError, "nce_t"), (dict(tau_s=0.0), ValueError, "tau_s"),
+    (dict(valid=torch.ones(3)), ValueError, "valid"), (dict(objective="l2"), ValueError, "objective"),
+])
+def test_core_refuses_bad_arguments_by_name(kw, error, word):
+    student = torch.randn(2, 4)
+    memory = F.normalize(torch.randn(6, 4), dim=1)
+    args = dict(tau_s=0.1, tau_t=0.1)
+    args.update(kw)
+    with pytest.raises(error, match=word):
+        gathered_rrd_rows(student, student, memory, memory, torch.tensor([[0, 1], [2, 3]]), **args)
