@@ -189,9 +189,60 @@ def _torch_rows(student, teacher, memory_s, memory_t, index, valid, z, tau_s, ta
     return rows, (z_used if faithful else None)
 
 
-# backend name -> implementation of the contract in the module docstring. "auto" resolves to "torch" until
-# fused kernels are registered here.
-GATHERED_BACKENDS = {"torch": _torch_rows}
+class _TritonGatheredRRD(torch.autograd.Function):
+    """The fused kernels (rrd_kernels/triton_kernels/gathered.py): loss rows and each row's gradient in the
+    forward call (for the reason _GatheredRRD gives), the backward only scales the gradient."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, memory_s, memory_t, index, valid, tau_s, tau_t, kl):
+        from .triton_kernels.gathered import gathered_rows_and_grad
+
+        rows, grad = gathered_rows_and_grad(student.detach(), teacher, memory_s, memory_t, index, tau_s, tau_t, kl)
+        ctx.save_for_backward(_mark_invalid(grad, valid))
+        return _mark_invalid(rows, valid)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (grad,) = ctx.saved_tensors
+        return (grad_rows[:, None] * grad,) + (None,) * 8
+
+
+def triton_unusable(student, memory_s, index, faithful) -> str | None:
+    """Why the fused gathered kernels cannot run this call, or None: they take fp32 embeddings (the compute
+    dtype), "similarity" scores, and what the Triton backend's checks allow (a CUDA device, or the CPU
+    interpreter; D <= 512; float32/bfloat16/float16 memories)."""
+    if faithful:
+        return "the fused gathered kernels compute scores='similarity' only; 'faithful' runs on backend 'torch'"
+    if student.dtype != torch.float32:
+        return f"the fused gathered kernels take float32 embeddings, got {student.dtype} (float64 runs on torch)"
+    from .backends import unusable_reason
+
+    if memory_s.shape[0] >= 2**31:
+        return f"the fused gathered kernels index memory rows with int32: N must stay below 2^31, got {memory_s.shape[0]}"
+    B, D = student.shape
+    return unusable_reason("triton", student.device, torch.float32, memory_s.dtype, B, index.shape[1], D)
+
+
+def _triton_rows(student, teacher, memory_s, memory_t, index, valid, z, tau_s, tau_t, kl, faithful, nce_t, chunk):
+    reason = triton_unusable(student, memory_s, index, faithful)
+    if reason is not None:
+        raise ValueError(f"backend='triton' cannot run this call: {reason}")
+    rows = _TritonGatheredRRD.apply(student, teacher.detach(), memory_s.detach(), memory_t.detach(), index, valid,
+                                    tau_s, tau_t, kl)
+    return rows, None
+
+
+# backend name -> implementation of the contract in the module docstring. "auto" takes "triton" for CUDA
+# tensors it can run (triton_unusable), else "torch".
+GATHERED_BACKENDS = {"torch": _torch_rows, "triton": _triton_rows}
+
+
+def resolve_gathered_backend(backend, student, memory_s, index, faithful) -> str:
+    if backend != "auto":
+        return backend
+    if student.device.type == "cuda" and triton_unusable(student, memory_s, index, faithful) is None:
+        return "triton"
+    return "torch"
 
 
 def check_gathered_inputs(student, teacher, memory_s, memory_t, index, tau_s, tau_t, objective, scores, nce_t,
@@ -251,13 +302,15 @@ def gathered_rrd_rows(student, teacher, memory_s, memory_t, index, *, tau_s, tau
     index: B x (K+1) int64 rows of the memories. On the CPU, a value outside [0, N) is a ValueError (the
     check is free there); on a GPU it is not checked (that would synchronise): it is clamped into range and
     its row comes back NaN, loss and gradient, and does not count in Z. ``valid`` (B bools) marks further
-    rows to report so. backend: "auto" or "torch" (the chunked torch path; no fused kernel yet). chunk:
-    columns per gathered slice (default: B x chunk x D <= 4M elements)."""
+    rows to report so. backend: "auto" (the fused Triton kernels for CUDA tensors they can run, else torch),
+    "torch" (the chunked torch path) or "triton" (an error naming the reason where it cannot run: scores
+    "faithful", float64, no GPU and no interpreter). chunk: columns per gathered slice of the torch path
+    (default: B x chunk x D <= 4M elements)."""
     tau_s, tau_t, nce_t = check_gathered_inputs(student, teacher, memory_s, memory_t, index, tau_s, tau_t,
                                                 objective, scores, nce_t, z, valid)
     if backend not in ("auto",) + tuple(GATHERED_BACKENDS):
-        raise ValueError(f"backend must be one of {['auto', *GATHERED_BACKENDS]} for a gathered memory "
-                         f"(fused kernels for it are not written yet), got {backend!r}")
+        raise ValueError(f"backend must be one of {['auto', *GATHERED_BACKENDS]} for a gathered memory, "
+                         f"got {backend!r}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be None or a positive int, got {chunk!r}")
     n = memory_s.shape[0]
@@ -268,8 +321,9 @@ def gathered_rrd_rows(student, teacher, memory_s, memory_t, index, *, tau_s, tau
         index, ok = clamp_index(index, n)
         valid = ok if valid is None else valid & ok
     dtype = compute_dtype(student.dtype, memory_s.dtype)
-    impl = GATHERED_BACKENDS["torch" if backend == "auto" else backend]
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    impl = GATHERED_BACKENDS[resolve_gathered_backend(backend, student, memory_s, index, scores == "faithful")]
     # Autocast off: the scores and softmaxes are computed in fp32 (or float64) whatever the caller's region.
     with torch.autocast(device_type=student.device.type, enabled=False):
-        return impl(student.to(dtype), teacher.to(dtype), memory_s, memory_t, index, valid, z, tau_s, tau_t,
+        return impl(student, teacher, memory_s, memory_t, index, valid, z, tau_s, tau_t,
                     objective == "kl", scores == "faithful", nce_t, chunk)

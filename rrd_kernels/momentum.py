@@ -15,7 +15,7 @@ from .nn import _features, _positive_int
 from .reference import NORM_EPS, OBJECTIVES
 from .sampler import UniformSampler, make_generator, to_device
 
-MOMENTUM_BACKENDS = ("auto", "torch")  # fused gathered-memory kernels: issue 17 part 3, not written yet
+MOMENTUM_BACKENDS = ("auto", "torch", "triton")  # rrd_kernels/gathered.py: GATHERED_BACKENDS
 # Index dtypes that convert to int64 exactly (uint16/32/64 may not, bool is not an index).
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -74,7 +74,8 @@ class RRDMomentumLoss(nn.Module):
     torch.Generator. A call that raises leaves memories, z and the sampler as they were.
 
     backend: "auto" or "torch": the chunked torch path (rrd_kernels/gathered.py) that never holds the
-    B x (K+1) x D gathered rows; fused kernels for the gathered memory are not written yet.
+    B x (K+1) x D gathered rows. backend "triton": the fused gathered kernels (scores "similarity", fp32;
+    "auto" takes them for CUDA tensors they can run, else torch); no CUDA C++ kernels for it yet.
     """
 
     def __init__(
@@ -108,8 +109,10 @@ class RRDMomentumLoss(nn.Module):
         check_choice(scores, "scores", SCORES)
         check_choice(objective, "objective", OBJECTIVES)
         if backend not in MOMENTUM_BACKENDS:
-            raise ValueError(f"backend must be one of {list(MOMENTUM_BACKENDS)} for RRDMomentumLoss (fused "
-                             f"kernels for the gathered memory are not written yet), got {backend!r}")
+            raise ValueError(f"backend must be one of {list(MOMENTUM_BACKENDS)} for RRDMomentumLoss, got {backend!r}")
+        if backend == "triton" and scores == "faithful":
+            raise ValueError("backend='triton' computes scores='similarity' only: use backend='auto' or 'torch' "
+                             "for scores='faithful'")
         self.scores, self.objective, self.backend = scores, objective, backend
         self.sampler = UniformSampler(self.n_data, self.nce_k, make_generator(generator))
         self.embed_s = nn.Linear(s_dim, feat_dim)

@@ -82,6 +82,10 @@ CONFIGS = [  # the benchmark configurations (bench/config.py "sweep" corners and
     dict(arch="sm_80", dtype="bfloat16", D=128, B=4096, K=262144),
     dict(arch="sm_80", dtype="float32", precision="highest", D=256, B=1024, K=65536),
     dict(arch="sm_86", dtype="bfloat16", D=128, B=4096, K=262144),
+    # The momentum memory (RRDMomentumLoss): nce_k + 1 gathered columns per row, the authors' size and a
+    # larger batch.
+    dict(arch="sm_90", dtype="float32", D=128, B=64, K=16385, memory="gathered"),
+    dict(arch="sm_90", dtype="float32", D=128, B=1024, K=16385, memory="gathered"),
 ]
 
 
@@ -195,16 +199,19 @@ def _count_kernel(compiled, grid, values, B, K, D):
         per_iter = sum(d_trips ** (chain(i).index(bank_loop) if bank_loop in chain(i) else 0)
                        for i in instrs if bank_loop.contains(i.addr))
         slices = grid[2]
-        steady = per_iter * warps * slices / (values["BLOCK_B"] * block_k)
+        steady = per_iter * warps * slices / (values.get("BLOCK_B", 1) * block_k)  # gathered kernels: 1 row
     return instrs, bank_loop, totals, steady
 
 
-def _hbm_bytes(src, values, bank_loop, B, D, bank_bytes):
+def _hbm_bytes(src, values, bank_loop, B, D, bank_bytes, gathered_cols=0):
     import torch
     total = 0
     seen = set()
     for name, v in values.items():
         if isinstance(v, torch.Tensor):
+            if gathered_cols and name in ("MS", "MT"):
+                total += B * gathered_cols * D * bank_bytes  # every (row, column) reads its own memory row
+                continue
             # A tensor passed twice (the resident kernels' unused PLANES arguments repeat S, T and Q) is read
             # once.
             if (v.data_ptr(), v.numel()) in seen:
@@ -218,8 +225,11 @@ def _hbm_bytes(src, values, bank_loop, B, D, bank_bytes):
 
 
 def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest", D=128, B=4096, K=262144,
-            gpu=None, objective="ce"):
-    """The cost of one forward + backward call: a dict (see the module docstring and --json)."""
+            gpu=None, objective="ce", memory="fifo"):
+    """The cost of one forward + backward call: a dict (see the module docstring and --json). memory
+    "gathered": the gathered-memory kernels (triton_kernels/gathered.py) with K columns per row (nce_k + 1)
+    drawn from a memory of max(K, 50000) rows; their pairs are (row, own column), and their HBM bytes are the
+    gathered rows themselves (no reuse between rows assumed: the floor of a per-row bank)."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="rrd-cost-"))
     sys.path.insert(0, str(ROOT))
@@ -233,11 +243,17 @@ def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest"
     torch.set_float32_matmul_precision(precision)
     s = torch.zeros(B, D, dtype=dt)
     t = torch.zeros(B, D, dtype=dt)
-    q = torch.zeros(K, D, dtype=bdt)
+    q = torch.zeros(max(K, 50000) if memory == "gathered" else K, D, dtype=bdt)
     _Recorder.launches = []
     with standin_driver.stand_in(standin_driver.ARCHS[arch], launcher_cls=_Recorder):
-        rows, lse_s, lse_t, ref = launch.forward(s, t, q, 0.1, 0.02, objective == "kl")
-        launch.backward(torch.ones(B), s, t, q, lse_s, lse_t, ref, 0.1, 0.02)
+        if memory == "gathered":
+            from rrd_kernels.triton_kernels.gathered import gathered_rows_and_grad
+
+            index = torch.zeros(B, K, dtype=torch.int64)
+            gathered_rows_and_grad(s, t, q, q, index, 0.1, 0.02, objective == "kl")
+        else:
+            rows, lse_s, lse_t, ref = launch.forward(s, t, q, 0.1, 0.02, objective == "kl")
+            launch.backward(torch.ones(B), s, t, q, lse_s, lse_t, ref, 0.1, 0.02)
         compiled = _compiled_kernels()
     gpu = GPUS[gpu or DEFAULT_GPU[arch]]
     pairs = B * K
@@ -245,7 +261,7 @@ def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest"
     for src, md, grid, args in _Recorder.launches:
         values = _args_by_name(src, args)
         instrs, bank_loop, tot, steady = _count_kernel(compiled[md.hash], grid, values, B, K, D)
-        hbm = _hbm_bytes(src, values, bank_loop, B, D, bdt.itemsize)
+        hbm = _hbm_bytes(src, values, bank_loop, B, D, bdt.itemsize, gathered_cols=K if memory == "gathered" else 0)
         tensor = sum(tot["tensor_flops"].values())
         from tools.triton_gate import _resources
         regs, stack = _resources(compiled[md.hash].asm["cubin"])
@@ -281,7 +297,7 @@ def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest"
     predicted = max(bounds_ms.values())
     return dict(
         config=dict(arch=arch, dtype=dtype, bank_dtype=bank_dtype, precision=precision if dtype == "float32" else None,
-                    D=D, B=B, K=K, objective=objective),
+                    D=D, B=B, K=K, objective=objective, memory=memory),
         gpu=gpu.name,
         warp_instructions_per_pair=total["warp_instructions_per_pair"],
         mufu_per_pair=total["mufu_per_pair"],
@@ -327,7 +343,8 @@ def format_result(r: dict) -> str:
 
 def table_row(r: dict) -> str:
     c = r["config"]
-    mode = c["dtype"] + ("/" + c["precision"] if c["precision"] else "")
+    mode = ("gathered " if c.get("memory") == "gathered" else "") + c["dtype"] + (
+        "/" + c["precision"] if c["precision"] and c.get("memory") != "gathered" else "")
     return (f"{c['arch']:6} {mode:17} {c['D']:>4} {c['B']:>5} {c['K']:>8} {r['gpu']:15} "
             f"{r['warp_instructions_per_pair']:>8.3f} {r['mufu_per_pair']:>6.2f} {r['bank_products']:>5.2f} "
             f"{r['l2_bytes_per_pair']:>7.2f} {r['bounds_ms']['issue']:>7.3f} {r['bounds_ms']['tensor']:>7.3f} "
@@ -348,7 +365,10 @@ def table(results: list[dict]) -> str:
 
 
 def _config_key(c: dict) -> str:
-    return f"{c['arch']} {c['dtype']}{'/' + c.get('precision', 'highest') if c['dtype'] == 'float32' else ''} D{c['D']}"
+    mode = f"{c['dtype']}{'/' + (c.get('precision') or 'highest') if c['dtype'] == 'float32' else ''}"
+    if c.get("memory") == "gathered":
+        mode = f"gathered {c['dtype']}"
+    return f"{c['arch']} {mode} D{c['D']} B{c['B']} K{c['K']}"
 
 
 def _run_config(c):
@@ -400,6 +420,9 @@ def main(argv=None) -> int:
                    "sm_90, A100 for sm_80/sm_86)")
     p.add_argument("--objective", default="ce", choices=["ce", "kl"],
                    help="the loss (default %(default)s; kl also forms the teacher's entropy in the forward)")
+    p.add_argument("--memory", default="fifo", choices=["fifo", "gathered"],
+                   help="fifo: the bank kernels; gathered: the momentum memory's gathered-memory kernels, K "
+                        "columns per row (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--table", action="store_true", help="every benchmark configuration (CONFIGS), as one table")
     p.add_argument("--write", action="store_true", help=f"with --table: rewrite {REPORT.relative_to(ROOT)} and "
@@ -429,7 +452,7 @@ def main(argv=None) -> int:
             return 0
         return 1 if (args.check and worse) else 0
     r = analyse(args.arch, args.dtype, args.bank_dtype, args.precision, args.D, args.B, args.K, args.gpu,
-                args.objective)
+                args.objective, args.memory)
     print(json.dumps(r, indent=1) if args.json else format_result(r))
     return 0
 

@@ -115,6 +115,40 @@ def run_arch(arch_name: str, try_refused: bool = False) -> list[dict]:
     tried: set[tuple] = set()  # kernels compiled only by refused cases (--try-refused)
     gen = torch.Generator().manual_seed(0)
     B, K = 5, 300
+    def compile_case(case, run, refused):
+        """Run one case's launches (compiling their kernels) and add a row per kernel it compiled first."""
+        if refused is not None:
+            row = dict(arch=arch_name, kernel="(refused)", case=case, refused=refused)
+            seen[("refused", case)] = row
+            if not try_refused:
+                return
+        error = None
+        t0 = time.time()
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001 - a failing case is a gate row, not a crash
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        elapsed = time.time() - t0
+        if refused is not None:  # --try-refused: what this triton does with it; its kernels are no rows
+            row["tried"] = "still fails: " + error if error else "compiles with this triton"
+            for k in kernels:
+                for key in k.device_caches[0][0]:
+                    tried.add((k.fn.__name__, key))
+            return
+        for k in kernels:
+            for key, compiled in k.device_caches[0][0].items():
+                if (k.fn.__name__, key) in seen or (k.fn.__name__, key) in tried:
+                    continue
+                regs, stack = _resources(compiled.asm["cubin"])
+                md = compiled.metadata
+                seen[(k.fn.__name__, key)] = dict(
+                    arch=arch_name, kernel=k.fn.__name__, case=case, regs=regs, stack=stack,
+                    shared=md.shared, limit=arch.max_shared_mem, warps=md.num_warps, stages=md.num_stages,
+                    seconds=elapsed,
+                )
+        if error is not None:
+            seen[("error", case)] = dict(arch=arch_name, kernel="(launch)", case=case, error=error)
+
     with stand_in(arch):
         for dtype, precision, bank_dtype, D in _cases():
             torch.set_float32_matmul_precision(precision)
@@ -122,40 +156,29 @@ def run_arch(arch_name: str, try_refused: bool = False) -> list[dict]:
             s = torch.randn(B, D, generator=gen).to(dt)
             t = torch.randn(B, D, generator=gen).to(dt)
             q = torch.randn(K, D, generator=gen).to(bdt)
-            case = f"{dtype}/{precision if dtype == 'float32' else '-'} bank {bank_dtype} D {D}"
-            refused = refusal(dt, bdt, D)
-            if refused is not None:
-                row = dict(arch=arch_name, kernel="(refused)", case=case, refused=refused)
-                seen[("refused", case)] = row
-                if not try_refused:
-                    continue
-            error = None
-            t0 = time.time()
-            try:
+
+            def run():
                 rows, lse_s, lse_t, ref = launch.forward(s, t, q, 0.1, 0.05, False, n_splits=2)
                 launch.backward(torch.ones(B), s, t, q, lse_s, lse_t, ref, 0.1, 0.05, n_splits=2)
-            except Exception as exc:  # noqa: BLE001 - a failing case is a gate row, not a crash
-                error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            elapsed = time.time() - t0
-            if refused is not None:  # --try-refused: what this triton does with it; its kernels are no rows
-                row["tried"] = "still fails: " + error if error else "compiles with this triton"
-                for k in kernels:
-                    for key in k.device_caches[0][0]:
-                        tried.add((k.fn.__name__, key))
-                continue
-            for k in kernels:
-                for key, compiled in k.device_caches[0][0].items():
-                    if (k.fn.__name__, key) in seen or (k.fn.__name__, key) in tried:
-                        continue
-                    regs, stack = _resources(compiled.asm["cubin"])
-                    md = compiled.metadata
-                    seen[(k.fn.__name__, key)] = dict(
-                        arch=arch_name, kernel=k.fn.__name__, case=case, regs=regs, stack=stack,
-                        shared=md.shared, limit=arch.max_shared_mem, warps=md.num_warps, stages=md.num_stages,
-                        seconds=elapsed,
-                    )
-            if error is not None:
-                seen[("error", case)] = dict(arch=arch_name, kernel="(launch)", case=case, error=error)
+
+            case = f"{dtype}/{precision if dtype == 'float32' else '-'} bank {bank_dtype} D {D}"
+            compile_case(case, run, refusal(dt, bdt, D))
+        # The gathered-memory kernels (triton_kernels/gathered.py): fp32 embeddings, any memory dtype; their
+        # plan depends on D only (and on the KL flag of the forward).
+        from rrd_kernels.triton_kernels.gathered import gathered_rows_and_grad
+
+        for bank_dtype in BANK_DTYPES:
+            for D in SHAPES + [512]:
+                bdt = getattr(torch, bank_dtype)
+                s = torch.randn(B, D, generator=gen)
+                memory = torch.randn(K, D, generator=gen).to(bdt)
+                index = torch.randint(0, K, (B, 33), generator=gen)
+
+                def run():
+                    for kl in (False, True):
+                        gathered_rows_and_grad(s, s, memory, memory, index, 0.1, 0.05, kl, n_splits=2)
+
+                compile_case(f"gathered float32 memory {bank_dtype} D {D}", run, None)
     return list(seen.values())
 
 

@@ -15,6 +15,7 @@ import triton.language as tl
 from .backward import rrd_bwd_finish_kernel, rrd_bwd_kernel
 from .common import LOG2E
 from .forward import N_STATE, rrd_argmax_kernel, rrd_fwd_kernel, rrd_merge_kernel
+from .gathered import rrd_gathered_bwd_kernel, rrd_gathered_fwd_kernel
 from .planes import rrd_split_bank_kernel, rrd_split_rows_kernel, split_bank, split_rows
 from .resident import rrd_bwd_resident_kernel, rrd_fwd_resident_kernel
 from .plans import (FINISH, MERGE_BLOCK_B, DeviceLimits, Plan, current_limits, family, interpreting,
@@ -55,7 +56,8 @@ def why_unusable(device, dtype, bank_dtype, B, K, D) -> str | None:
 
 
 _KERNELS = (rrd_split_bank_kernel, rrd_split_rows_kernel, rrd_fwd_kernel, rrd_fwd_resident_kernel, rrd_argmax_kernel,
-            rrd_merge_kernel, rrd_bwd_kernel, rrd_bwd_resident_kernel, rrd_bwd_finish_kernel)
+            rrd_merge_kernel, rrd_bwd_kernel, rrd_bwd_resident_kernel, rrd_bwd_finish_kernel, rrd_gathered_fwd_kernel,
+            rrd_gathered_bwd_kernel)
 _compiled_for = [None]  # the Triton driver the kernels' caches were filled under
 
 
