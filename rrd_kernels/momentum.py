@@ -11,9 +11,11 @@ from ._validate import check_choice, check_temperature
 from .functional import loss_dtype
 from .gathered import SCORES, clamp_index, gathered_rrd_rows
 from .momentum_memory import momentum_rows, uniform_memory
+from .bank import distributed_world
 from .nn import _features, _positive_int
 from .reference import NORM_EPS, OBJECTIVES
-from .sampler import UniformSampler, make_generator, to_device
+from .sampler import UniformSampler, make_generator, rank_generator, to_device
+from .sharded_loss import all_gather_rows
 
 MOMENTUM_BACKENDS = ("auto", "torch", "triton")  # rrd_kernels/gathered.py: GATHERED_BACKENDS
 # Index dtypes that convert to int64 exactly (uint16/32/64 may not, bool is not an index).
@@ -27,6 +29,22 @@ def _momentum(value) -> float:
     if not (0.0 <= value < 1.0):  # 1 would never move the memory; NaN fails here too
         raise ValueError(f"nce_m (the memory momentum) must be in [0, 1), got {value}")
     return value
+
+
+def _gather_update(y, s_unit, t_unit, valid, z_used, z, world: int):
+    """Every rank's update inputs, concatenated in rank order: two all-gathers, W B int64 indices (an index
+    whose sample is invalid travels as -1) and W B x 2D embeddings; in "faithful" mode one all-reduce of the
+    2 Z constants, of which only the entries still unset take the ranks' mean. On the device, no sync."""
+    code = y if valid is None else torch.where(valid, y, torch.full_like(y, -1))
+    code = all_gather_rows(code)
+    st = all_gather_rows(torch.cat([s_unit, t_unit], dim=1))
+    d = s_unit.shape[1]
+    valid_all = None if valid is None else code >= 0
+    if z_used is not None:
+        mean = z_used.clone()
+        torch.distributed.all_reduce(mean)
+        z_used = torch.where(z < 0, mean / world, z_used)
+    return code.clamp_min(0), st[:, :d], st[:, d:], valid_all, z_used
 
 
 class RRDMomentumLoss(nn.Module):
@@ -76,6 +94,21 @@ class RRDMomentumLoss(nn.Module):
     backend: "auto" or "torch": the chunked torch path (rrd_kernels/gathered.py) that never holds the
     B x (K+1) x D gathered rows. backend "triton": the fused gathered kernels (scores "similarity", fp32;
     "auto" takes them for CUDA tensors they can run, else torch); no CUDA C++ kernels for it yet.
+
+    gather_distributed (default True): under an initialised torch.distributed process group of W > 1 ranks,
+    the memory update sees every rank's batch: the B indices and the B x D unit embeddings of both views are
+    all-gathered in rank order and every rank applies the update of the concatenated W B samples, so every
+    rank holds the same memories (as one process running the concatenated batch's update). A sample index
+    met more than once in that batch takes its last occurrence's update in rank order (within a rank, batch
+    order), the single-process rule. The loss uses the local batch against the memories before the update.
+    Every rank must pass the same batch size (as RRDLoss; the all-gather fails otherwise). In "faithful"
+    mode, the Z still unset are set on each rank from its local batch for that call's loss, then averaged
+    over the ranks, so every rank keeps the same z (that of the concatenated batch when all rows are
+    valid). False: each rank updates its memories with its own batch only.
+    Draws under a process group (at construction): with generator None or an int seed, rank r draws from a
+    generator whose seed is mixed with r (rank 0 keeps the seed as given, the single-process draws), so the
+    ranks' negatives do not coincide; a torch.Generator passed in is used as given on every rank (seed it
+    per rank yourself). The state_dict holds this rank's sampler state: save and restore it per rank.
     """
 
     def __init__(
@@ -93,6 +126,7 @@ class RRDMomentumLoss(nn.Module):
         objective: str = "ce",
         backend: str = "auto",
         generator=None,
+        gather_distributed: bool = True,
     ):
         super().__init__()
         self.s_dim = _positive_int(s_dim, "s_dim")
@@ -114,7 +148,10 @@ class RRDMomentumLoss(nn.Module):
             raise ValueError("backend='triton' computes scores='similarity' only: use backend='auto' or 'torch' "
                              "for scores='faithful'")
         self.scores, self.objective, self.backend = scores, objective, backend
-        self.sampler = UniformSampler(self.n_data, self.nce_k, make_generator(generator))
+        self.gather_distributed = bool(gather_distributed)
+        world = distributed_world()
+        rank = torch.distributed.get_rank() if world > 1 else 0
+        self.sampler = UniformSampler(self.n_data, self.nce_k, rank_generator(generator, rank))
         self.embed_s = nn.Linear(s_dim, feat_dim)
         self.embed_t = nn.Linear(t_dim, feat_dim)
         self.register_buffer("memory_s", uniform_memory(self.n_data, feat_dim))
@@ -124,7 +161,7 @@ class RRDMomentumLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"n_data={self.n_data}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, tau_s={self.tau_s}, "
                 f"tau_t={self.tau_t}, nce_m={self.nce_m}, nce_t={self.nce_t}, scores={self.scores!r}, "
-                f"objective={self.objective!r}, backend={self.backend!r}")
+                f"objective={self.objective!r}, backend={self.backend!r}, gather_distributed={self.gather_distributed}")
 
     def get_extra_state(self):
         return {"sampler_state": self.sampler.get_state()}
@@ -214,6 +251,10 @@ class RRDMomentumLoss(nn.Module):
                 dtype = self.memory_s.dtype
                 s_unit = F.normalize(student.detach().to(dtype), dim=1, eps=NORM_EPS)
                 t_unit = F.normalize(teacher.detach().to(dtype), dim=1, eps=NORM_EPS)
+                world = distributed_world() if self.gather_distributed else 1
+                if world > 1:
+                    y, s_unit, t_unit, valid, z_used = _gather_update(y, s_unit, t_unit, valid, z_used,
+                                                                      self.z, world)
                 # A sample with any out-of-range index (device inputs only) does not write its row.
                 new_s = momentum_rows(self.memory_s, y, s_unit, self.nce_m, valid)
                 new_t = momentum_rows(self.memory_t, y, t_unit, self.nce_m, valid)

@@ -28,6 +28,20 @@ def make_generator(generator) -> torch.Generator:
     raise TypeError(f"generator must be None, an int seed or a CPU torch.Generator, got {type(generator).__name__}")
 
 
+# Odd 64-bit constant (2^64 / golden ratio): seed of rank r = seed XOR (r * RANK_SEED_MIX mod 2^64).
+RANK_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+def rank_generator(generator, rank: int) -> torch.Generator:
+    """make_generator for rank ``rank`` of a process group: None or an int seed gives a generator seeded with
+    seed XOR (rank * RANK_SEED_MIX mod 2^64), so ranks seeded alike draw different rows (rank 0: the seed
+    itself); a torch.Generator is used as given (its caller chose its seed)."""
+    if rank == 0 or isinstance(generator, torch.Generator):
+        return make_generator(generator)
+    seed = make_generator(generator).initial_seed()
+    return torch.Generator().manual_seed(seed ^ ((rank * RANK_SEED_MIX) % 2**64))
+
+
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor on ``device`` without a host-device sync: on a GPU via a fresh pinned staging copy and a
     non_blocking copy (the caching host allocator keeps the staging block until the copy has run)."""
