@@ -162,9 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--enqueue", choices=["after", "before"], default=None, help="override the enqueue order")
     g.add_argument("--bank-size", type=int, default=None, help="RRD memory bank size K (preset: 1024 digits, 16384 cifar100)")
     g.add_argument("--feat-dim", type=int, default=None, help="RRD embedding size (preset: 128)")
+    g.add_argument("--memory", choices=["bank", "momentum"], default="bank",
+                   help="RRD memory: bank = the FIFO bank of teacher keys (rrd_kernels.RRDLoss, --bank-size rows); "
+                        "momentum = the authors' CRD-style per-sample memories (rrd_kernels.RRDMomentumLoss: one "
+                        "row per training sample and view, --nce-k negatives drawn per sample, momentum update)")
+    g.add_argument("--nce-k", type=int, default=None,
+                   help="--memory momentum: negatives drawn per sample (default: --bank-size, the same number "
+                        "of negatives as the bank)")
+    g.add_argument("--nce-m", type=float, default=0.5, help="--memory momentum: momentum of the memory update, in [0, 1)")
+    g.add_argument("--nce-t", type=float, default=0.07,
+                   help="--memory momentum: temperature of exp(score / nce_t) in --scores faithful")
+    g.add_argument("--scores", choices=["similarity", "faithful"], default="similarity",
+                   help="--memory momentum: similarity = scores over tau_s / tau_t (the paper's function); "
+                        "faithful = the authors' code, exp(score / nce_t) / Z inside the softmaxes")
     g.add_argument("--no-gather-distributed", dest="gather_distributed", action="store_false",
                    help="under DDP, enqueue only this rank's teacher keys (banks differ per rank) instead of "
-                        "all ranks' keys")
+                        "all ranks' keys; with --memory momentum, update the memories with this rank's batch only")
     g.add_argument("--shard-bank", action="store_true",
                    help="under DDP, each process stores only its 1/W of the --bank-size rows (RRDLoss("
                         "shard_bank=True)); same loss as the gathered bank")
@@ -219,7 +232,18 @@ def resolve_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.shard_bank and not args.gather_distributed:
         p.error("--shard-bank shards the one gathered bank: it cannot be combined with --no-gather-distributed")
-    if any(METHODS[m][2] for m in args.methods) and args.batch_size * world > args.bank_size:
+    if args.nce_k is None:
+        args.nce_k = args.bank_size
+    if args.nce_k < 1:
+        p.error(f"--nce-k must be >= 1, got {args.nce_k}")
+    if not 0.0 <= args.nce_m < 1.0:
+        p.error(f"--nce-m must be in [0, 1), got {args.nce_m}")
+    if not args.nce_t > 0:
+        p.error(f"--nce-t must be > 0, got {args.nce_t}")
+    if args.memory == "momentum" and args.shard_bank:
+        p.error("--shard-bank shards the FIFO bank: it cannot be combined with --memory momentum")
+    if (args.memory == "bank" and any(METHODS[m][2] for m in args.methods)
+            and args.batch_size * world > args.bank_size):
         if world > 1:
             p.error(
                 f"--batch-size {args.batch_size} x {world} DDP processes is larger than the RRD bank "
@@ -298,6 +322,7 @@ def main(argv=None) -> int:
         weight_decay=args.weight_decay, lr_decay_epochs=args.lr_decay_epochs, lr_decay_rate=args.lr_decay_rate,
         kd_T=args.kd_T, bank_size=args.bank_size, feat_dim=args.feat_dim, tau_s=args.tau_s, tau_t=args.tau_t,
         enqueue=args.enqueue, gather_distributed=args.gather_distributed, bf16=args.bf16, shard_bank=args.shard_bank,
+        memory=args.memory, nce_k=args.nce_k, nce_m=args.nce_m, nce_t=args.nce_t, scores=args.scores,
         save_every=args.save_every, stop_after=args.stop_after, resume=args.resume, progress=args.progress,
     )
 
@@ -387,9 +412,13 @@ def main(argv=None) -> int:
                         "checkpoint": args.teacher_ckpt or os.path.join(args.out_dir, "teacher", "final.pt")}
         title = (f"{args.dataset} ({len(data.train)} train / {len(data.test)} test images): teacher {args.teacher} "
                  f"-> student {args.student}, {args.epochs} epochs, seeds {seeds}")
+        if args.memory == "momentum":
+            rrd_line = (f"momentum memory: nce_k {args.nce_k}, nce_m {args.nce_m}, scores {args.scores}"
+                        + (f", nce_t {args.nce_t}" if args.scores == "faithful" else ""))
+        else:
+            rrd_line = f"enqueue {args.enqueue}, K {args.bank_size}"
         loss_line = (f"loss = gamma*CE + alpha*KD(T {args.kd_T:g}) + beta*RRD; RRD {args.rrd_config}: tau_s "
-                     f"{args.tau_s}, tau_t {args.tau_t}, enqueue {args.enqueue}, K {args.bank_size}, "
-                     f"feat_dim {args.feat_dim}")
+                     f"{args.tau_s}, tau_t {args.tau_t}, {rrd_line}, feat_dim {args.feat_dim}")
         table = format_table(f"{title}\n{loss_line}", teacher_info, methods, args.seeds)
         runtime = time.perf_counter() - t_start
         payload = {

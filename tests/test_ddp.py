@@ -191,3 +191,18 @@ def test_ddp_resume_is_bit_exact(ddp_run, tmp_path):
         for k in ra:
             assert torch.equal(ra[k], rb[k]), k
     assert not torch.equal(b["criterion_per_rank"][0]["bank"], b["criterion_per_rank"][1]["bank"])
+
+
+def test_train_app_momentum_memory_under_torchrun(ddp_run, tmp_path):
+    """--memory momentum on two gloo processes: the memories stay identical on both ranks, each rank keeps
+    its own sampler state (different negatives), and every training sample's row was written."""
+    _torchrun("--teacher-ckpt", ddp_run / "teacher" / "final.pt", "--epochs", 1, "--methods", "rrd", "--seeds", 1,
+              "--memory", "momentum", "--nce-k", 64, "--out-dir", tmp_path)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["methods"]["rrd"]["ddp_bank_in_sync"] == [True]
+    ckpt = torch.load(tmp_path / "seed0" / "rrd" / "checkpoint.pt", weights_only=False)
+    r0, r1 = ckpt["criterion_per_rank"]
+    assert torch.equal(r0["memory_s"], r1["memory_s"]) and torch.equal(r0["memory_t"], r1["memory_t"])
+    assert not torch.equal(r0["_extra_state"]["sampler_state"], r1["_extra_state"]["sampler_state"])
+    norms = r0["memory_s"].norm(dim=1)  # written rows are renormalised; the uniform init's are not unit
+    assert r0["memory_s"].shape[0] == 1437 and torch.allclose(norms, torch.ones_like(norms), atol=1e-5)

@@ -60,7 +60,7 @@ def test_help_lists_the_options():
     for opt in ("--dataset", "--data-dir", "--teacher", "--student", "--teacher-ckpt", "--methods", "--seeds",
                 "--epochs", "--batch-size", "--lr", "--lr-decay-epochs", "--gamma", "--alpha", "--beta", "--kd-T",
                 "--rrd-config", "--tau-s", "--tau-t", "--enqueue", "--bank-size", "--feat-dim",
-                "--no-gather-distributed", "--bf16", "--workers", "--out-dir", "--save-every", "--resume", "--stop-after"):
+                "--no-gather-distributed", "--memory", "--nce-k", "--nce-m", "--nce-t", "--scores", "--bf16", "--workers", "--out-dir", "--save-every", "--resume", "--stop-after"):
         assert opt in proc.stdout, f"{opt} missing from --help"
     assert "authors2025" in proc.stdout and "cifar100" in proc.stdout and "resnet32x4" in proc.stdout
 
@@ -267,6 +267,12 @@ def test_cifar_preset_defaults(app):
         (["--tau-s", "-1"], ["--tau-s must be > 0"]),
         (["--lr-decay-epochs", "a,b"], ["--lr-decay-epochs"]),
         (["--dataset", "cifar100", "--data-dir", "x", "--student", "digits_mlp"], ["--student digits_mlp", "8x8"]),
+        (["--memory", "fifo"], ["--memory", "invalid choice", "fifo"]),
+        (["--memory", "momentum", "--nce-m", "1"], ["--nce-m must be in [0, 1)", "1.0"]),
+        (["--memory", "momentum", "--nce-k", "0"], ["--nce-k must be >= 1"]),
+        (["--memory", "momentum", "--nce-t", "0"], ["--nce-t must be > 0"]),
+        (["--scores", "exp"], ["--scores", "invalid choice"]),
+        (["--memory", "momentum", "--shard-bank"], ["--shard-bank", "--memory momentum"]),
     ],
 )
 def test_bad_arguments_are_reported_clearly(app, capsys, argv, needles):
@@ -281,6 +287,51 @@ def test_bad_arguments_are_reported_clearly(app, capsys, argv, needles):
 def test_batch_bigger_than_bank_is_fine_without_rrd(app):
     args = app.resolve_args(app.build_parser(), ["--batch-size", "128", "--bank-size", "64", "--methods", "ce,kd"])
     assert args.batch_size == 128
+
+
+def test_momentum_memory_options_resolve(app):
+    args = app.resolve_args(app.build_parser(), [])
+    assert (args.memory, args.nce_k, args.nce_m, args.nce_t, args.scores) == ("bank", 1024, 0.5, 0.07, "similarity")
+    # the momentum memory holds one row per sample: a batch larger than --bank-size is fine with it
+    args = app.resolve_args(app.build_parser(), ["--memory", "momentum", "--batch-size", "128", "--bank-size", "64",
+                                                 "--nce-k", "32", "--scores", "faithful"])
+    assert (args.memory, args.nce_k, args.scores) == ("momentum", 32, "faithful")
+
+
+def test_momentum_memory_trains_and_resumes_bit_exactly(app, tmp_path, capsys):
+    """--memory momentum end to end, in this process (app.main): RRDMomentumLoss gets every sample's index
+    (after one epoch every one of the 1437 memory rows has been written, i.e. renormalised to norm 1), and
+    stopping after epoch 1 then --resume gives the uninterrupted run's model, memories, z and sampler state."""
+    common = ["--no-progress", "--threads", "1", "--methods", "rrd", "--seeds", "1", "--epochs", "3", "--memory",
+              "momentum", "--nce-k", "64", "--scores", "faithful", "--save-every", "3"]
+    assert app.main([*common, "--teacher-epochs", "1", "--out-dir", str(tmp_path / "full")]) == 0
+    teacher = ["--teacher-ckpt", str(tmp_path / "full" / "teacher" / "final.pt")]
+    part = ["--out-dir", str(tmp_path / "part")]
+    assert app.main([*common, *teacher, *part, "--stop-after", "1"]) == 0
+    stage = ("seed0", "rrd", "checkpoint.pt")
+    stopped = torch.load(tmp_path.joinpath("part", *stage), weights_only=False)
+    assert app.main([*common, *teacher, *part, "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    a = torch.load(tmp_path.joinpath("full", *stage), weights_only=False)
+    b = torch.load(tmp_path.joinpath("part", *stage), weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3 and a["history"] == b["history"]
+    assert a["signature"]["memory"] == "momentum" and a["signature"]["nce_k"] == 64
+    _same_state(a["model"], b["model"])
+    ca, cb, c1 = a["criterion_per_rank"][0], b["criterion_per_rank"][0], stopped["criterion_per_rank"][0]
+    assert ca.keys() == cb.keys() and {"memory_s", "memory_t", "z", "_extra_state"} <= set(ca)
+    for k in ca:
+        if k != "_extra_state":
+            assert torch.equal(ca[k], cb[k]), k
+    assert torch.equal(ca["_extra_state"]["sampler_state"], cb["_extra_state"]["sampler_state"])
+    # not vacuous: memories and sampler moved after the interruption
+    assert not torch.equal(c1["memory_s"], cb["memory_s"])
+    assert not torch.equal(c1["_extra_state"]["sampler_state"], cb["_extra_state"]["sampler_state"])
+    assert bool((c1["z"] > 0).all())  # faithful: Z set on the first step
+    for name in ("memory_s", "memory_t"):
+        norms = c1[name].norm(dim=1)
+        assert c1[name].shape[0] == 1437 and torch.allclose(norms, torch.ones_like(norms), atol=1e-5), name
+    final = torch.load(tmp_path.joinpath("part", "seed0", "rrd", "final.pt"), weights_only=True)
+    assert torch.equal(final["criterion"]["memory_t"], cb["memory_t"])
 
 
 @pytest.mark.slow  # end-to-end training runs in subprocesses

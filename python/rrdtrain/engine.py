@@ -5,8 +5,10 @@ Determinism: a stage starts by seeding python, numpy and torch from its own seed
 depend on what ran before it in the process (a student trained after a freshly trained teacher equals one
 trained against the same teacher loaded with --teacher-ckpt). Inside a stage the only randomness is the
 model/bank initialisation (global torch RNG), the batch order (DistributedSampler: seed + epoch) and the
-augmentation (a dedicated generator). A checkpoint stores all of them plus the model, optimizer,
-scheduler, the RRDLoss state (bank and pointer) and the metrics so far.
+augmentation (a dedicated generator), plus, with --memory momentum, the negatives' sampler (a CPU generator
+seeded from the global RNG at construction). A checkpoint stores all of them plus the model, optimizer,
+scheduler, the RRD criterion's state per rank (RRDLoss: bank and pointer; RRDMomentumLoss: both memories, z
+and the sampler state) and the metrics so far.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from rrd_kernels import RRDLoss
+from rrd_kernels import RRDLoss, RRDMomentumLoss
 
 from . import dist as D
 from .data import DatasetSpec, Preprocess, batches, make_sampler
@@ -60,6 +62,11 @@ class TrainConfig:
     gather_distributed: bool
     bf16: bool
     shard_bank: bool = False
+    memory: str = "bank"  # "bank": RRDLoss (FIFO bank); "momentum": RRDMomentumLoss (per-sample memories)
+    nce_k: int = 16384
+    nce_m: float = 0.5
+    nce_t: float = 0.07
+    scores: str = "similarity"
     eval_batch_size: int = 1000
     save_every: int = 10
     stop_after: int | None = None
@@ -112,6 +119,16 @@ def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, T: float) -> torch.T
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
 
 
+def _cpu(v):
+    """A state_dict entry on the CPU: tensors, and the tensors inside an extra state (RRDMomentumLoss's
+    sampler state)."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu()
+    if isinstance(v, dict):
+        return {k: _cpu(x) for k, x in v.items()}
+    return v
+
+
 def atomic_save(obj, path: str) -> None:
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -138,7 +155,14 @@ def stage_signature(cfg: TrainConfig, stage: Stage, world: int) -> dict:
     }
     if stage.alpha:
         sig["kd_T"] = cfg.kd_T
-    if stage.beta:
+    if stage.beta and cfg.memory == "momentum":  # only then: signatures of bank runs stay as they were
+        sig.update(
+            memory="momentum", nce_k=cfg.nce_k, nce_m=cfg.nce_m, scores=cfg.scores, feat_dim=cfg.feat_dim,
+            tau_s=cfg.tau_s, tau_t=cfg.tau_t, gather_distributed=cfg.gather_distributed,
+        )
+        if cfg.scores == "faithful":
+            sig["nce_t"] = cfg.nce_t
+    elif stage.beta:
         sig.update(
             bank_size=cfg.bank_size, feat_dim=cfg.feat_dim, tau_s=cfg.tau_s, tau_t=cfg.tau_t,
             enqueue=cfg.enqueue, gather_distributed=cfg.gather_distributed,
@@ -210,11 +234,20 @@ class StageRunner:
         if stage.beta:
             if teacher is None:
                 raise ValueError(f"stage {stage.name}: RRD (beta > 0) needs a teacher")
-            criterion = RRDLoss(
-                model.feat_dim, teacher.feat_dim, feat_dim=cfg.feat_dim, bank_size=cfg.bank_size,
-                tau_s=cfg.tau_s, tau_t=cfg.tau_t, enqueue=cfg.enqueue, backend="auto",
-                gather_distributed=cfg.gather_distributed, shard_bank=cfg.shard_bank,
-            ).to(self.device)
+            if cfg.memory == "momentum":
+                # One memory row per training sample (its index in train_set, which the batches carry); the
+                # sampler's seed comes from the stage's seeded global RNG, mixed with the rank under DDP.
+                criterion = RRDMomentumLoss(
+                    model.feat_dim, teacher.feat_dim, feat_dim=cfg.feat_dim, n_data=len(self.train_set),
+                    nce_k=cfg.nce_k, tau_s=cfg.tau_s, tau_t=cfg.tau_t, nce_m=cfg.nce_m, nce_t=cfg.nce_t,
+                    scores=cfg.scores, backend="auto", gather_distributed=cfg.gather_distributed,
+                ).to(self.device)
+            else:
+                criterion = RRDLoss(
+                    model.feat_dim, teacher.feat_dim, feat_dim=cfg.feat_dim, bank_size=cfg.bank_size,
+                    tau_s=cfg.tau_s, tau_t=cfg.tau_t, enqueue=cfg.enqueue, backend="auto",
+                    gather_distributed=cfg.gather_distributed, shard_bank=cfg.shard_bank,
+                ).to(self.device)
         if stage.alpha and teacher is None:
             raise ValueError(f"stage {stage.name}: KD (alpha > 0) needs a teacher")
 
@@ -269,7 +302,8 @@ class StageRunner:
         elif ctx.distributed:
             D.broadcast_module_(model, ctx)
             if criterion is not None:  # a sharded bank is one global bank already (one seed on every rank)
-                D.broadcast_module_(criterion, ctx, skip=("bank",) if criterion.bank_is_sharded else ())
+                sharded = getattr(criterion, "bank_is_sharded", False)
+                D.broadcast_module_(criterion, ctx, skip=("bank",) if sharded else ())
 
         net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if ctx.distributed else model
         if teacher is not None:
@@ -311,7 +345,9 @@ class StageRunner:
             bar.close()
 
         # final.pt holds the full bank (gathered from the shards: a collective), loadable with any rank count
-        crit_final = criterion.full_state_dict() if criterion is not None else None
+        crit_final = None
+        if criterion is not None:
+            crit_final = criterion.full_state_dict() if hasattr(criterion, "full_state_dict") else criterion.state_dict()
         if ctx.is_main:
             atomic_save(
                 {
@@ -346,7 +382,7 @@ class StageRunner:
         rngs = D.gather_objects(rng_state(aug_gen), ctx)
         crit_state = None
         if criterion is not None:
-            crit_state = {k: v.detach().cpu() for k, v in criterion.state_dict().items()}
+            crit_state = {k: _cpu(v) for k, v in criterion.state_dict().items()}
         crits = D.gather_objects(crit_state, ctx)
         if ctx.is_main:
             atomic_save(
@@ -396,7 +432,12 @@ class StageRunner:
                 f_s, logits_s = net(x)
                 ce = F.cross_entropy(logits_s.float(), y)
                 kd = kd_loss(logits_s, logits_t, cfg.kd_T) if stage.alpha else zero
-                rrd = criterion(f_s, f_t) if stage.beta else zero
+                if not stage.beta:
+                    rrd = zero
+                elif cfg.memory == "momentum":
+                    rrd = criterion(f_s, f_t, idx)  # idx: the batch's indices into train_set, one per sample
+                else:
+                    rrd = criterion(f_s, f_t)
                 loss = stage.gamma * ce + stage.alpha * kd + stage.beta * rrd
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -34,8 +34,12 @@ def train_seed(runner: StageRunner, teacher, seed: int, methods: dict, student: 
         in_sync = None
         crit = res["criterion"]
         if crit is not None and runner.ctx.distributed:
-            # a sharded bank is in sync when its pointer is
-            banks = D.gather_objects((crit.bank_ptr if crit.bank_is_sharded else crit.bank).detach().cpu(), runner.ctx)
+            # a sharded bank is in sync when its pointer is; momentum memories: both memories and z
+            if hasattr(crit, "memory_s"):
+                state = torch.cat([crit.memory_s.flatten(), crit.memory_t.flatten(), crit.z])
+            else:
+                state = crit.bank_ptr if crit.bank_is_sharded else crit.bank
+            banks = D.gather_objects(state.detach().cpu(), runner.ctx)
             in_sync = all(torch.equal(b, banks[0]) for b in banks)
             log(f"[{stage.name}] RRD banks identical on all {runner.ctx.world} ranks: {in_sync}")
         out[name] = {"history": res["history"], "bank_in_sync": in_sync}
