@@ -45,6 +45,9 @@ class Reference:
     """float64 loss and gradient rows for one input set."""
 
     def __init__(self, cfg: Config, student, teacher, bank):
+        if cfg.memory == "momentum":
+            self._momentum(cfg, student, teacher, bank)
+            return
         from rrd_kernels import rrd_reference
 
         dev = student.device
@@ -71,6 +74,39 @@ class Reference:
             grads.append(g)
         self.grad = torch.cat(grads)
         del q64
+
+
+    def _momentum(self, cfg: Config, student, teacher, memory) -> None:
+        """The momentum memory: rrd_kernels.gathered_reference (the specification, materialising the gathered
+        rows) in float64, in row chunks (a row depends only on its own sample, its rows and the fixed Z)."""
+        from rrd_kernels import gathered_reference
+
+        from .config import NCE_T
+
+        dev = student.device
+        B, k1, D = cfg.B, cfg.K + 1, cfg.D
+        budget = CHUNK_BUDGET_BYTES.get(dev.type, 256 << 20)
+        chunk = max(1, min(B, budget // (4 * 8 * k1 * D)))  # two gathered float64 chunks, with autograd
+        s64 = student.detach().to(torch.float64)
+        t64 = teacher.detach().to(torch.float64)
+        z = memory.z.to(torch.float64) if cfg.scores == "faithful" else None
+        kw = dict(tau_s=cfg.tau_s, tau_t=cfg.tau_t, scores=cfg.scores, nce_t=NCE_T, z=z)
+        total = torch.zeros((), dtype=torch.float64, device=dev)
+        with torch.no_grad():
+            for i in range(0, B, chunk):
+                rows, _ = gathered_reference(s64[i : i + chunk], t64[i : i + chunk], memory.memory_s,
+                                             memory.memory_t, memory.index[i : i + chunk], **kw)
+                total += rows.sum()
+        self.loss = (total / B).item()
+        self.rows = grad_rows_to_check(B, k1).to(dev)
+        grads = []
+        for i in range(0, self.rows.numel(), chunk):
+            idx = self.rows[i : i + chunk]
+            s = s64[idx].clone().requires_grad_(True)
+            rows, _ = gathered_reference(s, t64[idx], memory.memory_s, memory.memory_t, memory.index[idx], **kw)
+            (g,) = torch.autograd.grad(rows.sum() / B, s)
+            grads.append(g)
+        self.grad = torch.cat(grads)
 
 
 def compare(ref: Reference, loss: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DTYPES, MODES, PRESETS, PROVIDERS, TIMINGS, grid
+from .config import DTYPES, MEMORIES, MODES, PRESETS, PROVIDERS, SCORES, TIMINGS, grid
 
 
 def _taus(text: str) -> tuple[float, float]:
@@ -38,12 +38,22 @@ def parser() -> argparse.ArgumentParser:
         "Every list option overrides the preset's value.",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="paper: B 64 K 16384 D 128 fp32; sweep: B x K x D x dtype grid; smoke: tiny, CPU-able "
+                   help="paper: B 64 K 16384 D 128 fp32; sweep: B x K x D x dtype grid; momentum: the momentum memory at "
+                   "the authors' size and a larger one; smoke: tiny, CPU-able (bank and momentum) "
                    "(default: %(default)s)")
     p.add_argument("--B", type=int, nargs="+", help=f"batch sizes ({_per_preset('B')})")
     p.add_argument("--K", type=int, nargs="+", help=f"bank sizes ({_per_preset('K')})")
     p.add_argument("--D", type=int, nargs="+", help=f"embedding widths ({_per_preset('D')})")
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, help=f"input dtypes ({_per_preset('dtypes')})")
+    p.add_argument("--memory", nargs="+", choices=MEMORIES,
+                   help=f"what the loss is taken against: bank = one K x D bank (RRDLoss); momentum = the momentum "
+                   f"memory, each sample's own K+1 rows of two n_data x D memories (RRDMomentumLoss; K = nce_k) "
+                   f"({_per_preset('memory')})")
+    p.add_argument("--n-data", type=int, nargs="+",
+                   help=f"rows of each momentum memory (the training set size) ({_per_preset('n_data')})")
+    p.add_argument("--scores", nargs="+", choices=SCORES,
+                   help=f"momentum memory: similarity = scores over tau; faithful = the authors' exp(score / 0.07) "
+                   f"/ Z ({_per_preset('scores')})")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS,
                    help=f"implementations to run ({_per_preset('providers')})")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
@@ -113,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
 
     pre = PRESETS[args.preset]
     configs = grid(args.B or pre["B"], args.K or pre["K"], args.D or pre["D"], args.dtypes or pre["dtypes"],
-                   args.taus or pre["taus"])
+                   args.taus or pre["taus"], args.memory or pre["memory"], args.n_data or pre["n_data"],
+                   args.scores or pre["scores"])
+    if any(c.memory == "momentum" and c.n_data < 1 for c in configs):
+        print("--n-data must be >= 1 for the momentum memory", file=sys.stderr)
+        return 2
     effort = Effort(
         warmup=args.warmup if args.warmup is not None else pre["warmup"],
         target_ms=args.target_ms if args.target_ms is not None else pre["target_ms"],

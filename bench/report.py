@@ -53,7 +53,8 @@ def sig2(v) -> str:
 
 
 MD_COLUMNS = [
-    ("B", "B"), ("K", "K"), ("D", "D"), ("dtype", "dtype"), ("provider", "provider"), ("mode", "mode"),
+    ("B", "B"), ("K", "K"), ("D", "D"), ("dtype", "dtype"), ("memory", "memory"), ("n_data", "n_data"),
+    ("scores", "scores"), ("provider", "provider"), ("mode", "mode"),
     ("timing", "timing"), ("status", "status"), ("median_ms", "median ms"), ("p20_ms", "p20"),
     ("p80_ms", "p80"), ("peak_extra_mib", "extra MiB"), ("floor_ms", "floor ms"), ("pct_of_floor", "% floor"),
     ("pct_of_floor_recompute", "% floor (5 prod.)"), ("speedup_vs_eager", "x eager"),
@@ -91,6 +92,13 @@ def write_md(rows: list[dict], meta: dict, path: Path) -> None:
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
+def _memory_tag(r: dict) -> str:
+    """'bank', or 'mom-sim' / 'mom-faith' for the momentum memory (rows from before the memory column: bank)."""
+    if r.get("memory") != "momentum":
+        return "bank"
+    return "mom-faith" if r.get("scores") == "faithful" else "mom-sim"
+
+
 def summary_lines(rows: list[dict], mode: str = "fwd+bwd", limit: int = 80) -> list[str]:
     """A compact table: one line per (config, provider) for one mode, python and graph medians side by side."""
     by = {}
@@ -98,12 +106,12 @@ def summary_lines(rows: list[dict], mode: str = "fwd+bwd", limit: int = 80) -> l
     for r in rows:
         if r["mode"] != mode:
             continue
-        key = (r["B"], r["K"], r["D"], r["dtype"], r["tau_s"], r["tau_t"], r["provider"])
+        key = (r["B"], r["K"], r["D"], r["dtype"], r["tau_s"], r["tau_t"], r["provider"], _memory_tag(r))
         if key not in by:
             by[key] = {}
             order.append(key)
         by[key][r["timing"]] = r
-    head = f"{'B':>5} {'K':>8} {'D':>4} {'dtype':>8} {'provider':>8} {'status':>12} {'py ms':>9} " \
+    head = f"{'B':>5} {'K':>8} {'D':>4} {'dtype':>8} {'memory':>10} {'provider':>8} {'status':>12} {'py ms':>9} " \
            f"{'graph ms':>9} {'%floor':>7} {'x eager':>7} {'loss err':>9} {'grad err':>9}"
     out = [f"summary ({mode}; py = called from Python, graph = CUDA-graph replay):", head]
     for key in order[:limit]:
@@ -117,7 +125,7 @@ def summary_lines(rows: list[dict], mode: str = "fwd+bwd", limit: int = 80) -> l
         def f(v, w, spec):
             return f"{v:{w}{spec}}" if isinstance(v, (int, float)) and not math.isnan(v) else f"{'-':>{w}}"
 
-        out.append(f"{key[0]:>5} {key[1]:>8} {key[2]:>4} {key[3]:>8} {key[6]:>8} {st[:12]:>12} "
+        out.append(f"{key[0]:>5} {key[1]:>8} {key[2]:>4} {key[3]:>8} {key[7]:>10} {key[6]:>8} {st[:12]:>12} "
                    f"{f(py.get('median_ms', math.nan), 9, '.4f')} {f(gr.get('median_ms', math.nan), 9, '.4f')} "
                    f"{sig2(first.get('pct_of_floor', math.nan)):>7} "
                    f"{sig2(py.get('speedup_vs_eager', math.nan)):>7} "
@@ -191,11 +199,11 @@ def prediction_lines(rows: list[dict], predictions: dict | None, mode: str = "fw
 
 # ----------------------------------------------------------------------------------------------- plots
 def _groups(rows, mode):
-    """{(B, D, dtype, taus): {(provider, timing): [(K, row)]}} for rows of one mode."""
+    """{(B, D, dtype, taus, memory): {(provider, timing): [(K, row)]}} for rows of one mode."""
     g = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["mode"] == mode:
-            g[(r["B"], r["D"], r["dtype"], r["tau_s"], r["tau_t"])][(r["provider"], r["timing"])].append(
+            g[(r["B"], r["D"], r["dtype"], r["tau_s"], r["tau_t"], _memory_tag(r))][(r["provider"], r["timing"])].append(
                 (r["K"], r))
     return g
 
@@ -240,8 +248,8 @@ def _figure(groups, title, ylabel, key, kinds, extra=None):
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
     colors = {}
     for ax, gk in zip(axes.flat, keys):
-        b, d, dt, ts, tt = gk
-        ax.set_title(f"B {b}, D {d}, {dt}, tau {ts}/{tt}", fontsize=9)
+        b, d, dt, ts, tt, mem = gk
+        ax.set_title(f"B {b}, D {d}, {dt}, tau {ts}/{tt}" + ("" if mem == "bank" else f", {mem}"), fontsize=9)
         plotted = False
         for (prov, kind), pts in sorted(groups[gk].items()):
             if kind not in kinds:

@@ -20,11 +20,12 @@ from .config import BASELINES, Config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OK_STATUSES = ("ok", "inaccurate")
+CONFIG_KEYS = ("B", "K", "D", "dtype", "tau_s", "tau_t", "memory", "n_data", "scores")  # Config's fields, in order
 
 # Column order of the CSV (the JSON rows carry the same keys).
 COLUMNS = [
     "device", "torch", "triton", "cuda", "python", "git_commit", "preset", "fp32_matmul_precision",
-    "B", "K", "D", "dtype", "tau_s", "tau_t", "provider", "mode", "timing", "status", "reason",
+    "B", "K", "D", "dtype", "tau_s", "tau_t", "memory", "n_data", "scores", "provider", "mode", "timing", "status", "reason",
     "median_ms", "p20_ms", "p80_ms", "reps", "input_sets", "peak_extra_mib",
     "floor_ms", "pct_of_floor", "floor_recompute_ms", "pct_of_floor_recompute", "speedup_vs_eager",
     "loss_rel_err", "grad_rel_err", "grad_rows_checked", "loss_tol", "grad_tol", "first_call_s",
@@ -159,7 +160,7 @@ class Runner:
         row.update(provider=provider, mode=mode, timing=timing_kind, status=status, reason=reason)
         for k in COLUMNS:
             row.setdefault(k, math.nan if k not in ("reason",) else "")
-        if self.ceil:
+        if self.ceil and cfg.memory == "bank":  # no floor model for the gathered memory yet
             row["copy_GBps"] = self.ceil["copy_GBps"]
             row["matmul_TFLOPs"] = self.ceil["matmul_TFLOPs"][cfg.dtype]
             row["floor_ms"] = ceilings.floor_ms(self.ceil, cfg.B, cfg.K, cfg.D, cfg.dtype, mode, False)
@@ -212,8 +213,7 @@ class Runner:
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (from `timeout`) turned into it by the command line
             self.interrupted = True
             cfg_done = {tuple(c.as_dict().values()) for c in self.o.configs[:done]}
-            self.rows = [r for r in self.rows if tuple(r[k] for k in ("B", "K", "D", "dtype", "tau_s", "tau_t"))
-                         in cfg_done]
+            self.rows = [r for r in self.rows if tuple(r[k] for k in CONFIG_KEYS) in cfg_done]
             for cfg in self.o.configs[done:]:
                 for p in self.o.providers:
                     self.rows += self._all_rows(cfg, p, "skipped", "interrupted")

@@ -80,12 +80,41 @@ def test_smoke_failed_provider_recorded_and_run_goes_on(smoke):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert rows[0]["provider"] == "cuda"  # it ran first ...
     cuda = [r for r in rows if r["provider"] == "cuda"]
-    assert len(cuda) == 3
+    assert len(cuda) == 6  # 3 modes, bank and momentum memory
     for r in cuda:
         assert r["status"] in ("unavailable", "error"), r
         assert r["reason"], r
         assert r["median_ms"] is None and r["speedup_vs_eager"] is None
-    assert [r["provider"] for r in rows[3:]].count("eager") == 3  # ... and the others still ran after it
+    bank = [r["provider"] for r in rows if r["memory"] == "bank"]
+    assert bank[:3] == ["cuda"] * 3 and bank[3:].count("eager") == 3  # ... and the others still ran after it
+
+
+@pytest.mark.slow  # the smoke run: a minute of interpreter on 2 cores
+def test_smoke_momentum_memory_rows(smoke):
+    """The smoke preset's momentum-memory configuration (B 8, nce_k 300, D 32, n_data 500, the authors'
+    exp / Z scores): the authors' eager variant, its compiled form and ours (gathered_rrd_rows) are checked
+    against float64 and timed, speedups are over the momentum eager; no fused gathered kernel is recorded as
+    unavailable (until one is registered in rrd_kernels.gathered.GATHERED_BACKENDS)."""
+    import rrd_kernels.gathered as gathered
+
+    out, _ = smoke
+    rows = [r for r in json.loads((out / "results.json").read_text())["rows"] if r["memory"] == "momentum"]
+    assert {(r["B"], r["K"], r["D"], r["n_data"], r["scores"]) for r in rows} == {(8, 300, 32, 500, "faithful")}
+    by = {}
+    for r in rows:
+        by.setdefault(r["provider"], []).append(r)
+    expected = ["eager", "torch", "compile"] + (["triton"] if "triton" in gathered.GATHERED_BACKENDS else [])
+    for provider in expected:
+        assert {r["mode"] for r in by[provider]} == {"fwd", "bwd", "fwd+bwd"}, provider
+        for r in by[provider]:
+            assert r["status"] == "ok", r
+            assert finite(r["median_ms"]) and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
+            assert r["loss_rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-4 and r["grad_rows_checked"] == 8, r
+            assert finite(r["speedup_vs_eager"]) and r["floor_ms"] is None  # no floor model for it yet
+    assert [r["speedup_vs_eager"] for r in by["eager"]] == pytest.approx([1.0] * 3)
+    for provider in {"cuda", "triton"} - set(expected):
+        assert {r["status"] for r in by[provider]} == {"unavailable"}, provider
+        assert "gathered memory" in by[provider][0]["reason"]
 
 
 @pytest.mark.slow  # the smoke run: a minute of interpreter on 2 cores
@@ -276,6 +305,50 @@ def test_wrong_provider_is_recorded_not_timed(monkeypatch):
         broken = by[("cuda", mode)]
         assert broken["status"] == "error" and "kernel exploded" in broken["reason"]
         assert by[("eager", mode)]["status"] == "ok" and by[("eager", mode)]["median_ms"] > 0
+
+
+@pytest.mark.parametrize("scores", ["similarity", "faithful"])
+def test_momentum_rows_in_process(monkeypatch, scores):
+    """Momentum-memory configurations through the runner: the authors' eager variant and ours pass the
+    float64 check (gathered_reference) in both score modes, speedups are over the momentum eager, a 1% wrong
+    provider is caught by the same check, and no bank floor is attached."""
+    from bench import providers
+    from bench.config import Config
+    from bench.runner import Runner
+
+    def build_wrong(cfg):
+        eager = providers.MOMENTUM_BUILDERS["eager"](cfg)
+        return lambda s, t, m: 1.01 * eager(s, t, m)
+
+    monkeypatch.setitem(providers.MOMENTUM_BUILDERS, "triton", build_wrong)
+    cfg = Config(B=5, K=40, D=8, dtype="float32", tau_s=0.1, tau_t=0.02, memory="momentum", n_data=30,
+                 scores=scores)
+    rows = Runner(_options(configs=[cfg], providers=["eager", "torch", "triton"])).run()
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert len(rows) == 6
+    for mode in ("fwd", "fwd+bwd"):
+        for provider in ("eager", "torch"):
+            r = by[(provider, mode)]
+            assert r["status"] == "ok" and r["median_ms"] > 0, r
+            assert r["loss_rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-4, r
+            assert (r["memory"], r["n_data"], r["scores"]) == ("momentum", 30, scores)
+            assert math.isnan(r["floor_ms"]) and math.isfinite(r["speedup_vs_eager"])
+        assert by[("triton", mode)]["status"] == "wrong" and 5e-3 < by[("triton", mode)]["loss_rel_err"] < 2e-2
+        assert by[("eager", mode)]["speedup_vs_eager"] == pytest.approx(1.0)
+
+
+def test_momentum_grid_crosses_n_data_and_scores_only_for_the_memory():
+    from bench.config import PRESETS, grid
+
+    cfgs = grid([8], [16, 32], [4], ["float32"], [(0.1, 0.02)], ["bank", "momentum"], [100, 200],
+                ["similarity", "faithful"])
+    assert len([c for c in cfgs if c.memory == "bank"]) == 2  # n_data and scores do not multiply the bank
+    assert len([c for c in cfgs if c.memory == "momentum"]) == 2 * 2 * 2
+    assert all(c.n_data == 0 and c.scores == "similarity" for c in cfgs if c.memory == "bank")
+    pre = PRESETS["momentum"]
+    authors = grid(pre["B"], pre["K"], pre["D"], pre["dtypes"], pre["taus"], pre["memory"], pre["n_data"],
+                   pre["scores"])
+    assert any((c.B, c.K, c.D, c.n_data, c.dtype) == (64, 16384, 128, 50000, "float32") for c in authors)
 
 
 def test_time_budget_skips_remaining_configs():
