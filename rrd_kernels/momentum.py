@@ -14,7 +14,7 @@ from .momentum_memory import momentum_rows, uniform_memory
 from .bank import distributed_world
 from .nn import _features, _positive_int
 from .reference import NORM_EPS, OBJECTIVES
-from .sampler import UniformSampler, make_generator, rank_generator, to_device
+from .sampler import UniformSampler, rank_generator, to_device
 from .sharded_loss import all_gather_rows
 
 MOMENTUM_BACKENDS = ("auto", "torch", "triton")  # rrd_kernels/gathered.py: GATHERED_BACKENDS

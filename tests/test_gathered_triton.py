@@ -61,6 +61,8 @@ def test_gathered_kernels_match_float64(gen, B, K1, D, n_splits):
             assert rel_err(grad * w[:, None], ref_grad) <= grad_tol + 1e-12, case
 
 
+# The interpreter's argmax of the NaN row's logits is numpy's, which warns (a GPU's does not).
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
 def test_gathered_kernels_half_memories_and_nan_rows(gen):
     """bf16 memories are read as stored (the reference gets the same rounded rows); a NaN in a student row
     makes that row's loss and gradient NaN and leaves the others finite."""

@@ -111,19 +111,27 @@ def rrd_gathered_bwd_kernel(
     tl.store(PART_SIGMA + split * B + i + tl.zeros([1], tl.int32), sigma)
 
 
-# Columns per step: two gathered [BLOCK_K, D_PAD] fp32 tiles per program (4 warps).
-GATHER_ELEMENTS = 4096
+# Columns per step: two gathered [BLOCK_K, D_PAD] fp32 tiles per program of one warp, 64 registers each per
+# lane, one pipeline stage. With 4 warps a row's [BLOCK_K] vectors were spread over 4x the lanes that hold
+# them (MUFU 20 lanes per pair in the forward instead of 10); 4096 elements per warp, or 2 warps, or 3
+# stages spilled on sm_80/sm_100/sm_120 (the compile gate). On sm_120 2048 still spilled 16-48 B in the
+# backward with 16-bit memories at D 128, so its backward takes half (its forward at 1024 had a 64-72 B
+# stack frame at D 100 instead); the passes' splits need not agree (the backward only reads the merged lse).
+GATHER_ELEMENTS = 2048
+GATHER_ELEMENTS_BY_FAMILY = {("sm_120", "bwd"): 1024}
 WARPS = 1
 
 
+def plan(B: int, K: int, D: int, limits, which: str = "fwd"):
+    """(BLOCK_K, D_PAD, n_splits, tiles_per_split) of one pass ("fwd" or "bwd"): splits until about 4
+    programs per multiprocessor."""
+    from .plans import family
 
-
-def plan(B: int, K: int, D: int, sm_count: int = 132):
-    """(BLOCK_K, D_PAD, n_splits, tiles_per_split): splits until about 4 programs per multiprocessor."""
     d_pad = max(16, triton.next_power_of_2(D))
-    block_k = max(1, min(64, GATHER_ELEMENTS // d_pad))
+    elements = GATHER_ELEMENTS_BY_FAMILY.get((family(limits), which), GATHER_ELEMENTS)
+    block_k = max(1, min(64, elements // d_pad))
     n_tiles = triton.cdiv(K, block_k)
-    n_splits = max(1, min(n_tiles, (4 * sm_count) // max(B, 1)))
+    n_splits = max(1, min(n_tiles, (4 * max(1, limits.sm_count)) // max(B, 1)))
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     return block_k, d_pad, triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
 
@@ -140,26 +148,35 @@ def gathered_rows_and_grad(student, teacher, memory_s, memory_t, index, tau_s, t
     student, teacher = student.contiguous(), teacher.contiguous()
     memory_s, memory_t, index = memory_s.contiguous(), memory_t.contiguous(), index.contiguous()
     with _on(student.device):
-        block_k, d_pad, splits, tiles_per_split = plan(B, K, D, max(1, current_limits().sm_count))
-        if n_splits is not None:
-            n_tiles = triton.cdiv(K, block_k)
-            tiles_per_split = triton.cdiv(n_tiles, max(1, min(n_splits, n_tiles)))
-            splits = triton.cdiv(n_tiles, tiles_per_split)
+        limits = current_limits()
+
+        def pass_plan(which):
+            block_k, d_pad, splits, tiles_per_split = plan(B, K, D, limits, which)
+            if n_splits is not None:
+                n_tiles = triton.cdiv(K, block_k)
+                tiles_per_split = triton.cdiv(n_tiles, max(1, min(n_splits, n_tiles)))
+                splits = triton.cdiv(n_tiles, tiles_per_split)
+            return block_k, d_pad, splits, tiles_per_split
+
+        block_k, d_pad, splits, tiles_per_split = pass_plan("fwd")
         f32 = dict(device=student.device, dtype=torch.float32)
         part = torch.empty((N_STATE, splits, B), **f32)
         part_idx = torch.empty((splits, B), device=student.device, dtype=torch.int32)
         common = (B, K, D, student.stride(0), teacher.stride(0), memory_s.stride(0), index.stride(0),
                   LOG2E / tau_s, LOG2E / tau_t, tiles_per_split)
         rrd_gathered_fwd_kernel[(B, splits)](student, teacher, memory_s, memory_t, index, part, part_idx, *common,
-                                             BLOCK_K=block_k, D_PAD=d_pad, KL=bool(kl), num_warps=WARPS)
+                                             BLOCK_K=block_k, D_PAD=d_pad, KL=bool(kl), num_warps=WARPS, num_stages=1)
         rows, lse_diff, lse_t = torch.empty(B, **f32), torch.empty(B, **f32), torch.empty(B, **f32)
         ref = torch.empty(B, device=student.device, dtype=torch.int32)
         rrd_merge_kernel[(triton.cdiv(B, MERGE_BLOCK_B),)](part, part_idx, rows, lse_diff, lse_t, ref, B, splits,
                                                            int(bool(kl)), BLOCK_B=MERGE_BLOCK_B)
+        block_k, d_pad, splits, tiles_per_split = pass_plan("bwd")
+        common = common[:-1] + (tiles_per_split,)
         grad_part = torch.empty((splits, B, d_pad), **f32)
         sigma = torch.empty((splits, B), **f32)
         rrd_gathered_bwd_kernel[(B, splits)](student, teacher, memory_s, memory_t, index, lse_diff, lse_t,
-                                             grad_part, sigma, *common, BLOCK_K=block_k, D_PAD=d_pad, num_warps=WARPS)
+                                             grad_part, sigma, *common, BLOCK_K=block_k, D_PAD=d_pad,
+                                             num_warps=WARPS, num_stages=1)
         ones = torch.ones(B, **f32)
         # The guard row ref is a teacher-memory row (the forward stored memory rows): the finish kernel
         # reads it from memory_t as the plain kernels read it from the bank.
