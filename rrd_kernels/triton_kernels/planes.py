@@ -19,6 +19,7 @@ from .common import NORM_EPS, load_rows_chunk
 from .plans import interpreting
 
 TOP = tl.constexpr(14)  # the largest |x 2^e| lies in [2^TOP, 2^(TOP + 1)): below fp16's largest, 65504
+FACTOR_FLOOR = 1e-24  # LOW x FACTOR_FLOOR = -1e6 (see split_rows)
 # Rows per program of the split kernels: 4096 fp32 values per 4 warps, as the argmax kernel.
 SPLIT_ELEMENTS = 4096
 
@@ -118,4 +119,8 @@ def split_rows(x: torch.Tensor, scale: float, bank_amax: torch.Tensor, d_pad: in
     r = _rows_per_program(d_pad)
     rrd_split_rows_kernel[(triton.cdiv(B, r),)](x, x.stride(0), hi, lo, factor, bank_amax, B, D, scale,
                                                 BLOCK_R=r, D_PAD=d_pad)
-    return hi, lo, factor
+    # The kernels start the running maxima at LOW = -1e30 raw and need LOW c_i to vanish in exp2. A zero row
+    # takes the largest scale 2^126, so its factor (eps-clamped) falls to ~1e-30 and LOW c_i to ~-5: its
+    # logits are exactly 0 whatever c_i is, so raise such factors (on the device, no sync). Only rows with
+    # every |element| below ~1e-18 (or banks that small) reach the floor.
+    return hi, lo, factor.clamp_min_(FACTOR_FLOOR)
