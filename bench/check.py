@@ -45,66 +45,51 @@ class Reference:
     """float64 loss and gradient rows for one input set."""
 
     def __init__(self, cfg: Config, student, teacher, bank):
+        dev = student.device
+        budget = CHUNK_BUDGET_BYTES.get(dev.type, 256 << 20)
+        s64 = student.detach().to(torch.float64)
+        t64 = teacher.detach().to(torch.float64)
         if cfg.memory == "momentum":
-            self._momentum(cfg, student, teacher, bank)
-            return
-        from rrd_kernels import rrd_reference
+            # rrd_kernels.gathered_reference (the specification, materialising the gathered rows); a row
+            # depends only on its own sample, its memory rows and the fixed Z
+            from rrd_kernels import gathered_reference
 
-        dev = student.device
-        B, K = cfg.B, cfg.K
-        budget = CHUNK_BUDGET_BYTES.get(dev.type, 256 << 20)
-        # about 8 float64 B_chunk x K temporaries live at once in the reference with autograd
-        chunk = max(1, min(B, budget // (8 * 8 * K)))
-        s64 = student.detach().to(torch.float64)
-        t64 = teacher.detach().to(torch.float64)
-        q64 = bank.detach().to(torch.float64)
-        total = torch.zeros((), dtype=torch.float64, device=dev)
+            from .config import NCE_T
+
+            memory, n_cols = bank, cfg.K + 1
+            z = memory.z.to(torch.float64) if cfg.scores == "faithful" else None
+            kw = dict(tau_s=cfg.tau_s, tau_t=cfg.tau_t, scores=cfg.scores, nce_t=NCE_T, z=z)
+            chunk = max(1, min(cfg.B, budget // (4 * 8 * n_cols * cfg.D)))  # two gathered float64 chunks
+
+            def loss_of_rows(s, sel):
+                rows, _ = gathered_reference(s, t64[sel], memory.memory_s, memory.memory_t, memory.index[sel],
+                                             **kw)
+                return rows.sum()
+        else:
+            from rrd_kernels import rrd_reference
+
+            q64, n_cols = bank.detach().to(torch.float64), cfg.K
+            # about 8 float64 B_chunk x K temporaries live at once in the reference with autograd
+            chunk = max(1, min(cfg.B, budget // (8 * 8 * n_cols)))
+
+            def loss_of_rows(s, sel):
+                return rrd_reference(s, t64[sel], q64, cfg.tau_s, cfg.tau_t, "ce", "sum")
+        self._chunked(cfg.B, n_cols, chunk, s64, loss_of_rows)
+
+    def _chunked(self, B: int, n_cols: int, chunk: int, s64: torch.Tensor, loss_of_rows) -> None:
+        """The mean loss over all B rows and the gradient of the checked rows, chunk rows at a time, from
+        loss_of_rows(student rows, their selector) -> the float64 sum of those rows' losses."""
+        total = torch.zeros((), dtype=torch.float64, device=s64.device)
         with torch.no_grad():
             for i in range(0, B, chunk):
-                total += rrd_reference(s64[i : i + chunk], t64[i : i + chunk], q64, cfg.tau_s, cfg.tau_t,
-                                       "ce", "sum")
+                total += loss_of_rows(s64[i : i + chunk], slice(i, i + chunk))
         self.loss = (total / B).item()
-        self.rows = grad_rows_to_check(B, K).to(dev)
+        self.rows = grad_rows_to_check(B, n_cols).to(s64.device)
         grads = []
         for i in range(0, self.rows.numel(), chunk):
             idx = self.rows[i : i + chunk]
             s = s64[idx].clone().requires_grad_(True)
-            rows_loss = rrd_reference(s, t64[idx], q64, cfg.tau_s, cfg.tau_t, "ce", "sum") / B
-            (g,) = torch.autograd.grad(rows_loss, s)
-            grads.append(g)
-        self.grad = torch.cat(grads)
-        del q64
-
-
-    def _momentum(self, cfg: Config, student, teacher, memory) -> None:
-        """The momentum memory: rrd_kernels.gathered_reference (the specification, materialising the gathered
-        rows) in float64, in row chunks (a row depends only on its own sample, its rows and the fixed Z)."""
-        from rrd_kernels import gathered_reference
-
-        from .config import NCE_T
-
-        dev = student.device
-        B, k1, D = cfg.B, cfg.K + 1, cfg.D
-        budget = CHUNK_BUDGET_BYTES.get(dev.type, 256 << 20)
-        chunk = max(1, min(B, budget // (4 * 8 * k1 * D)))  # two gathered float64 chunks, with autograd
-        s64 = student.detach().to(torch.float64)
-        t64 = teacher.detach().to(torch.float64)
-        z = memory.z.to(torch.float64) if cfg.scores == "faithful" else None
-        kw = dict(tau_s=cfg.tau_s, tau_t=cfg.tau_t, scores=cfg.scores, nce_t=NCE_T, z=z)
-        total = torch.zeros((), dtype=torch.float64, device=dev)
-        with torch.no_grad():
-            for i in range(0, B, chunk):
-                rows, _ = gathered_reference(s64[i : i + chunk], t64[i : i + chunk], memory.memory_s,
-                                             memory.memory_t, memory.index[i : i + chunk], **kw)
-                total += rows.sum()
-        self.loss = (total / B).item()
-        self.rows = grad_rows_to_check(B, k1).to(dev)
-        grads = []
-        for i in range(0, self.rows.numel(), chunk):
-            idx = self.rows[i : i + chunk]
-            s = s64[idx].clone().requires_grad_(True)
-            rows, _ = gathered_reference(s, t64[idx], memory.memory_s, memory.memory_t, memory.index[idx], **kw)
-            (g,) = torch.autograd.grad(rows.sum() / B, s)
+            (g,) = torch.autograd.grad(loss_of_rows(s, idx) / B, s)
             grads.append(g)
         self.grad = torch.cat(grads)
 
