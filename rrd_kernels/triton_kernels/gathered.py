@@ -122,17 +122,18 @@ GATHER_ELEMENTS_BY_FAMILY = {("sm_120", "bwd"): 1024}
 WARPS = 1
 
 
-def plan(B: int, K: int, D: int, limits, which: str = "fwd"):
+def plan(B: int, K: int, D: int, limits, which: str = "fwd", n_splits: int | None = None):
     """(BLOCK_K, D_PAD, n_splits, tiles_per_split) of one pass ("fwd" or "bwd"): splits until about 4
-    programs per multiprocessor."""
+    programs per multiprocessor, or as near n_splits as whole tiles allow when it is given."""
     from .plans import family
 
     d_pad = max(16, triton.next_power_of_2(D))
     elements = GATHER_ELEMENTS_BY_FAMILY.get((family(limits), which), GATHER_ELEMENTS)
     block_k = max(1, min(64, elements // d_pad))
     n_tiles = triton.cdiv(K, block_k)
-    n_splits = max(1, min(n_tiles, (4 * max(1, limits.sm_count)) // max(B, 1)))
-    tiles_per_split = triton.cdiv(n_tiles, n_splits)
+    if n_splits is None:
+        n_splits = (4 * max(1, limits.sm_count)) // max(B, 1)
+    tiles_per_split = triton.cdiv(n_tiles, max(1, min(n_splits, n_tiles)))
     return block_k, d_pad, triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
 
 
@@ -149,16 +150,7 @@ def gathered_rows_and_grad(student, teacher, memory_s, memory_t, index, tau_s, t
     memory_s, memory_t, index = memory_s.contiguous(), memory_t.contiguous(), index.contiguous()
     with _on(student.device):
         limits = current_limits()
-
-        def pass_plan(which):
-            block_k, d_pad, splits, tiles_per_split = plan(B, K, D, limits, which)
-            if n_splits is not None:
-                n_tiles = triton.cdiv(K, block_k)
-                tiles_per_split = triton.cdiv(n_tiles, max(1, min(n_splits, n_tiles)))
-                splits = triton.cdiv(n_tiles, tiles_per_split)
-            return block_k, d_pad, splits, tiles_per_split
-
-        block_k, d_pad, splits, tiles_per_split = pass_plan("fwd")
+        block_k, d_pad, splits, tiles_per_split = plan(B, K, D, limits, "fwd", n_splits)
         f32 = dict(device=student.device, dtype=torch.float32)
         part = torch.empty((N_STATE, splits, B), **f32)
         part_idx = torch.empty((splits, B), device=student.device, dtype=torch.int32)
@@ -170,7 +162,7 @@ def gathered_rows_and_grad(student, teacher, memory_s, memory_t, index, tau_s, t
         ref = torch.empty(B, device=student.device, dtype=torch.int32)
         rrd_merge_kernel[(triton.cdiv(B, MERGE_BLOCK_B),)](part, part_idx, rows, lse_diff, lse_t, ref, B, splits,
                                                            int(bool(kl)), BLOCK_B=MERGE_BLOCK_B)
-        block_k, d_pad, splits, tiles_per_split = pass_plan("bwd")
+        block_k, d_pad, splits, tiles_per_split = plan(B, K, D, limits, "bwd", n_splits)
         common = common[:-1] + (tiles_per_split,)
         grad_part = torch.empty((splits, B, d_pad), **f32)
         sigma = torch.empty((splits, B), **f32)
