@@ -27,6 +27,10 @@ predicted_ms and calibrated_ms = CALIBRATION x predicted_ms until a GPU session 
 
     python -m tools.cost_model --arch sm_90 --dtype bfloat16 --D 128 --B 4096 --K 262144 [--json]
     python -m tools.cost_model --table [--write]     # the benchmark configurations (tools/cost-report.txt)
+
+--backend cuda counts the CUDA C++ kernels of csrc/ instead (tools/cuda_cost.py: nvcc's SASS of rrd_cuda.cu,
+the launches the host code makes; its table is tools/cost-report-cuda.txt), through the same totals, bounds
+and prediction (accumulate, per_pair, summarise below).
 """
 from __future__ import annotations
 
