@@ -235,6 +235,31 @@ def test_cuda_forward_count_matches_the_hand_count_of_its_sass():
 
 
 @needs_nvcc
+def test_cuda_counts_of_the_built_module_equal_those_of_the_cost_models_compile():
+    """The cost model compiles rrd_cuda.cu itself, with the build's flags; the extension built from the same
+    sources (where this checkout has one) carries the very same machine code, so counting it (--module)
+    gives the same figures."""
+    from rrd_kernels import cuda_backend
+
+    info = cuda_backend.build_info()
+    if info is None or f"source {_gate_hash()}" not in info:
+        pytest.skip(f"no extension built from the current sources here ({info})")
+    module = cuda_backend._ext.__file__
+    for arch in ("sm_90", "sm_80"):
+        if arch not in info.split(";")[1]:  # "source ...; archs sm_80 sm_90 + compute_90 PTX; nvcc ..."
+            continue
+        built = _cuda_json("--arch", arch, "--module", module)
+        compiled = _cuda_json("--arch", arch)
+        assert [k["sass_instructions"] for k in built["kernels"]] == [k["sass_instructions"] for k in compiled["kernels"]]
+        assert built["warp_instructions_per_pair"] == pytest.approx(compiled["warp_instructions_per_pair"], rel=1e-9)
+
+
+def _gate_hash():
+    from tools import cuda_cost
+    return cuda_cost.gate().source_hash()
+
+
+@needs_nvcc
 @pytest.mark.slow
 def test_no_cuda_configuration_is_worse_than_its_committed_budget():
     """The CUDA performance gate, as the Triton one: with the pinned nvcc the committed table must be current

@@ -360,6 +360,10 @@ def _fmt(x, nd=3):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def _fmt_int(x):
+    return "-" if x is None else str(x)
+
+
 def format_result(r: dict) -> str:
     c = r["config"]
     head = (f"{c['arch']} {c['dtype']}{'/' + c['precision'] if c['precision'] else ''} bank {c['bank_dtype']} "
@@ -368,7 +372,8 @@ def format_result(r: dict) -> str:
                    f"{'MUFU/pair':>9} {'products':>8} {'L2 B/pair':>9} {'HBM B/pair':>10}"]
     for k in r["kernels"]:
         lines.append(
-            f"{k['name']:24} {'x'.join(map(str, k['grid'])):>16} {k['warps']:>5} {k['regs']:>4} {k['stack']:>5} "
+            f"{k['name']:24} {'x'.join(map(str, k['grid'])):>16} {k['warps']:>5} {_fmt_int(k['regs']):>4} "
+            f"{_fmt_int(k['stack']):>5} "
             f"{_fmt(k['steady_warp_instructions_per_pair']):>11} {_fmt(k['warp_instructions_per_pair']):>15} "
             f"{_fmt(k['mufu_per_pair']):>9} {_fmt(k['tensor_flop_per_pair'] / (2 * c['D']), 2):>8} "
             f"{_fmt(k['l2_bytes_per_pair'], 2):>9} {_fmt(k['hbm_bytes_per_pair'], 3):>10}")
@@ -424,10 +429,12 @@ def _config_key(c: dict) -> str:
     return f"{c['arch']} {mode} D{c['D']} B{c['B']} K{c['K']}"
 
 
-def analyse_backend(backend: str = "triton", **config) -> dict:
+def analyse_backend(backend: str = "triton", module=None, **config) -> dict:
     if backend == "cuda":
         from tools import cuda_cost
-        return cuda_cost.analyse(**config)
+        return cuda_cost.analyse(**config, module=module)
+    if module is not None:
+        raise ValueError("--module counts a built CUDA extension: it needs --backend cuda")
     return analyse(**config)
 
 
@@ -499,6 +506,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="triton", choices=sorted(BACKENDS),
                    help="the kernels to count: triton (rrd_kernels/triton_kernels) or cuda (csrc/, compiled with "
                         "nvcc; tools/cuda_cost.py) (default %(default)s)")
+    p.add_argument("--module", default=None, help="with --backend cuda: count the machine code of this built "
+                   "extension (rrd_kernels/_rrd_cuda*.so) instead of compiling csrc/rrd_cuda.cu")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--table", action="store_true", help="every benchmark configuration (CONFIGS, or CUDA_CONFIGS "
                    "with --backend cuda), as one table")
@@ -530,7 +539,7 @@ def main(argv=None) -> int:
             budget_file.write_text(json.dumps(budget_of(results), indent=1, sort_keys=True) + "\n")
             return 0
         return 1 if (args.check and worse) else 0
-    r = analyse_backend(args.backend, arch=args.arch, dtype=args.dtype, bank_dtype=args.bank_dtype,
+    r = analyse_backend(args.backend, module=args.module, arch=args.arch, dtype=args.dtype, bank_dtype=args.bank_dtype,
                         precision=args.precision, D=args.D, B=args.B, K=args.K, gpu=args.gpu,
                         objective=args.objective, memory=args.memory)
     print(json.dumps(r, indent=1) if args.json else format_result(r))

@@ -50,7 +50,9 @@ def mode_of(dtype: str, precision: str) -> int:
 # ---- what each kernel's loops walk -------------------------------------------------------------------
 # A rule: (role, test, trips, unroll marker). test is evaluated over the loop's facts: parent (the parent
 # loop's role, None at top level), products (it holds MMA or FFMA products, nested loops included),
-# children (it has nested loops), loads / wide_loads (global loads; 8- or 16-byte ones). trips is per
+# children (it has nested loops), shuffles (SHFL), loads / wide_loads (global loads or cp.async copies;
+# 8- or 16-byte ones). Tests are specific on purpose: a loop the kernels gain should match no rule (an
+# error naming it) rather than borrow another loop's trips. trips is per
 # execution of the parent (per program at top level). The marker (opcode prefix, count) gives the unroll
 # factor: the loop's own instructions of that kind / count per source iteration. k_per_trip (product loops):
 # the reduction depth one trip covers, from its products: FLOPs / (2 x the warp tile's 16 x BN).
@@ -59,8 +61,8 @@ STREAMING_LOOPS = [
     ("bank", "parent is None and products", "bank_tiles", None),
     # row_scales: each warp walks BM / kWarps rows, its lanes the features 32 at a time (S and T, each with
     # both dtype branches of load_as_float: 4 loads per step)
-    ("row norms", "parent is None and not products", "BM // kWarps", ("SHFL", 10)),
-    ("row norm features", "parent == 'row norms'", "cdiv(D, 32)", ("LDG", 4)),
+    ("row norms", "parent is None and not products and shuffles", "BM // kWarps", ("SHFL", 10)),
+    ("row norm features", "parent == 'row norms' and loads", "cdiv(D, 32)", ("LDG", 4)),
     # logit_tiles: the feature chunks, each staged into shared memory and multiplied
     ("features", "parent == 'bank' and products and children", "cdiv(D, DK)", None),
     ("chunk product", "parent == 'features' and products", "DK // k_per_trip", None),
@@ -156,10 +158,26 @@ def nvcc_version() -> str:
     return gate().nvcc_version(_nvcc())
 
 
+def _split_functions(sass: str) -> dict:
+    parts = re.split(r"\n\s*Function : (\S+)\n", sass)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
 @lru_cache(maxsize=None)
-def machine_code(arch: str) -> tuple[dict, dict]:
-    """({kernel symbol: SASS listing}, {kernel symbol: ptxas record}) of rrd_cuda.cu built for arch."""
+def machine_code(arch: str, module: str | None = None) -> tuple[dict, dict]:
+    """({kernel symbol: SASS listing}, {kernel symbol: ptxas record}) of rrd_cuda.cu built for arch; with
+    module (a built rrd_kernels/_rrd_cuda*.so), that module's machine code for arch instead (no ptxas
+    records then: registers and stack are not reported)."""
     g = gate()
+    if module is not None:
+        cuobjdump = g.find_cuobjdump()
+        if cuobjdump is None:
+            raise FileNotFoundError("cuobjdump not found (CUDA bin, PATH or the triton wheel)")
+        out = subprocess.run([cuobjdump, "-sass", "-arch", arch, module], capture_output=True, text=True)
+        listings = _split_functions(out.stdout)
+        if out.returncode != 0 or not listings:
+            raise RuntimeError(f"{module}: no {arch} machine code ({out.stderr.strip()[-300:]})")
+        return listings, {}
     key = hashlib.sha256(f"{source_hash()} {nvcc_version()} {' '.join(g.NVCC_FLAGS)} {arch}".encode()).hexdigest()[:16]
     path = cache_dir() / f"cuda-{arch}-{key}.json.gz"
     if not path.exists():
@@ -177,8 +195,7 @@ def machine_code(arch: str) -> tuple[dict, dict]:
         tmp.replace(path)
     with gzip.open(path, "rt") as f:
         data = json.load(f)
-    parts = re.split(r"\n\s*Function : (\S+)\n", data["sass"])
-    listings = dict(zip(parts[1::2], parts[2::2]))
+    listings = _split_functions(data["sass"])
     records = {r["name"]: r for r in g.parse_ptxas(data["ptxas"]) if r["arch"] == arch}
     return listings, records
 
@@ -227,12 +244,13 @@ def _facts(instrs, live, lp, roles) -> dict:
     from tools import sass
 
     inside = [i for i in instrs if lp.contains(i.addr) and i.addr in live]
-    loads = [i for i in inside if i.op == "LDG"]
+    loads = [i for i in inside if i.op in ("LDG", "LDGSTS")]  # global loads, plain or asynchronous copies
     return dict(
         parent=None if lp.parent is None else roles[id(lp.parent)],
         # MMAs, or at least two k-steps of a SIMT warp tile's FFMAs (2 x 32: more than any scalar loop has)
         products=any(sass.mma_flops(i) for i in inside) or sum(i.op == "FFMA" for i in inside) >= 64,
         children=bool(lp.children),
+        shuffles=any(i.op == "SHFL" for i in inside),
         loads=bool(loads),
         wide_loads=any(sass.global_bytes_per_lane(i) >= 8 for i in loads),
     )
@@ -307,8 +325,9 @@ def count_launch(launch: Launch, listing: str, names: dict, pairs: int):
 
 
 def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest", D=128, B=4096, K=262144,
-            gpu=None, objective="ce", memory="fifo"):
-    """One forward + backward call of the CUDA backend: the dict tools/cost_model.py's analyse returns."""
+            gpu=None, objective="ce", memory="fifo", module=None):
+    """One forward + backward call of the CUDA backend: the dict tools/cost_model.py's analyse returns
+    (module: count a built extension's machine code instead of compiling rrd_cuda.cu)."""
     from tools import cost_model
 
     if memory != "fifo":
@@ -319,7 +338,7 @@ def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest"
     gpu = cost_model.GPUS[gpu or cost_model.DEFAULT_GPU[arch]]
     mode = mode_of(dtype, precision)
     found, plans = launches(mode, B, K, D, gpu.sms)
-    listings, records = machine_code(arch)
+    listings, records = machine_code(arch, module)
     consts = constants()
     pairs = B * K
     kernels = []
