@@ -8,7 +8,7 @@ tools/cost_model.py, from nvcc's SASS of the module's own source. No GPU.
 - Launches: csrc/launch_plan.cpp, a host program built against rrd_host.inl, runs the backend's own plan and
   launch sequence for one forward + backward call and prints every launch (the kernel's symbol, grid, block,
   dynamic shared memory) and both plans (splits, chunk, feature slices, workspace) instead of launching.
-- Trip counts: LOOPS below, the one place that says how often each loop of a kernel runs (the kernels'
+- Trip counts: STREAMING_LOOPS and KERNELS below, the one place that says how often each loop of a kernel runs (the kernels'
   loop bounds are run-time values, invisible in the binary). Loops come from tools/sass.py (backward
   branches of live code: the cold fallbacks nvcc places after EXIT are left out); each is given a role by
   the first rule whose test holds, and its trips are an expression over the header constants (CONSTANTS,
@@ -273,7 +273,7 @@ def loop_trips(symbol: str, instrs, live, roots, names: dict) -> dict:
         rule = next((r for r in rules if eval(r[1], {"__builtins__": {}}, facts)), None)
         if rule is None:
             raise ValueError(f"{symbol}: the loop at {lp.start:#x}..{lp.end:#x} ({facts}) matches no rule of "
-                             f"tools/cuda_cost.py's LOOPS for its kind: say what it walks")
+                             f"its kind in tools/cuda_cost.py's KERNELS: add one saying what it walks")
         role, _, trips_expr, marker = rule
         inside = [i for i in instrs if lp.contains(i.addr) and i.addr in live]
         flops = sum(sass.mma_flops(i) or (64 if i.op == "FFMA" else 0) for i in inside)
@@ -289,7 +289,7 @@ def loop_trips(symbol: str, instrs, live, roots, names: dict) -> dict:
     return out
 
 
-def count_launch(launch: Launch, listing: str, names: dict, pairs: int):
+def count_launch(launch: Launch, listing: str, names: dict):
     """(instructions, bank loop, totals as cost_model.accumulate gives them, steady per-pair figure, roles)."""
     from tools import cost_model, sass
 
@@ -327,7 +327,8 @@ def count_launch(launch: Launch, listing: str, names: dict, pairs: int):
 def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest", D=128, B=4096, K=262144,
             gpu=None, objective="ce", memory="fifo", module=None):
     """One forward + backward call of the CUDA backend: the dict tools/cost_model.py's analyse returns
-    (module: count a built extension's machine code instead of compiling rrd_cuda.cu)."""
+    (module: count a built extension's machine code instead of compiling rrd_cuda.cu). The objective is a
+    run-time flag of the merge kernel here (the same machine code for CE and KL), so it changes nothing."""
     from tools import cost_model
 
     if memory != "fifo":
@@ -348,7 +349,7 @@ def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest"
                      bank_tiles=-(-K // consts["BN"]) / plan["num_splits"])
         if launch.symbol not in listings:
             raise KeyError(f"{launch.symbol}: launched by rrd_host.inl but not in the {arch} SASS")
-        instrs, bank, tot, steady, trips = count_launch(launch, listings[launch.symbol], names, pairs)
+        instrs, bank, tot, steady, trips = count_launch(launch, listings[launch.symbol], names)
         hbm = eval(KERNELS[kind_of(launch.symbol)]["hbm"], {"__builtins__": {}},
                    dict(B=B, K=K, D=D, emb=ELEMENT_BYTES[dtype], bank=ELEMENT_BYTES[bank_dtype],
                         workspace=plan["workspace_floats"]))
