@@ -133,8 +133,7 @@ class NvccBuildExt(build_ext):
         gencode.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
         build_info = f"source {digest}; archs sm_{' sm_'.join(archs)} + compute_{newest} PTX; {version}"
 
-        nvcc_flags = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xptxas", "-v", f"--threads={len(archs) + 1}",
-                      "-I" + CSRC] + gencode
+        nvcc_flags = [*gate.NVCC_FLAGS, f"--threads={len(archs) + 1}"] + gencode
         cxx = os.environ.get("CXX", "c++")
         cxx_flags = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-I" + CSRC,
                      "-I" + pybind11.get_include(), "-I" + sysconfig.get_paths()["include"],

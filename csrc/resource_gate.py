@@ -51,6 +51,9 @@ SMEM_OPT_IN = {
     "sm_90": 232448,  # H100 / H200: 227 KiB
 }
 MODES = ("fp32 FMA", "tf32 mma", "fp16 mma", "bf16 mma")
+# nvcc's flags for rrd_cuda.cu, shared by the real build (setup.py), this gate and the cost model
+# (tools/cuda_cost.py), so that all three see the same machine code; each adds its -gencode targets.
+NVCC_FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-I" + CSRC]
 
 # Host-only program printing rrd::launch_smem for every mode. RRD_LAUNCH discards its arguments, so no kernel
 # is instantiated and this compiles in seconds.
@@ -84,6 +87,20 @@ def find_nvcc() -> str | None:
         if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
             return os.path.join(home, "bin", "nvcc")
     return shutil.which("nvcc")
+
+
+def find_cuobjdump() -> str | None:
+    """cuobjdump next to nvcc, on PATH, or the one the triton wheel ships (CUDA 13's nvcc packages may lack it)."""
+    nvcc = find_nvcc()
+    candidates = [os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump")] if nvcc else []
+    candidates.append(shutil.which("cuobjdump"))
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
 def nvcc_version(nvcc: str) -> str:
@@ -142,8 +159,7 @@ def dynamic_smem(nvcc: str, workdir: str) -> dict[str, int]:
 def compile_kernels(nvcc: str, archs, workdir: str, threads: int = 2) -> str:
     """ptxas' verbose output for rrd_cuda.cu compiled for `archs`; raises CalledProcessError on a compile error."""
     gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
-    cmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xptxas", "-v", f"--threads={threads}", "-I" + CSRC,
-           *gencode, "-c", os.path.join(CSRC, "rrd_cuda.cu"), "-o", os.path.join(workdir, "rrd_cuda.o")]
+    cmd = [nvcc, *NVCC_FLAGS, f"--threads={threads}", *gencode, "-c", os.path.join(CSRC, "rrd_cuda.cu"), "-o", os.path.join(workdir, "rrd_cuda.o")]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise subprocess.CalledProcessError(out.returncode, cmd, out.stdout, out.stderr)

@@ -96,25 +96,192 @@ def test_no_benchmark_configuration_is_worse_than_its_committed_budget():
     warning (another compiler schedules differently), beyond that a failure."""
     import triton
 
+    _check_budget("triton", f"triton {triton.__version__}", triton.__version__ == PINNED_TRITON,
+                  f"triton {PINNED_TRITON}")
+
+
+def _check_budget(backend, compiler, pinned, pinned_name):
+    """Recount the backend's table: with the pinned compiler it must equal the committed one and no figure may
+    exceed its budget; with another, up to 15 % over budget is a warning, beyond it a failure."""
     from tools import cost_model
 
-    out = _run("--table", "--json")
+    _, report, budget_file = cost_model.BACKENDS[backend]
+    out = _run("--backend", backend, "--table", "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout)
-    budget = json.loads(cost_model.BUDGET.read_text())
-    assert set(cost_model.budget_of(results)) == set(budget), "budget and CONFIGS name different configurations"
-    if triton.__version__ == PINNED_TRITON:
+    budget = json.loads(budget_file.read_text())
+    assert set(cost_model.budget_of(results)) == set(budget), "the budget and the configurations differ"
+    if pinned:
         assert not cost_model.regressions(results, budget), "\n".join(cost_model.regressions(results, budget))
-        assert cost_model.table(results) == cost_model.REPORT.read_text(), (
-            "the committed cost report is stale: run `python -m tools.cost_model --table --write` and commit it")
+        assert cost_model.table(results, backend) == report.read_text(), (
+            f"the committed {report.name} is stale: run `python -m tools.cost_model --backend {backend} --table "
+            "--write` and commit it")
         return
     hard = cost_model.regressions(results, budget, slack=0.15)
     assert not hard, "\n".join(hard)
     soft = cost_model.regressions(results, budget)
     if soft:
-        warnings.warn(f"with triton {triton.__version__} (budget made with {PINNED_TRITON}):\n" + "\n".join(soft))
+        warnings.warn(f"with {compiler} (budget made with {pinned_name}):\n" + "\n".join(soft))
 
 
 def test_committed_cost_report_is_made_with_the_pinned_triton():
     first = (ROOT / "tools" / "cost-report.txt").read_text().splitlines()[0]
     assert f"triton {PINNED_TRITON}:" in first, first
+
+
+# ---- the CUDA backend (tools/cuda_cost.py) ------------------------------------------------------------------
+
+PINNED_NVCC = "release 13.0"
+
+
+def _nvcc_and_cuobjdump():
+    from tools import cuda_cost
+    g = cuda_cost.gate()
+    return g.find_nvcc() is not None and g.find_cuobjdump() is not None
+
+
+needs_nvcc = pytest.mark.skipif(not _nvcc_and_cuobjdump(), reason="nvcc or cuobjdump not found")
+
+# cuobjdump's layout: a warp-synchronous reduction whose diverged-warp fallback sits after the EXIT and
+# branches back (0x0100 -> 0x0020: not a loop), then a real loop (0x0030..0x0050).
+DIVERGED_FALLBACK = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   BRA.DIV UR4, 0xa0 ;
+        /*0020*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
+        /*0030*/                   FFMA R7, R8, R9, R7 ;
+        /*0040*/                   ISETP.GE.AND P0, PT, R1, 0x1, PT ;
+        /*0050*/              @!P0 BRA 0x30 ;
+        /*0060*/               @P1 EXIT ;
+        /*0070*/                   CALL.REL.NOINC 0xc0 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90;
+        /*00a0*/                   WARPSYNC.COLLECTIVE R18, 0xb0 ;
+        /*00b0*/                   BRA 0x20 ;
+        /*00c0*/                   MUFU.RCP R0, R14 ;
+        /*00d0*/                   RET.REL.NODEC R2 0x0 ;
+"""
+
+
+def test_sass_live_code_leaves_out_cold_fallbacks_and_their_back_branches():
+    instrs = sass.parse(DIVERGED_FALLBACK)
+    live = sass.live(instrs)
+    assert {0x0, 0x10, 0x20, 0x30, 0x50, 0x60, 0x70, 0x80} <= live
+    assert not live & {0x90, 0xa0, 0xb0, 0xc0, 0xd0}  # after EXIT: reached by BRA.DIV / CALL only
+    assert [(r.start, r.end) for r in sass.loops(instrs, live)] == [(0x30, 0x50)]
+    assert [(r.start, r.end) for r in sass.loops(instrs)][0] == (0x20, 0xb0)  # every backward branch
+
+
+def test_cuda_constants_come_from_the_headers():
+    from tools import cuda_cost
+    c = cuda_cost.constants()
+    assert c["kThreads"] == 128 and c["kWarps"] == c["kThreads"] // 32
+    assert c["BM"] == 16 * c["kWarps"] and c["BN"] > 0
+
+
+def _cuda_json(*args):
+    out = _run("--backend", "cuda", *args, "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+@needs_nvcc
+def test_cuda_cli_json_has_the_fields_of_the_triton_path_and_the_host_codes_launches():
+    """One call's launches are the host code's (grid, block, shared memory, plan), the totals are the sum of
+    the kernels', and the bank loop's steady figure is the forward's per-pair count (its only big loop)."""
+    r = _cuda_json("--arch", "sm_90", "--dtype", "bfloat16", "--D", "128", "--B", "4096", "--K", "262144")
+    for key in ("warp_instructions_per_pair", "mufu_per_pair", "tensor_flop_per_pair", "bank_products",
+                "predicted_ms", "bounds_ms", "hbm_bytes_per_pair", "kernels"):
+        assert key in r
+    names = [k["name"].split()[0] for k in r["kernels"]]
+    assert names == ["forward", "merge", "backward", "finish"]
+    fwd, merge, bwd, finish = r["kernels"]
+    c = __import__("tools.cuda_cost", fromlist=["constants"]).constants()
+    assert fwd["grid"][0] == -(-4096 // c["BM"]) and fwd["grid"][1] == fwd["plan"]["num_splits"]
+    assert bwd["grid"][2] == bwd["plan"]["num_dslices"] and finish["grid"][0] == 4096
+    assert all(k["block"] == [c["kThreads"], 1, 1] and k["stack"] == 0 for k in r["kernels"])
+    assert fwd["smem"] > 0 and bwd["smem"] > 0
+    assert r["warp_instructions_per_pair"] == pytest.approx(sum(k["warp_instructions_per_pair"] for k in r["kernels"]))
+    assert fwd["warp_instructions_per_pair"] == pytest.approx(fwd["steady_warp_instructions_per_pair"], rel=0.01)
+    # the forward's two logit products and the backward's three (two recomputed, c Q) on tensor cores
+    assert fwd["tensor_flop_per_pair"] == pytest.approx(2 * 2 * 128, rel=0.01)
+    assert r["bank_products"] >= 5
+    assert r["predicted_ms"] == max(r["bounds_ms"].values()) > 0
+
+
+HAND_COUNTED = "1166add73aa5ef8d"  # csrc/resource_gate.py's source hash of the kernels counted by hand
+
+
+@needs_nvcc
+def test_cuda_forward_count_matches_the_hand_count_of_its_sass():
+    """The hand count of docs/cost-model.md, redone from the listing: the forward's bank loop body once per
+    tile, its feature loop cdiv(D, DK) times, the vector staging loops (unrolled twice by nvcc) twice per
+    chunk, the element-wise staging loops never (aligned inputs). The count is of the kernels it was made for
+    (csrc source hash HAND_COUNTED); rewritten kernels need a new hand count here and in the docs."""
+    from tools import cuda_cost
+    if cuda_cost.gate().source_hash() != HAND_COUNTED:
+        pytest.skip(f"the hand count is of the csrc sources {HAND_COUNTED}; redo it for the current kernels")
+    listings, _ = cuda_cost.machine_code("sm_90")
+    symbol = next(s for s in listings if "rrd_forward_kernelILi3E" in s)
+    instrs = sass.parse(listings[symbol])
+    live = sass.live(instrs)
+    (bank,) = [lp for lp in sass.loops(instrs, live) if any(sass.mma_flops(i) for i in instrs if lp.contains(i.addr))]
+    (features,) = bank.children
+
+    def n(lp):
+        return sum(1 for i in instrs if lp.contains(i.addr) and i.addr in live)
+
+    wide = [lp for lp in features.children if any(sass.global_bytes_per_lane(i) >= 8 for i in instrs if lp.contains(i.addr))]
+    narrow = [lp for lp in features.children if lp not in wide]
+    assert len(wide) == len(narrow) == 3  # S, T, Q
+    per_chunk = n(features) - sum(n(lp) for lp in features.children) + 2 * sum(n(lp) for lp in wide)
+    per_tile = n(bank) - n(features) + 4 * per_chunk  # D 128 / DK 32
+    hand = per_tile * 4 / (64 * 64)  # 4 warps, 64 x 64 pairs
+    r = _cuda_json("--arch", "sm_90", "--dtype", "bfloat16", "--D", "128", "--B", "4096", "--K", "262144")
+    assert r["kernels"][0]["steady_warp_instructions_per_pair"] == pytest.approx(hand, rel=1e-3)
+
+
+@needs_nvcc
+def test_cuda_counts_of_the_built_module_equal_those_of_the_cost_models_compile():
+    """The cost model compiles rrd_cuda.cu itself, with the build's flags; the extension built from the same
+    sources (where this checkout has one) carries the very same machine code, so counting it (--module)
+    gives the same figures."""
+    from rrd_kernels import cuda_backend
+
+    info = cuda_backend.build_info()
+    if info is None or f"source {_gate_hash()}" not in info:
+        pytest.skip(f"no extension built from the current sources here ({info})")
+    module = cuda_backend._ext.__file__
+    for arch in ("sm_90", "sm_80"):
+        if arch not in info.split(";")[1]:  # "source ...; archs sm_80 sm_90 + compute_90 PTX; nvcc ..."
+            continue
+        built = _cuda_json("--arch", arch, "--module", module)
+        compiled = _cuda_json("--arch", arch)
+        assert [k["sass_instructions"] for k in built["kernels"]] == [k["sass_instructions"] for k in compiled["kernels"]]
+        assert built["warp_instructions_per_pair"] == pytest.approx(compiled["warp_instructions_per_pair"], rel=1e-9)
+
+
+def _gate_hash():
+    from tools import cuda_cost
+    return cuda_cost.gate().source_hash()
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_no_cuda_configuration_is_worse_than_its_committed_budget():
+    """The CUDA performance gate, as the Triton one: with the pinned nvcc the committed table must be current
+    (its source hash included) and no figure may exceed its budget; with another nvcc up to 15 % over budget
+    is a warning, beyond it a failure."""
+    from tools import cuda_cost
+
+    _check_budget("cuda", f"nvcc {cuda_cost.nvcc_version()}", PINNED_NVCC in cuda_cost.nvcc_version(),
+                  f"nvcc {PINNED_NVCC}")
+
+
+def test_committed_cuda_cost_report_is_current_for_the_sources():
+    """Without nvcc too: the committed CUDA table names the hash of the sources it was counted from, so a
+    kernel or host-code change that does not refresh it fails here."""
+    from tools import cuda_cost
+    head = (ROOT / "tools" / "cost-report-cuda.txt").read_text().splitlines()[:2]
+    assert PINNED_NVCC in head[0], head[0]
+    assert f"csrc source {cuda_cost.source_hash()}:" in head[1], (
+        f"{head[1]}: stale, run `python -m tools.cost_model --backend cuda --table --write` and commit it")

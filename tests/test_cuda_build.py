@@ -36,18 +36,7 @@ ARCHS = ("sm_80", "sm_90")  # what the extension ships (the gate compiles sm_86 
 find_nvcc = gate.find_nvcc
 
 
-def find_cuobjdump():
-    nvcc = find_nvcc()
-    candidates = [os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump")] if nvcc else []
-    candidates.append(shutil.which("cuobjdump"))
-    try:
-        import triton
-
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-    except ImportError:
-        pass
-    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
-
+find_cuobjdump = gate.find_cuobjdump
 
 needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found: the CUDA extension is not built here")
 skip_build = os.environ.get("RRD_SKIP_CUDA_BUILD", "0") not in ("", "0")

@@ -27,6 +27,10 @@ predicted_ms and calibrated_ms = CALIBRATION x predicted_ms until a GPU session 
 
     python -m tools.cost_model --arch sm_90 --dtype bfloat16 --D 128 --B 4096 --K 262144 [--json]
     python -m tools.cost_model --table [--write]     # the benchmark configurations (tools/cost-report.txt)
+
+--backend cuda counts the CUDA C++ kernels of csrc/ instead (tools/cuda_cost.py: nvcc's SASS of rrd_cuda.cu,
+the launches the host code makes; its table is tools/cost-report-cuda.txt), through the same totals, bounds
+and prediction (accumulate, per_pair, summarise below).
 """
 from __future__ import annotations
 
@@ -42,6 +46,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "tools" / "cost-report.txt"
 BUDGET = ROOT / "tools" / "cost-budget.json"
+# The CUDA C++ backend's table and budget (tools/cuda_cost.py): files of their own, stamped with the nvcc
+# version and the csrc source hash instead of the triton version.
+REPORT_CUDA = ROOT / "tools" / "cost-report-cuda.txt"
+BUDGET_CUDA = ROOT / "tools" / "cost-budget-cuda.json"
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,14 @@ CONFIGS = [  # the benchmark configurations (bench/config.py "sweep" corners and
     dict(arch="sm_90", dtype="float32", D=128, B=64, K=16385, memory="gathered"),
     dict(arch="sm_90", dtype="float32", D=128, B=1024, K=16385, memory="gathered"),
 ]
+# The CUDA build ships sm_80 (which also serves 8.6 / 8.9) and sm_90 machine code, and has no gathered kernels.
+CUDA_CONFIGS = [c for c in CONFIGS if c["arch"] != "sm_86" and c.get("memory") != "gathered"] + [
+    dict(arch="sm_80", dtype="float32", precision="high", D=128, B=4096, K=262144),
+]
+BACKENDS = {  # backend: (configurations, report, budget)
+    "triton": (CONFIGS, REPORT, BUDGET),
+    "cuda": (CUDA_CONFIGS, REPORT_CUDA, BUDGET_CUDA),
+}
 
 
 def _mma_type(opcode: str) -> str:
@@ -122,6 +138,43 @@ def _args_by_name(src, args):
     for key, value in src.constants.items():
         values[names[key[0]]] = value
     return values
+
+
+def accumulate(instrs, executions, warps: int) -> dict:
+    """Totals over one launch, given how many times one warp of the launch issues each instruction
+    (executions(ins), summed over programs): warp-instructions, MUFU lanes, FFMA lanes, L2 bytes and tensor
+    FLOPs by input type."""
+    from tools import sass
+
+    totals = dict(warp_instructions=0.0, mufu_lanes=0.0, ffma_lanes=0.0, l2_bytes=0.0, tensor_flops={})
+    for ins in instrs:
+        n = executions(ins) * warps
+        if not n:
+            continue
+        totals["warp_instructions"] += n
+        if ins.op == "MUFU":
+            totals["mufu_lanes"] += n * sass.MUFU_LANES
+        if ins.op == "FFMA":
+            totals["ffma_lanes"] += n * 32
+        totals["l2_bytes"] += n * 32 * sass.global_bytes_per_lane(ins)
+        flops = sass.mma_flops(ins)
+        if flops:
+            t = _mma_type(ins.opcode)
+            totals["tensor_flops"][t] = totals["tensor_flops"].get(t, 0.0) + n * flops
+    return totals
+
+
+def per_pair(totals: dict, hbm_bytes: float, pairs: int) -> dict:
+    """A kernel's totals (accumulate) and HBM bytes as the per-pair figures of the JSON's kernel entries."""
+    return dict(
+        warp_instructions_per_pair=totals["warp_instructions"] / pairs,
+        mufu_per_pair=totals["mufu_lanes"] / pairs,
+        tensor_flop_per_pair=sum(totals["tensor_flops"].values()) / pairs,
+        tensor_flop_by_type={k: v / pairs for k, v in totals["tensor_flops"].items()},
+        ffma_lanes_per_pair=totals["ffma_lanes"] / pairs,
+        l2_bytes_per_pair=totals["l2_bytes"] / pairs,
+        hbm_bytes_per_pair=hbm_bytes / pairs,
+    )
 
 
 def _count_kernel(compiled, grid, values, B, K, D):
@@ -178,19 +231,7 @@ def _count_kernel(compiled, grid, values, B, K, D):
             return iterations * d_trips ** around.index(bank_loop)
         return programs * d_trips ** len(around)
 
-    totals = dict(warp_instructions=0.0, mufu_lanes=0.0, ffma_lanes=0.0, l2_bytes=0.0, tensor_flops={})
-    for ins in instrs:
-        n = executions(ins) * warps
-        totals["warp_instructions"] += n
-        if ins.op == "MUFU":
-            totals["mufu_lanes"] += n * sass.MUFU_LANES
-        if ins.op == "FFMA":
-            totals["ffma_lanes"] += n * 32
-        totals["l2_bytes"] += n * 32 * sass.global_bytes_per_lane(ins)
-        flops = sass.mma_flops(ins)
-        if flops:
-            t = _mma_type(ins.opcode)
-            totals["tensor_flops"][t] = totals["tensor_flops"].get(t, 0.0) + n * flops
+    totals = accumulate(instrs, executions, warps)
     steady = None
     if bank_loop is not None:
         # One iteration of the bank loop, per (row, bank row) pair of its tile: the steady state.
@@ -262,7 +303,6 @@ def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest"
         values = _args_by_name(src, args)
         instrs, bank_loop, tot, steady = _count_kernel(compiled[md.hash], grid, values, B, K, D)
         hbm = _hbm_bytes(src, values, bank_loop, B, D, bdt.itemsize, gathered_cols=K if memory == "gathered" else 0)
-        tensor = sum(tot["tensor_flops"].values())
         from tools.triton_gate import _resources
         regs, stack = _resources(compiled[md.hash].asm["cubin"])
         kernels.append(dict(
@@ -271,14 +311,17 @@ def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest"
             sass_instructions=len(instrs),
             bank_loop_instructions=None if bank_loop is None else sum(1 for i in instrs if bank_loop.contains(i.addr)),
             steady_warp_instructions_per_pair=None if steady is None else round(steady, 4),
-            warp_instructions_per_pair=tot["warp_instructions"] / pairs,
-            mufu_per_pair=tot["mufu_lanes"] / pairs,
-            tensor_flop_per_pair=tensor / pairs,
-            tensor_flop_by_type={k: v / pairs for k, v in tot["tensor_flops"].items()},
-            ffma_lanes_per_pair=tot["ffma_lanes"] / pairs,
-            l2_bytes_per_pair=tot["l2_bytes"] / pairs,
-            hbm_bytes_per_pair=hbm / pairs,
+            **per_pair(tot, hbm, pairs),
         ))
+    config = dict(arch=arch, dtype=dtype, bank_dtype=bank_dtype, precision=precision if dtype == "float32" else None,
+                  D=D, B=B, K=K, objective=objective, memory=memory)
+    return summarise(config, gpu, kernels)
+
+
+def summarise(config: dict, gpu: GPU, kernels: list[dict]) -> dict:
+    """The call's result (the --json object) from its kernels' per-pair figures: totals, the bounds on `gpu`
+    and the prediction. One code path for both backends."""
+    D, pairs = config["D"], config["B"] * config["K"]
     total = {key: sum(k[key] for k in kernels) for key in (
         "warp_instructions_per_pair", "mufu_per_pair", "tensor_flop_per_pair", "ffma_lanes_per_pair",
         "l2_bytes_per_pair", "hbm_bytes_per_pair")}
@@ -296,8 +339,7 @@ def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest"
     bounds_ms = {k: v * 1e3 for k, v in bounds.items()}
     predicted = max(bounds_ms.values())
     return dict(
-        config=dict(arch=arch, dtype=dtype, bank_dtype=bank_dtype, precision=precision if dtype == "float32" else None,
-                    D=D, B=B, K=K, objective=objective, memory=memory),
+        config=config,
         gpu=gpu.name,
         warp_instructions_per_pair=total["warp_instructions_per_pair"],
         mufu_per_pair=total["mufu_per_pair"],
@@ -318,6 +360,10 @@ def _fmt(x, nd=3):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def _fmt_int(x):
+    return "-" if x is None else str(x)
+
+
 def format_result(r: dict) -> str:
     c = r["config"]
     head = (f"{c['arch']} {c['dtype']}{'/' + c['precision'] if c['precision'] else ''} bank {c['bank_dtype']} "
@@ -326,7 +372,8 @@ def format_result(r: dict) -> str:
                    f"{'MUFU/pair':>9} {'products':>8} {'L2 B/pair':>9} {'HBM B/pair':>10}"]
     for k in r["kernels"]:
         lines.append(
-            f"{k['name']:24} {'x'.join(map(str, k['grid'])):>16} {k['warps']:>5} {k['regs']:>4} {k['stack']:>5} "
+            f"{k['name']:24} {'x'.join(map(str, k['grid'])):>16} {k['warps']:>5} {_fmt_int(k['regs']):>4} "
+            f"{_fmt_int(k['stack']):>5} "
             f"{_fmt(k['steady_warp_instructions_per_pair']):>11} {_fmt(k['warp_instructions_per_pair']):>15} "
             f"{_fmt(k['mufu_per_pair']):>9} {_fmt(k['tensor_flop_per_pair'] / (2 * c['D']), 2):>8} "
             f"{_fmt(k['l2_bytes_per_pair'], 2):>9} {_fmt(k['hbm_bytes_per_pair'], 3):>10}")
@@ -351,12 +398,23 @@ def table_row(r: dict) -> str:
             f"{r['bounds_ms']['mufu']:>7.3f} {r['bounds_ms']['memory']:>7.3f} {r['predicted_ms']:>9.3f}")
 
 
-def table(results: list[dict]) -> str:
-    import triton
-    lines = [
-        f"# Static cost model (tools/cost_model.py), triton {triton.__version__}: forward + backward per (row, bank row)",
+def table_header(backend: str = "triton") -> list[str]:
+    if backend == "cuda":
+        from tools import cuda_cost
+        first = [f"# Static cost model of the CUDA backend (tools/cuda_cost.py), nvcc {cuda_cost.nvcc_version()},",
+                 f"# csrc source {cuda_cost.source_hash()}: forward + backward per (row, bank row)"]
+    else:
+        import triton
+        first = [f"# Static cost model (tools/cost_model.py), triton {triton.__version__}: forward + backward per (row, bank row)"]
+    return first + [
         "# pair, counted from the SASS of every kernel one call launches; bounds and predicted time in ms on the",
         "# named GPU (datasheet peaks x the share an H200 reached); real times so far ~2.3x predicted (docs/cost-model.md).",
+    ]
+
+
+def table(results: list[dict], backend: str = "triton") -> str:
+    lines = [
+        *table_header(backend),
         f"{'arch':6} {'mode':17} {'D':>4} {'B':>5} {'K':>8} {'gpu':15} {'instr':>8} {'MUFU':>6} {'prod':>5} "
         f"{'L2 B':>7} {'issue':>7} {'tensor':>7} {'mufu':>7} {'memory':>7} {'predicted':>9}",
     ]
@@ -371,16 +429,38 @@ def _config_key(c: dict) -> str:
     return f"{c['arch']} {mode} D{c['D']} B{c['B']} K{c['K']}"
 
 
+def analyse_backend(backend: str = "triton", module=None, **config) -> dict:
+    if backend == "cuda":
+        from tools import cuda_cost
+        return cuda_cost.analyse(**config, module=module)
+    if module is not None:
+        raise ValueError("--module counts a built CUDA extension: it needs --backend cuda")
+    return analyse(**config)
+
+
 def _run_config(c):
     return analyse(**c)
 
 
-def run_table(jobs=1) -> list[dict]:
-    if jobs <= 1:
-        return [_run_config(c) for c in CONFIGS]
+def _compile_cuda(arch):
+    from tools import cuda_cost
+    cuda_cost.machine_code(arch)
+
+
+def run_table(jobs=1, backend: str = "triton") -> list[dict]:
     import concurrent.futures as futures
+    configs = BACKENDS[backend][0]
+    if backend == "cuda":
+        # Compile each architecture once (in parallel), then count from the cache: seconds per row.
+        from tools import cuda_cost
+        archs = sorted({c["arch"] for c in configs})
+        with futures.ProcessPoolExecutor(max_workers=max(1, min(jobs, len(archs)))) as pool:
+            list(pool.map(_compile_cuda, archs))
+        return [cuda_cost.analyse(**c) for c in configs]
+    if jobs <= 1:
+        return [_run_config(c) for c in configs]
     with futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(_run_config, CONFIGS))
+        return list(pool.map(_run_config, configs))
 
 
 BUDGET_KEYS = ("warp_instructions_per_pair", "mufu_per_pair", "bank_products")
@@ -395,7 +475,7 @@ def regressions(results: list[dict], budget: dict, slack: float = 0.0) -> list[s
     out = []
     for key, now in budget_of(results).items():
         if key not in budget:
-            out.append(f"{key}: no committed budget (run `python -m tools.cost_model --table --write`)")
+            out.append(f"{key}: no committed budget (run `python -m tools.cost_model [--backend cuda] --table --write`)")
             continue
         for k in BUDGET_KEYS:
             limit = budget[key][k] * (1 + slack) + 1e-4
@@ -423,23 +503,31 @@ def main(argv=None) -> int:
     p.add_argument("--memory", default="fifo", choices=["fifo", "gathered"],
                    help="fifo: the bank kernels; gathered: the momentum memory's gathered-memory kernels, K "
                         "columns per row (default %(default)s)")
+    p.add_argument("--backend", default="triton", choices=sorted(BACKENDS),
+                   help="the kernels to count: triton (rrd_kernels/triton_kernels) or cuda (csrc/, compiled with "
+                        "nvcc; tools/cuda_cost.py) (default %(default)s)")
+    p.add_argument("--module", default=None, help="with --backend cuda: count the machine code of this built "
+                   "extension (rrd_kernels/_rrd_cuda*.so) instead of compiling csrc/rrd_cuda.cu")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--table", action="store_true", help="every benchmark configuration (CONFIGS), as one table")
+    p.add_argument("--table", action="store_true", help="every benchmark configuration (CONFIGS, or CUDA_CONFIGS "
+                   "with --backend cuda), as one table")
     p.add_argument("--write", action="store_true", help=f"with --table: rewrite {REPORT.relative_to(ROOT)} and "
-                   f"{BUDGET.relative_to(ROOT)} (refused where a figure got worse, unless --allow-worse)")
+                   f"{BUDGET.relative_to(ROOT)} (--backend cuda: {REPORT_CUDA.relative_to(ROOT)} and "
+                   f"{BUDGET_CUDA.relative_to(ROOT)}; refused where a figure got worse, unless --allow-worse)")
     p.add_argument("--allow-worse", action="store_true", help="with --write: accept a worse budget")
     p.add_argument("--check", action="store_true", help="with --table: exit 1 where a figure is worse than the "
                    "committed budget")
     p.add_argument("-j", "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes for --table")
     args = p.parse_args(argv)
+    _, report, budget_file = BACKENDS[args.backend]
     if args.table:
-        results = run_table(args.jobs)
-        text = table(results)
+        results = run_table(args.jobs, args.backend)
+        text = table(results, args.backend)
         if args.json:
             print(json.dumps(results, indent=1))
         else:
             print(text, end="")
-        budget = json.loads(BUDGET.read_text()) if BUDGET.exists() else {}
+        budget = json.loads(budget_file.read_text()) if budget_file.exists() else {}
         worse = regressions(results, budget)
         for line in worse:
             print("worse than budget: " + line, file=sys.stderr)
@@ -447,12 +535,13 @@ def main(argv=None) -> int:
             if worse and budget and not args.allow_worse:
                 print("not written: a budget would get worse (--allow-worse to accept it)", file=sys.stderr)
                 return 1
-            REPORT.write_text(text)
-            BUDGET.write_text(json.dumps(budget_of(results), indent=1, sort_keys=True) + "\n")
+            report.write_text(text)
+            budget_file.write_text(json.dumps(budget_of(results), indent=1, sort_keys=True) + "\n")
             return 0
         return 1 if (args.check and worse) else 0
-    r = analyse(args.arch, args.dtype, args.bank_dtype, args.precision, args.D, args.B, args.K, args.gpu,
-                args.objective, args.memory)
+    r = analyse_backend(args.backend, module=args.module, arch=args.arch, dtype=args.dtype, bank_dtype=args.bank_dtype,
+                        precision=args.precision, D=args.D, B=args.B, K=args.K, gpu=args.gpu,
+                        objective=args.objective, memory=args.memory)
     print(json.dumps(r, indent=1) if args.json else format_result(r))
     return 0
 

@@ -22,6 +22,7 @@ class Instr:
     addr: int
     opcode: str  # with modifiers, e.g. HGMMA.64x64x16.F32.BF16
     operands: str
+    pred: str = ""  # the guard predicate, e.g. "@!P0" ("" when unconditional)
 
     @property
     def op(self) -> str:
@@ -58,14 +59,45 @@ def parse(sass: str) -> list[Instr]:
     for line in sass.splitlines():
         m = _LINE.search(line)
         if m:
-            out.append(Instr(int(m.group(1), 16), m.group(3), m.group(4).strip()))
+            out.append(Instr(int(m.group(1), 16), m.group(3), m.group(4).strip(), m.group(2) or ""))
     return out
 
 
-def loops(instrs: list[Instr]) -> list[Loop]:
-    """Top-level loops (each with its nested children) from the backward branches."""
+def live(instrs: list[Instr]) -> set[int]:
+    """Addresses reachable from the entry without taking a cold edge: a `BRA.DIV` (taken only by a warp that
+    arrives diverged at a warp-synchronous instruction; nvcc places that fallback after the EXIT and branches
+    back) or a `CALL` (nvcc's out-of-line slow paths of division and square root, for operands near the ends
+    of the range). An indirect `BRX` is assumed to fall through: its jump table lands just after it."""
+    at = {ins.addr: k for k, ins in enumerate(instrs)}
+    seen: set[int] = set()
+    todo = [0] if instrs else []
+    while todo:
+        k = todo.pop()
+        if k >= len(instrs) or instrs[k].addr in seen:
+            continue
+        ins = instrs[k]
+        seen.add(ins.addr)
+        # `@P0 BRA` and `BRA !P0, target` are conditional; `BRA.DIV UR4, target` falls through (its edge is cold).
+        unconditional = not ins.pred and not re.match(r"!?U?P[T0-9]+\s*,", ins.operands)
+        if ins.op == "BRA" and "DIV" not in ins.opcode.split("."):
+            target = re.search(r"0x([0-9a-f]+)", ins.operands)
+            if target and int(target.group(1), 16) in at:
+                todo.append(at[int(target.group(1), 16)])
+            if unconditional:
+                continue
+        elif ins.op in ("EXIT", "RET") and unconditional:
+            continue
+        todo.append(k + 1)
+    return seen
+
+
+def loops(instrs: list[Instr], live_addrs: set[int] | None = None) -> list[Loop]:
+    """Top-level loops (each with its nested children) from the backward branches (with live_addrs: only
+    those of live instructions, see live())."""
     spans: dict[int, int] = {}
     for ins in instrs:
+        if live_addrs is not None and ins.addr not in live_addrs:
+            continue
         if ins.op == "BRA":
             target = re.search(r"0x([0-9a-f]+)", ins.operands)
             if target and int(target.group(1), 16) <= ins.addr:
@@ -133,3 +165,4 @@ def global_bytes_per_lane(ins: Instr) -> int:
         if width in mods:
             return size
     return 4
+
