@@ -10,10 +10,11 @@
 # whole never overruns; a stage that times out is recorded and the next one starts):
 #   env        versions of the GPU, driver, torch, triton, nvcc, compute-sanitizer
 #   predict    in the background from here on (CPU only, niced): python -m bench.predict, the static cost
-#              model (tools/cost_model.py) for each benchmarked Triton row on this GPU (its arch, sm_90 on
+#              model (tools/cost_model.py, and tools/cuda_cost.py with nvcc for the CUDA backend) for each
+#              benchmarked Triton and CUDA row on this GPU (its arch, sm_90 on
 #              an H100/H200; the model's H100/H200/A100 figures, else the H200's with a note), in a Triton
-#              cache of its own so the bench's first-call compile times stay real; ~10-20 s, done before
-#              the bench starts. The summary prints every triton row's measured ms beside predicted_ms,
+#              cache of its own so the bench's first-call compile times stay real; ~30 s, done before
+#              the bench starts. The summary prints every triton and cuda row's measured ms beside predicted_ms,
 #              calibrated_ms and measured/predicted (the data that calibrates the model)
 #   install    pip install --no-build-isolation --no-deps --no-index -e . (builds the CUDA extension with
 #              nvcc, sm_90 only unless RRD_CUDA_ARCHS says otherwise); if the extension then does not import
@@ -30,7 +31,7 @@
 # short keeps what finished: gpu_run.log (stage lines, versions), install.log, tests.log, selfcheck.log,
 # sanitizer.log, bench.log, bench-results.tar.gz (the bench folders: CSV, JSON, MD; predictions.json and
 # predict.log), summary.txt (rewritten after every stage: each stage's verdict, the benchmark table, the
-# cost model's predictions beside the measured triton rows).
+# cost model's predictions beside the measured triton and cuda rows).
 #
 # Knobs (environment): BUDGET_S, PYTHON (default python3), OUT (default bench/results/gpu-run-<time>),
 # SKIP_INSTALL=1, RRD_CUDA_ARCHS (default 90), BENCH_ARGS (extra arguments for both bench runs),
@@ -107,7 +108,7 @@ say "commit $RRD_GIT_COMMIT, budget ${BUDGET_S}s, out $OUT, work $WORK"
     (command -v compute-sanitizer && compute-sanitizer --version | tail -n 1) || echo "compute-sanitizer: not on PATH"
 } >>"$LOG" 2>&1
 
-# 0. the cost model's predictions for the benchmarked Triton rows (the same B, K, D, dtype as the two bench
+# 0. the cost model's predictions for the benchmarked Triton and CUDA rows (the same B, K, D, dtype as the two bench
 #    runs below), on the CPU in the background while the GPU stages run; waited for before the last summary
 PRED="$WORK/predictions.json"
 PRED_LOG="$WORK/predict.log"

@@ -1,11 +1,12 @@
-"""The static cost model's prediction (tools/cost_model.py) for benchmarked Triton configurations, on the GPU
-this machine has, written as JSON for the summary to print beside the measured times (bench/gpu_run.sh: the
-first GPU runs calibrate the model).
+"""The static cost model's prediction (tools/cost_model.py) for benchmarked configurations of the Triton and the
+CUDA C++ backends, on the GPU this machine has, written as JSON for the summary to print beside the measured
+times (bench/gpu_run.sh: the first GPU runs calibrate the model).
 
     python -m bench.predict --out predictions.json --row 64 16384 128 float32 --row 4096 262144 128 bfloat16
 
 The model runs on the CPU: it compiles the kernels one call launches with the real Triton for the device's
-arch under a stand-in driver and counts their SASS (~5-10 s a row on 2 cores). It compiles into a Triton
+arch under a stand-in driver and counts their SASS (~5-10 s a row on 2 cores); for the CUDA backend it
+compiles csrc/rrd_cuda.cu with nvcc and the build's flags (tools/cuda_cost.py, ~10 s per arch, then cached). It compiles into a Triton
 cache of its own, so a benchmark run next to it still compiles (and times) its kernels from scratch. The GPU
 is read from torch (or --device-name / --capability): its arch (sm_90 for H100/H200) is what is compiled
 for, and its name picks the model's figures (H100, H200, A100; any other GPU gets the H200's, with a note).
@@ -66,14 +67,18 @@ def _device(args) -> tuple[str, int, int, int]:
             smem, props.multi_processor_count)
 
 
+BACKENDS = ("triton", "cuda")  # what the model counts, as bench's provider names
+
+
 def _predict_row(job: dict) -> dict:
-    row = {k: job[k] for k in ("B", "K", "D", "dtype", "precision")}
+    row = {k: job[k] for k in ("backend", "B", "K", "D", "dtype", "precision")}
     t0 = time.time()
     try:
         from tools import cost_model
 
-        r = cost_model.analyse(arch=job["arch"], dtype=job["dtype"], precision=job["precision"], D=job["D"],
-                               B=job["B"], K=job["K"], gpu=job["gpu"])
+        r = cost_model.analyse_backend(job["backend"], arch=job["arch"], dtype=job["dtype"],
+                                       precision=job["precision"], D=job["D"], B=job["B"], K=job["K"],
+                                       gpu=job["gpu"])
         row.update(predicted_ms=r["predicted_ms"], calibrated_ms=r["calibrated_ms"], bound=r["bound"],
                    bounds_ms=r["bounds_ms"], model_gpu=r["gpu"], error=None)
     except Exception as exc:  # noqa: BLE001 - one row's failure is that row's entry, not the run's end
@@ -83,8 +88,8 @@ def _predict_row(job: dict) -> dict:
 
 
 def predict(rows: list[tuple[int, int, int, str]], device_name: str, capability: int, max_shared_mem: int = 0,
-            sm_count: int = 1, precision: str = "highest", jobs: int = 1) -> dict:
-    """The predictions document for these (B, K, D, dtype) rows on this device."""
+            sm_count: int = 1, precision: str = "highest", jobs: int = 1, backends=BACKENDS) -> dict:
+    """The predictions document for these (B, K, D, dtype) rows of each backend on this device."""
     gpu, gpu_note = gpu_for(device_name)
     arch, arch_note = arch_for(capability, max_shared_mem, sm_count)
     from tools import cost_model
@@ -97,7 +102,8 @@ def predict(rows: list[tuple[int, int, int, str]], device_name: str, capability:
     if arch is None:
         return doc
     # the precision matters for fp32 rows only (the model ignores it for fp16/bf16)
-    work = [dict(B=b, K=k, D=d, dtype=dt, precision=precision, arch=arch, gpu=gpu) for b, k, d, dt in rows]
+    work = [dict(backend=be, B=b, K=k, D=d, dtype=dt, precision=precision, arch=arch, gpu=gpu)
+            for be in backends for b, k, d, dt in rows]
     if jobs > 1 and len(work) > 1:
         import concurrent.futures as futures
         import multiprocessing
@@ -119,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a benchmarked configuration (repeatable)")
     p.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default="highest",
                    help="the bench run's fp32 matmul precision (high/medium: TF32) (default: %(default)s)")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="comma-separated backends to predict (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="rows compiled at once")
     p.add_argument("--device-name", help="the GPU's name as torch gives it (default: the current device's)")
@@ -136,6 +144,9 @@ def main(argv=None) -> int:
         if dt not in ("float32", "bfloat16", "float16"):
             p.error(f"--row dtype: float32, bfloat16 or float16, not {dt}")
         rows.append((int(b), int(k), int(d), dt))
+    backends = tuple(b for b in args.backends.split(",") if b)
+    if not backends or any(b not in BACKENDS for b in backends):
+        p.error(f"--backends: a comma-separated subset of {','.join(BACKENDS)}, not {args.backends!r}")
     # A Triton cache of its own, set before triton is imported (the model would take the caller's otherwise,
     # and leave the bench's kernels compiled in it): the bench's first-call times include its compiles.
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="rrd-predict-")
@@ -144,7 +155,7 @@ def main(argv=None) -> int:
     name, cap, smem, sms = _device(args)
     precision = "high" if args.matmul_precision != "highest" else "highest"
     t0 = time.time()
-    doc = predict(rows, name, cap, smem, sms, precision, args.jobs)
+    doc = predict(rows, name, cap, smem, sms, precision, args.jobs, backends)
     doc["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
@@ -155,7 +166,7 @@ def main(argv=None) -> int:
     for r in doc["rows"]:
         what = (f"predicted {r['predicted_ms']:.3f} ms ({r['bound']}-bound), calibrated {r['calibrated_ms']:.3f} ms"
                 if r["error"] is None else r["error"])
-        print(f"  B {r['B']} K {r['K']} D {r['D']} {r['dtype']}: {what} [{r['seconds']} s]")
+        print(f"  {r['backend']} B {r['B']} K {r['K']} D {r['D']} {r['dtype']}: {what} [{r['seconds']} s]")
     print(f"bench.predict: {len(doc['rows'])} rows in {doc['seconds']} s -> {args.out}")
     failed = doc["arch"] is None or any(r["error"] for r in doc["rows"])
     return 1 if failed else 0

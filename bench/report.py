@@ -157,20 +157,23 @@ def _precision_of(row: dict) -> str | None:
 
 
 def prediction_lines(rows: list[dict], predictions: dict | None, mode: str = "fwd+bwd") -> list[str]:
-    """The measured triton rows beside the static cost model's prediction for the same (B, K, D, dtype) and
-    GPU (bench/predict.py): python and graph medians, predicted and calibrated ms, measured / predicted."""
+    """The measured triton and cuda rows beside the static cost model's prediction for the same backend,
+    (B, K, D, dtype) and GPU (bench/predict.py): python and graph medians, predicted and calibrated ms,
+    measured / predicted."""
     if not predictions:
         return ["cost model: no predictions (bench/predict.py did not finish)"]
     note = f"; {predictions['note']}" if predictions.get("note") else ""
-    out = [f"cost model vs measured (triton {mode}; tools/cost_model.py for {predictions.get('arch')} on "
+    out = [f"cost model vs measured ({mode}; tools/cost_model.py for {predictions.get('arch')} on "
            f"{predictions.get('gpu')}, device {predictions.get('device')}{note}):",
-           f"{'B':>5} {'K':>8} {'D':>4} {'dtype':>15} {'status':>10} {'py ms':>9} {'graph ms':>9} {'pred ms':>9} "
-           f"{'calib ms':>9} {'py/pred':>7} {'gr/pred':>7} bound"]
-    preds = {(p["B"], p["K"], p["D"], p["dtype"], p.get("precision")): p for p in predictions.get("rows", [])}
+           f"{'backend':>7} {'B':>5} {'K':>8} {'D':>4} {'dtype':>15} {'status':>10} {'py ms':>9} {'graph ms':>9} "
+           f"{'pred ms':>9} {'calib ms':>9} {'py/pred':>7} {'gr/pred':>7} bound"]
+    # documents written before the CUDA model hold triton rows without a backend field
+    preds = {(p.get("backend", "triton"), p["B"], p["K"], p["D"], p["dtype"], p.get("precision")): p
+             for p in predictions.get("rows", [])}
     by: dict[tuple, dict] = {}
     for r in rows:
-        if r.get("provider") == "triton" and r.get("mode") == mode:
-            key = (r["B"], r["K"], r["D"], r["dtype"], _precision_of(r))
+        if r.get("provider") in ("triton", "cuda") and r.get("mode") == mode:
+            key = (r["provider"], r["B"], r["K"], r["D"], r["dtype"], _precision_of(r))
             by.setdefault(key, {})[r.get("timing")] = r
     for key in list(by) + [k for k in preds if k not in by]:
         d = by.get(key, {})
@@ -189,11 +192,11 @@ def prediction_lines(rows: list[dict], predictions: dict | None, mode: str = "fw
         mpy = py.get("median_ms") if py.get("status") in OK_STATUSES else None
         mgr = gr.get("median_ms") if gr.get("status") in OK_STATUSES else None
         bound = p.get("bound") or (p.get("error") or "no prediction")[:60]
-        dtype = key[3] + ("/" + key[4] if key[4] else "")
-        out.append(f"{key[0]:>5} {key[1]:>8} {key[2]:>4} {dtype:>15} {status[:10]:>10} {ms(mpy)} {ms(mgr)} "
-                   f"{ms(pred)} {ms(calib)} {ratio(mpy)} {ratio(mgr)} {bound}")
+        dtype = key[4] + ("/" + key[5] if key[5] else "")
+        out.append(f"{key[0]:>7} {key[1]:>5} {key[2]:>8} {key[3]:>4} {dtype:>15} {status[:10]:>10} {ms(mpy)} "
+                   f"{ms(mgr)} {ms(pred)} {ms(calib)} {ratio(mpy)} {ratio(mgr)} {bound}")
     if len(out) == 2:
-        out.append("  (no triton rows measured and no predictions)")
+        out.append("  (no triton or cuda rows measured and no predictions)")
     return out
 
 

@@ -1,5 +1,5 @@
 """Print the short summary table of finished runs: python -m bench.summary DIR [DIR ...] [--mode MODE]
-[--predictions FILE] (bench/predict.py's JSON: the triton rows of all DIRs beside the cost model's)."""
+[--predictions FILE] (bench/predict.py's JSON: the triton and cuda rows of all DIRs beside the cost model's)."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     p.add_argument("dirs", nargs="+", type=Path, help="output folders of python -m bench (with results.json)")
     p.add_argument("--mode", default="fwd+bwd", choices=["fwd", "bwd", "fwd+bwd"])
     p.add_argument("--limit", type=int, default=40)
-    p.add_argument("--predictions", type=Path, help="bench/predict.py's output: print the triton rows beside it")
+    p.add_argument("--predictions", type=Path, help="bench/predict.py's output: print the triton and cuda rows beside it")
     args = p.parse_args(argv)
     status = 0
     every_row = []

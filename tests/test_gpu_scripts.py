@@ -211,21 +211,21 @@ def test_predict_maps_the_device_to_the_models_gpu_and_arch():
 
 
 def test_predict_writes_each_row_with_a_triton_cache_of_its_own(monkeypatch, tmp_path):
-    """bench.predict calls tools.cost_model.analyse per row with the device's arch and GPU, in a Triton cache
-    that is not the caller's (the bench's first-call compile times must stay real); a failing row is an
-    entry with its error and exit status 1."""
+    """bench.predict calls tools.cost_model.analyse_backend per row and backend (triton and cuda) with the
+    device's arch and GPU, in a Triton cache that is not the caller's (the bench's first-call compile times
+    must stay real); a failing row is an entry with its error and exit status 1."""
     from bench import predict
     from tools import cost_model
 
     seen = []
 
-    def fake_analyse(**kw):
-        seen.append((kw, os.environ["TRITON_CACHE_DIR"]))
+    def fake_analyse(backend, **kw):
+        seen.append((backend, kw, os.environ["TRITON_CACHE_DIR"]))
         if kw["D"] == 7:
             raise RuntimeError("no")
         return dict(predicted_ms=1.5, calibrated_ms=3.45, bound="issue", bounds_ms={"issue": 1.5}, gpu="H100 SXM5")
 
-    monkeypatch.setattr(cost_model, "analyse", fake_analyse)
+    monkeypatch.setattr(cost_model, "analyse_backend", fake_analyse)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "bench-cache"))
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))  # restored afterwards
     out = tmp_path / "p.json"
@@ -235,22 +235,25 @@ def test_predict_writes_each_row_with_a_triton_cache_of_its_own(monkeypatch, tmp
     assert rc == 0
     doc = __import__("json").loads(out.read_text())
     assert (doc["gpu"], doc["arch"], doc["device"]) == ("H100", "sm_90", "NVIDIA H100 80GB HBM3")
-    assert [(r["B"], r["K"], r["D"], r["dtype"], r["precision"]) for r in doc["rows"]] == [
-        (64, 16384, 128, "float32", "highest"), (4096, 262144, 128, "bfloat16", None)]
+    assert [(r["backend"], r["B"], r["K"], r["D"], r["dtype"], r["precision"]) for r in doc["rows"]] == [
+        (be, 64, 16384, 128, "float32", "highest") if b == 64 else (be, 4096, 262144, 128, "bfloat16", None)
+        for be in ("triton", "cuda") for b in (64, 4096)]
     assert all(r["predicted_ms"] == 1.5 and r["calibrated_ms"] == 3.45 for r in doc["rows"])
-    assert [(kw["arch"], kw["gpu"], kw["dtype"], kw["B"]) for kw, _ in seen] == [
-        ("sm_90", "H100", "float32", 64), ("sm_90", "H100", "bfloat16", 4096)]
-    assert all(cache != str(tmp_path / "bench-cache") for _, cache in seen)
+    assert [(be, kw["arch"], kw["gpu"], kw["dtype"], kw["B"]) for be, kw, _ in seen] == [
+        (be, "sm_90", "H100", dt, b) for be in ("triton", "cuda") for dt, b in (("float32", 64), ("bfloat16", 4096))]
+    assert all(cache != str(tmp_path / "bench-cache") for _, _, cache in seen)
     rc = predict.main(["--out", str(out), "--jobs", "1", "--device-name", "NVIDIA H200", "--capability", "90",
-                       "--matmul-precision", "high", "--row", "8", "300", "7", "float32"])
+                       "--matmul-precision", "high", "--backends", "triton", "--row", "8", "300", "7", "float32"])
     doc = __import__("json").loads(out.read_text())
-    assert rc == 1 and doc["rows"][0]["error"] == "RuntimeError: no" and doc["rows"][0]["precision"] == "high"
-    assert doc["note"] == ""
+    assert rc == 1 and len(doc["rows"]) == 1 and doc["rows"][0]["error"] == "RuntimeError: no"
+    assert doc["rows"][0]["precision"] == "high" and doc["note"] == ""
     predict.main(["--out", str(out), "--jobs", "1", "--device-name", "NVIDIA B200", "--capability", "100",
                   "--row", "8", "300", "32", "bfloat16"])
     doc = __import__("json").loads(out.read_text())
     assert (doc["gpu"], doc["arch"]) == ("H200", "sm_100") and "H200 figures" in doc["note"]
     assert "sm_80/sm_86/sm_90 SASS" in doc["note"]
+    with pytest.raises(SystemExit):
+        predict.main(["--out", str(out), "--backends", "triton,mlx", "--row", "8", "300", "32", "bfloat16"])
 
 
 def _bench_dir(tmp_path, name, rows, precision="highest"):
@@ -266,7 +269,7 @@ def _bench_dir(tmp_path, name, rows, precision="highest"):
     return d
 
 
-def test_summary_prints_each_measured_triton_row_beside_its_prediction(tmp_path, capsys):
+def test_summary_prints_each_measured_triton_and_cuda_row_beside_its_prediction(tmp_path, capsys):
     import json
 
     from bench import summary
@@ -275,6 +278,7 @@ def test_summary_prints_each_measured_triton_row_beside_its_prediction(tmp_path,
         dict(B=64, K=16384, D=128, dtype="float32", timing="python", status="ok", median_ms=0.50),
         dict(B=64, K=16384, D=128, dtype="float32", timing="graph", status="ok", median_ms=0.20),
         dict(B=64, K=16384, D=128, dtype="float32", timing="python", status="ok", median_ms=9.0, provider="eager"),
+        dict(B=64, K=16384, D=128, dtype="float32", timing="python", status="ok", median_ms=0.80, provider="cuda"),
     ])
     big = _bench_dir(tmp_path, "big", [
         dict(B=4096, K=262144, D=128, dtype="bfloat16", timing="python", status="error", median_ms=None,
@@ -283,21 +287,29 @@ def test_summary_prints_each_measured_triton_row_beside_its_prediction(tmp_path,
     pred = tmp_path / "predictions.json"
     pred.write_text(json.dumps({"device": "NVIDIA H200", "gpu": "H200", "arch": "sm_90", "note": "", "rows": [
         dict(B=64, K=16384, D=128, dtype="float32", precision="highest", predicted_ms=0.1, calibrated_ms=0.23,
-             bound="issue", error=None),
-        dict(B=4096, K=262144, D=128, dtype="bfloat16", precision=None, predicted_ms=7.2, calibrated_ms=16.56,
-             bound="issue", error=None),
-        dict(B=8, K=300, D=32, dtype="float16", precision=None, predicted_ms=None, calibrated_ms=None,
-             error="RuntimeError: no"),
+             bound="issue", error=None),  # no backend field: a document from before the CUDA model, triton
+        dict(backend="cuda", B=64, K=16384, D=128, dtype="float32", precision="highest", predicted_ms=0.4,
+             calibrated_ms=0.92, bound="issue", error=None),
+        dict(backend="triton", B=4096, K=262144, D=128, dtype="bfloat16", precision=None, predicted_ms=7.2,
+             calibrated_ms=16.56, bound="issue", error=None),
+        dict(backend="triton", B=8, K=300, D=32, dtype="float16", precision=None, predicted_ms=None,
+             calibrated_ms=None, error="RuntimeError: no"),
     ]}))
     assert summary.main([str(paper), str(big), "--predictions", str(pred)]) == 0
     out = capsys.readouterr().out
     lines = out[out.index("cost model vs measured"):].splitlines()
     assert "sm_90 on H200" in lines[0] and "device NVIDIA H200" in lines[0]
-    fp32 = next(line for line in lines if line.split()[:4] == ["64", "16384", "128", "float32/highest"]).split()
-    assert fp32[4:11] == ["ok", "0.5000", "0.2000", "0.1000", "0.2300", "5.0", "2.0"] and fp32[11] == "issue"
-    bf16 = next(line for line in lines if line.split()[:4] == ["4096", "262144", "128", "bfloat16"]).split()
-    assert bf16[4:9] == ["error", "-", "-", "7.2000", "16.5600"]  # failed: no time, the prediction still shown
-    lost = next(line for line in lines if line.split()[:4] == ["8", "300", "32", "float16"])
+
+    def row(*head):
+        return next(line for line in lines if line.split()[:5] == list(head)).split()
+
+    fp32 = row("triton", "64", "16384", "128", "float32/highest")
+    assert fp32[5:12] == ["ok", "0.5000", "0.2000", "0.1000", "0.2300", "5.0", "2.0"] and fp32[12] == "issue"
+    cuda = row("cuda", "64", "16384", "128", "float32/highest")
+    assert cuda[5:12] == ["ok", "0.8000", "-", "0.4000", "0.9200", "2.0", "-"]
+    bf16 = row("triton", "4096", "262144", "128", "bfloat16")
+    assert bf16[5:10] == ["error", "-", "-", "7.2000", "16.5600"]  # failed: no time, the prediction still shown
+    lost = " ".join(row("triton", "8", "300", "32", "float16"))
     assert "not run" in lost and "RuntimeError: no" in lost
     assert not any(line.split()[:1] == ["eager"] for line in lines)
     # without the file (the stage did not finish) the table says so and the rest of the summary stands
@@ -316,9 +328,13 @@ def test_predict_runs_the_real_cost_model(tmp_path):
         pytest.skip("triton not installed")
     out = tmp_path / "p.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    backends = ["triton", "cuda"] if shutil.which("nvcc") else ["triton"]  # the CUDA model compiles with nvcc
     run = subprocess.run([sys.executable, "-m", "bench.predict", "--out", str(out), "--jobs", "1",
-                          "--device-name", "NVIDIA H200", "--capability", "90", "--row", "64", "16384", "128",
-                          "float32"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          "--device-name", "NVIDIA H200", "--capability", "90", "--backends", ",".join(backends),
+                          "--row", "64", "16384", "128", "float32"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    row = __import__("json").loads(out.read_text())["rows"][0]
-    assert row["error"] is None and 0 < row["predicted_ms"] < row["calibrated_ms"] and row["bound"]
+    rows = __import__("json").loads(out.read_text())["rows"]
+    assert [r["backend"] for r in rows] == backends
+    for row in rows:
+        assert row["error"] is None and 0 < row["predicted_ms"] < row["calibrated_ms"] and row["bound"], row
