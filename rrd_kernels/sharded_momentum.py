@@ -307,6 +307,11 @@ def _range_of(sd: dict, prefix: str, i: int):
     return lo, hi, n
 
 
+def _sampler_state(sd: dict, prefix: str):
+    extra = sd.get(prefix + "_extra_state")
+    return extra.get("sampler_state") if isinstance(extra, dict) else None
+
+
 def reshard_memory_state(state_dicts: list, world: int = 1, rank: int = 0, prefix: str = "") -> dict:
     """The state_dict that rank ``rank`` of ``world`` loads, from every rank's state_dict of a sharded
     RRDMomentumLoss saved with any number of ranks (any order; an unsharded state_dict counts as one rank
@@ -325,8 +330,8 @@ def reshard_memory_state(state_dicts: list, world: int = 1, rank: int = 0, prefi
         if key in first and not torch.equal(sd[key], first[key]):
             raise ValueError(f"state_dicts[{i}] has {key} {sd[key].tolist()}, state_dicts[0] "
                              f"{first[key].tolist()}: not one checkpoint")
-        extra = prefix + "_extra_state"
-        if extra in first and not torch.equal(sd[extra]["sampler_state"], first[extra]["sampler_state"]):
+        mine, theirs = _sampler_state(sd, prefix), _sampler_state(first, prefix)
+        if theirs is not None and (mine is None or not torch.equal(mine, theirs)):
             raise ValueError(f"state_dicts[{i}] has another sampler state than state_dicts[0]: not one checkpoint "
                              f"(a sharded module's sampler is the same on every rank)")
     if isinstance(world, bool) or not isinstance(world, int) or world < 1 or world > n:
