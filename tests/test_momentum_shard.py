@@ -125,6 +125,33 @@ def refusals(seed, rank, ckpt):
     return out
 
 
+def received_bytes(crit, args, world):
+    """One step with the collectives wrapped: the bytes this rank receives from its peers, per collective
+    (all-gather (W-1) x the input, all-to-all (W-1)/W of it, reduce-scatter (W-1) x the output, all-reduce
+    as a ring, 2 (W-1)/W of it)."""
+    log, saved = [], {}
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    counters = {"all_gather": lambda parts, x, **k: (world - 1) * size(x),
+                "all_to_all_single": lambda out, x, **k: size(x) * (world - 1) // world,
+                "all_reduce": lambda x, **k: 2 * size(x) * (world - 1) // world,
+                "reduce_scatter_single": lambda out, x, **k: (world - 1) * size(out),
+                "reduce_scatter_tensor": lambda out, x, **k: (world - 1) * size(out)}
+    for name, count in counters.items():
+        if hasattr(dist, name):
+            saved[name] = getattr(dist, name)
+
+            def wrapped(*a, _fn=saved[name], _name=name, _count=count, **k):
+                log.append((_name, _count(*a, **k)))
+                return _fn(*a, **k)
+            setattr(dist, name, wrapped)
+    try:
+        crit(*args).backward()
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+    return log
+
+
 def _worker(rank, world, port, out_dir, seed):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -144,6 +171,10 @@ def _worker(rank, world, port, out_dir, seed):
             dist.barrier()
             ckpt = [torch.load(os.path.join(out_dir, f"ckpt2_rank{r}.pt"), weights_only=False) for r in range(2)]
             out["refusals"] = refusals(seed, rank, ckpt)
+            f_s, f_t, idx, contrast = local_batch(seed, 0, rank)
+            out["bytes"] = {given: received_bytes(make_module(seed, scores="faithful"),
+                                                  (f_s.requires_grad_(), f_t, idx, contrast if given else None), world)
+                            for given in (False, True)}
         else:
             ckpt2 = torch.load(os.path.join(out_dir, "ckpt2.pt"), weights_only=False)
             crit = make_module(seed + 7)  # other heads, memories and sampler: the load must replace them all
@@ -421,3 +452,19 @@ def test_drawn_negatives_are_uniform_over_the_whole_memory(gen):
         draw_owned(g[r], ShardLayout(N_DATA, 3, r), y, NCE_K)
     assert torch.equal(g[0].get_state(), g[1].get_state()) and torch.equal(g[0].get_state(), g[2].get_state())
     assert not torch.equal(drawn_index(g[0].get_state(), 3, y), index)
+
+
+def test_communication_per_step_is_the_documented_formula(runs):
+    """docs/momentum-memory.md's table, counted on the wrapped collectives of one "faithful" step with a
+    gradient (fp32, e = 4): header 80 (W-1), indices 8 (W-1) B (drawn) or 8 (W-1) B K1 (given), then
+    (W-1) B (2D + 4 + 2 + D) e for the embeddings, row states, LSEs and gradient sums, and the Z all-reduce
+    of 2 values (a ring: 2 (W-1)/W of its 2e bytes).
+    Independent of nce_k but for the given indices."""
+    _, res = runs
+    W, e, K1 = 2, 4, NCE_K + 1
+    for given in (False, True):
+        log = res[2][0]["bytes"][given]
+        total = sum(b for _, b in log)
+        formula = (80 * (W - 1) + 8 * (W - 1) * B * (K1 if given else 1) + (W - 1) * B * (3 * FEAT + 6) * e
+                   + 2 * (W - 1) * 2 * e // W)
+        assert total == formula, (given, log)
