@@ -14,8 +14,10 @@ from .momentum_memory import momentum_rows, uniform_memory
 from .bank import distributed_world
 from .nn import _features, _positive_int
 from .reference import NORM_EPS, OBJECTIVES
-from .sampler import UniformSampler, rank_generator, to_device
+from .sampler import UniformSampler, make_generator, rank_generator, to_device
 from .sharded_loss import all_gather_rows
+from .sharded_momentum import (MEMORY_SHARD_KEY, draw_owned, exchange, fit_state_dict, memory_layout,
+                               owned_entries, share_generator, shared_seed, sharded_step, uniform_memory_range)
 
 MOMENTUM_BACKENDS = ("auto", "torch", "triton")  # rrd_kernels/gathered.py: GATHERED_BACKENDS
 # Index dtypes that convert to int64 exactly (uint16/32/64 may not, bool is not an index).
@@ -109,6 +111,22 @@ class RRDMomentumLoss(nn.Module):
     generator whose seed is mixed with r (rank 0 keeps the seed as given, the single-process draws), so the
     ranks' negatives do not coincide; a torch.Generator passed in is used as given on every rank (seed it
     per rank yourself). The state_dict holds this rank's sampler state: save and restore it per rank.
+
+    shard_memory (default False): the memories sharded across the ranks of an initialised process group of W
+    ranks (built after init_process_group; needs gather_distributed=True and n_data >= W): rank r stores rows
+    [lo_r, hi_r) of memory_s and memory_t (``layout``: contiguous, the torch.tensor_split sizes), scores the
+    entries of the global batch's index that it owns, and the per-row softmax states are merged across the
+    ranks exactly; each step is that of one process running the concatenated global batch (W B rows, rank
+    order) with the same memory rows per sample: per-rank loss and gradient of its rows, the memory update, Z from the W B x (nce_k + 1) scores.
+    Drawn negatives: uniform with replacement as unsharded, but drawn per slice (how many of each row's
+    nce_k fall in each slice, from one generator shared by all ranks, then each rank its own rows), so no
+    rank draws the whole global batch's; they are not the unsharded sampler's numbers. The generator must be
+    the same on every rank (None: rank 0's seed; an int or a torch.Generator: checked at construction).
+    idx and contrast_idx must be CPU tensors (a given contrast_idx is all-gathered and each rank finds the
+    entries it owns on the host). Backend torch only. The state_dict holds this rank's rows and
+    ``memory_shard_range`` [lo, hi, n_data]; it loads full memories (keeping its rows) and
+    rrd_kernels.reshard_memory_state turns the per-rank state_dicts into those of any other W (or one
+    process). docs/momentum-memory.md ("Sharded memories").
     """
 
     def __init__(
@@ -127,6 +145,7 @@ class RRDMomentumLoss(nn.Module):
         backend: str = "auto",
         generator=None,
         gather_distributed: bool = True,
+        shard_memory: bool = False,
     ):
         super().__init__()
         self.s_dim = _positive_int(s_dim, "s_dim")
@@ -149,19 +168,47 @@ class RRDMomentumLoss(nn.Module):
                              "for scores='faithful'")
         self.scores, self.objective, self.backend = scores, objective, backend
         self.gather_distributed = bool(gather_distributed)
-        world = distributed_world()
-        rank = torch.distributed.get_rank() if world > 1 else 0
-        self.sampler = UniformSampler(self.n_data, self.nce_k, rank_generator(generator, rank))
+        # The layout is fixed at construction: the buffers' sizes depend on it.
+        self.layout = memory_layout(self.n_data, self.gather_distributed, backend) if shard_memory else None
+        if self.layout is not None:
+            self.sampler = UniformSampler(self.n_data, self.nce_k, make_generator(generator))
+            share_generator(self.sampler.generator, given=generator is not None)
+        else:
+            world = distributed_world()
+            rank = torch.distributed.get_rank() if world > 1 else 0
+            self.sampler = UniformSampler(self.n_data, self.nce_k, rank_generator(generator, rank))
         self.embed_s = nn.Linear(s_dim, feat_dim)
         self.embed_t = nn.Linear(t_dim, feat_dim)
-        self.register_buffer("memory_s", uniform_memory(self.n_data, feat_dim))
-        self.register_buffer("memory_t", uniform_memory(self.n_data, feat_dim))
+        for name in ("memory_s", "memory_t"):
+            if self.layout is None:
+                self.register_buffer(name, uniform_memory(self.n_data, feat_dim))
+            else:  # one seed (rank 0's) fixes both global memories, whatever W; no rank forms n_data x D
+                rows = uniform_memory_range(self.n_data, feat_dim, self.layout.lo, self.layout.hi, shared_seed())
+                self.register_buffer(name, rows)
         self.register_buffer("z", torch.full((2,), -1.0))  # (Z_s, Z_t), "faithful" only; < 0: not set yet
 
     def extra_repr(self) -> str:
         return (f"n_data={self.n_data}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, tau_s={self.tau_s}, "
                 f"tau_t={self.tau_t}, nce_m={self.nce_m}, nce_t={self.nce_t}, scores={self.scores!r}, "
-                f"objective={self.objective!r}, backend={self.backend!r}, gather_distributed={self.gather_distributed}")
+                f"objective={self.objective!r}, backend={self.backend!r}, gather_distributed={self.gather_distributed}"
+                + (f", shard_memory rows [{self.layout.lo}, {self.layout.hi}) of {self.layout.world} ranks"
+                   if self.layout is not None else ""))
+
+    @property
+    def memory_is_sharded(self) -> bool:
+        return self.layout is not None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout is not None:
+            destination[prefix + MEMORY_SHARD_KEY] = torch.tensor([self.layout.lo, self.layout.hi, self.n_data])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # load_state_dict passes its own shallow copy of the caller's dict: replacing entries is safe.
+        fit_state_dict(self, state_dict, prefix, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def get_extra_state(self):
         return {"sampler_state": self.sampler.get_state()}
@@ -174,6 +221,9 @@ class RRDMomentumLoss(nn.Module):
     def sample_contrast_idx(self, idx: torch.Tensor) -> torch.Tensor:
         """The B x (nce_k + 1) memory rows forward would use without contrast_idx: idx first, then nce_k
         uniform draws. Advances the sampler (the next forward draws the next ones)."""
+        if self.layout is not None:
+            raise ValueError("sample_contrast_idx: with shard_memory=True the draws cover the whole global batch "
+                             "and are made inside forward (pass contrast_idx to forward to choose them)")
         y, _ = self._index(idx, "idx", (None,), self.memory_s.device)
         return torch.cat([y[:, None], self.sampler.draw(y.shape[0], y.device)], dim=1)
 
@@ -210,18 +260,24 @@ class RRDMomentumLoss(nn.Module):
                              f"index first, or (B, nce_k) = ({batch}, {k}), negatives only; got {shape}")
         return self._index(contrast_idx, "contrast_idx", (batch, k + 1), device)
 
-    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor, idx: torch.Tensor,
-                contrast_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def _features(self, f_s, f_t):
         f_s = _features(f_s, "f_s", self.s_dim)
         f_t = _features(f_t, "f_t", self.t_dim)
-        batch = f_s.shape[0]
-        if f_t.shape[0] != batch:
-            raise ValueError(f"f_s and f_t must have the same batch size, got {batch} and {f_t.shape[0]}")
+        if f_t.shape[0] != f_s.shape[0]:
+            raise ValueError(f"f_s and f_t must have the same batch size, got {f_s.shape[0]} and {f_t.shape[0]}")
         for name, f, head in (("f_s", f_s, self.embed_s), ("f_t", f_t, self.embed_t)):
             if f.dtype != head.weight.dtype and not torch.is_autocast_enabled(f.device.type):
                 raise TypeError(f"{name} has dtype {f.dtype} but the {name[-1]} head's weights are {head.weight.dtype}")
             if f.device != head.weight.device:
                 raise ValueError(f"{name} is on {f.device} but the module is on {head.weight.device}")
+        return f_s, f_t
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor, idx: torch.Tensor,
+                contrast_idx: torch.Tensor | None = None) -> torch.Tensor:
+        if self.layout is not None:
+            return self._sharded_forward(f_s, f_t, idx, contrast_idx)
+        f_s, f_t = self._features(f_s, f_t)
+        batch = f_s.shape[0]
         device = self.memory_s.device
         y, y_checked = self._index(idx, "idx", (batch,), device)
         valid = None  # per sample: every index it uses was in range (only tracked for unchecked device ones)
@@ -261,9 +317,53 @@ class RRDMomentumLoss(nn.Module):
         except BaseException:
             self.sampler.set_state(state)
             raise
-        with torch.no_grad():
-            self.memory_s.index_copy_(0, y, new_s)
-            self.memory_t.index_copy_(0, y, new_t)
-            if z_used is not None:
-                self.z.copy_(z_used)
+        self._write(y, new_s, new_t, z_used)
+        return loss
+
+    @torch.no_grad()
+    def _write(self, rows, new_s, new_t, z_used) -> None:
+        """The step's only writes, after everything that can fail: memory rows, then z."""
+        self.memory_s.index_copy_(0, rows, new_s)
+        self.memory_t.index_copy_(0, rows, new_t)
+        if z_used is not None:
+            self.z.copy_(z_used)
+
+    def _sharded_forward(self, f_s, f_t, idx, contrast_idx) -> torch.Tensor:
+        """shard_memory=True (rrd_kernels/sharded_momentum.py). A rank whose inputs are refused tells the
+        others in the step's header exchange, so every rank raises together and none is left waiting."""
+        if distributed_world() != self.layout.world:
+            raise RuntimeError(f"RRDMomentumLoss(shard_memory=True) was built for {self.layout.world} ranks, the "
+                               f"process group now has {distributed_world()}")
+        cpu = torch.device("cpu")
+        error = y = index = student = teacher = None
+        batch, need_grad = 0, False
+        try:
+            f_s, f_t = self._features(f_s, f_t)
+            batch = f_s.shape[0]
+            for name, x in (("idx", idx), ("contrast_idx", contrast_idx)):
+                if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+                    raise ValueError(f"{name} must be a CPU tensor with shard_memory=True, got one on {x.device}: "
+                                     f"each rank finds the global batch's entries it owns on the host (free there; "
+                                     f"on the device it would synchronise)")
+            y, _ = self._index(idx, "idx", (batch,), cpu)
+            if contrast_idx is not None:
+                index, _ = self._contrast(contrast_idx, y, batch, cpu)
+            student = self.embed_s(f_s)
+            teacher = self.embed_t(f_t)
+            need_grad = torch.is_grad_enabled() and student.requires_grad
+        except (TypeError, ValueError, RuntimeError) as e:
+            error = e
+        y_all, index_all = exchange(self, batch, y, index, need_grad, error)
+        state = self.sampler.get_state()
+        try:
+            if index_all is None:
+                row, local = draw_owned(self.sampler.generator, self.layout, y_all, self.nce_k)
+            else:
+                row, local = owned_entries(index_all, self.layout)
+            rows, z_used, target, new_s, new_t = sharded_step(self, student, teacher, y_all, row, local, need_grad)
+            loss = rows.to(loss_dtype(student.dtype)).mean()
+        except BaseException:
+            self.sampler.set_state(state)
+            raise
+        self._write(target, new_s, new_t, z_used)
         return loss

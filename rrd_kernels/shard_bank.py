@@ -42,17 +42,23 @@ class ShardLayout:
         return ShardLayout(self.K, self.world, rank)
 
 
-def random_unit_rows_range(K: int, D: int, lo: int, hi: int, seed: int) -> torch.Tensor:
-    """Rows [lo, hi) of a K x D bank of random unit rows determined by ``seed`` alone (not by the sharding):
-    any split of [0, K) into ranges reproduces the same global bank."""
+def seeded_rows_range(K: int, D: int, lo: int, hi: int, seed: int, draw) -> torch.Tensor:
+    """Rows [lo, hi) of a K x D tensor whose rows come in fixed chunks of INIT_CHUNK, chunk c drawn by
+    ``draw(rows, D, generator)`` from a generator seeded from ``seed`` and c alone (not by the sharding):
+    any split of [0, K) into ranges reproduces the same global tensor."""
     out = torch.empty(hi - lo, D)
     for chunk in range(lo // INIT_CHUNK, -(-hi // INIT_CHUNK)):
         c_lo, c_hi = chunk * INIT_CHUNK, min((chunk + 1) * INIT_CHUNK, K)
         g = torch.Generator().manual_seed((seed ^ (chunk * _GOLDEN)) % (1 << 63))
-        rows = F.normalize(torch.randn(c_hi - c_lo, D, generator=g), dim=1)
+        rows = draw(c_hi - c_lo, D, g)
         a, b = max(lo, c_lo), min(hi, c_hi)
         out[a - lo : b - lo] = rows[a - c_lo : b - c_lo]
     return out
+
+
+def random_unit_rows_range(K: int, D: int, lo: int, hi: int, seed: int) -> torch.Tensor:
+    """Rows [lo, hi) of a K x D bank of random unit rows determined by ``seed`` alone (seeded_rows_range)."""
+    return seeded_rows_range(K, D, lo, hi, seed, lambda n, d, g: F.normalize(torch.randn(n, d, generator=g), dim=1))
 
 
 def enqueue_sharded_(shard: torch.Tensor, bank_ptr: torch.Tensor, keys: torch.Tensor, lo: int, K: int) -> None:
@@ -84,6 +90,21 @@ def gather_shards(shard: torch.Tensor, layout: ShardLayout, group=None) -> torch
     return torch.cat([parts[r][: layout.of_rank(r).size] for r in range(layout.world)])
 
 
+def check_tiling(pieces, what: str) -> int:
+    """pieces (lo, hi, total, ...) sorted by lo must tile [0, total) of one total: a ValueError naming
+    ``what`` otherwise (a rank missing, two ranks' rows overlapping, or checkpoints of different sizes)."""
+    total = pieces[0][2]
+    expected = 0
+    for lo, hi, k, *_ in pieces:
+        if k != total or lo != expected:
+            raise ValueError(f"the shards do not tile one {what} of {total} rows (found rows [{lo}, {hi}) of "
+                             f"{k} where row {expected} was expected)")
+        expected = hi
+    if expected != total:
+        raise ValueError(f"the shards cover rows [0, {expected}) of a {what} of {total} rows: some rank is missing")
+    return total
+
+
 SHARD_KEY = "bank_shard_range"  # state_dict entry of a sharded bank: int64 [lo, hi, K]
 
 
@@ -105,15 +126,7 @@ def merge_bank_shards(state_dicts: list[dict], prefix: str = "") -> dict:
                              f"{state_dicts[0][ptr_key].tolist()}: not one checkpoint")
         pieces.append((lo, hi, K, sd[bank_key]))
     pieces.sort(key=lambda p: p[0])
-    K = pieces[0][2]
-    expected = 0
-    for lo, hi, k, _ in pieces:
-        if k != K or lo != expected:
-            raise ValueError(f"the shards do not tile one bank of {K} rows (found rows [{lo}, {hi}) of K={k} "
-                             f"where row {expected} was expected)")
-        expected = hi
-    if expected != K:
-        raise ValueError(f"the shards cover rows [0, {expected}) of a bank of {K} rows: some rank is missing")
+    check_tiling(pieces, "bank")
     merged = {k: v for k, v in state_dicts[0].items() if k != range_key}
     merged[bank_key] = torch.cat([p[3] for p in pieces])
     return merged

@@ -38,13 +38,21 @@ def forward_partial(student, teacher, shard, tau_s, tau_t, k_offset, n_splits=No
     return planes, arg + k_offset
 
 
-def merge_states(planes, idx, kl):
+def merge_row_states(planes, kl):
+    """(rows, lse_a, lse_b) of planes [W, >= 4, N] whose first four are (lse_a, lse_b, u, v) per part (see
+    the module docstring). A part holding none of a row's logits has lse -inf there, so its weight is 0 (the
+    sharded momentum memory, rrd_kernels/sharded_momentum.py, merges its ranks so)."""
     lse_a = torch.logsumexp(planes[:, 0], dim=0)
     lse_b = torch.logsumexp(planes[:, 1], dim=0)
     w = torch.exp(planes[:, 1] - lse_b)
     rows = lse_a - (w * planes[:, 2]).sum(dim=0)
     if kl:
         rows = rows - (lse_b - (w * planes[:, 3]).sum(dim=0))
+    return rows, lse_a, lse_b
+
+
+def merge_states(planes, idx, kl):
+    rows, lse_a, lse_b = merge_row_states(planes, kl)
     winner = planes[:, 4].argmax(dim=0)  # the first shard holding the largest logit, as a global argmax
     ref = idx.gather(0, winner[None]).squeeze(0)
     return rows, lse_a, lse_b, ref
