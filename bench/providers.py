@@ -134,8 +134,8 @@ def _momentum_backend(name: str):
         tau_s, tau_t, scores = cfg.tau_s, cfg.tau_t, cfg.scores
 
         def loss_fn(student, teacher, memory):
-            if name == "triton":  # a refusal is "unavailable" in the report, not an error
-                reason = gathered.triton_unusable(student, memory.memory_s, memory.index, scores == "faithful")
+            if name in gathered.FUSED_UNUSABLE:  # a refusal is "unavailable" in the report, not an error
+                reason = gathered.fused_unusable(name, student, memory.memory_s, memory.index, scores == "faithful")
                 if reason is not None:
                     raise RuntimeError(f"cannot run this call: {reason}")
             rows, _ = gathered.gathered_rrd_rows(
