@@ -16,7 +16,8 @@ compile the same function under torch.compile.
 torch   rrd_kernels.gathered_rrd_rows(backend="torch"): RRDMomentumLoss's functional core (chunked, never
         holds the B x (K+1) x D rows).
 triton  gathered_rrd_rows(backend="triton"): the fused gathered kernels (scores "similarity" and fp32 only;
-        other configurations are recorded as unavailable). cuda: no gathered-memory kernel (unavailable).
+        other configurations are recorded as unavailable).
+cuda    gathered_rrd_rows(backend="cuda"): the CUDA C++ gathered kernels, with the same limits.
 The memory update after the loss (index_copy_ of B rows, the same in both) is not timed.
 """
 from __future__ import annotations

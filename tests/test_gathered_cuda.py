@@ -367,3 +367,30 @@ def test_momentum_module_on_emulated_cuda_matches_torch(emulated_cuda, gen):
     a = RRDMomentumLoss(**kw, backend="torch")
     b = RRDMomentumLoss(**kw, backend="cuda")
     follows_torch_module(a, b, gen, "cpu")
+
+
+def test_auto_resolution_checks_each_fused_backend_once(monkeypatch):
+    """backend 'auto' for CUDA tensors: triton, then cuda, else torch, each backend's check evaluated once
+    per call (the chosen impl does not check again); an explicit backend that cannot run is a ValueError
+    with its reason. The tensors are stand-ins: only their device is read."""
+    import types
+
+    from rrd_kernels import gathered
+
+    calls = []
+
+    def check(name, reason):
+        return lambda *args: calls.append(name) or reason
+
+    student = types.SimpleNamespace(device=torch.device("cuda", 0))
+    for triton_reason, cuda_reason, expected in ((None, None, "triton"), ("no", None, "cuda"), ("no", "no", "torch")):
+        monkeypatch.setattr(gathered, "FUSED_UNUSABLE", {"triton": check("triton", triton_reason),
+                                                         "cuda": check("cuda", cuda_reason)})
+        calls.clear()
+        assert gathered.resolve_gathered_backend("auto", student, None, None, False) == expected
+        assert calls == (["triton"] if expected == "triton" else ["triton", "cuda"])
+    calls.clear()
+    with pytest.raises(ValueError, match="backend='cuda' cannot run this call: no"):
+        gathered.resolve_gathered_backend("cuda", student, None, None, False)
+    assert calls == ["cuda"]
+    assert gathered.resolve_gathered_backend("torch", student, None, None, False) == "torch"
