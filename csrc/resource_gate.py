@@ -7,7 +7,8 @@ GPU architecture we support, must fit that architecture. Needs nvcc only, no GPU
 What "every configuration we can launch" is here: the kernels take all sizes (B, K, D, strides, splits) at
 run time, so the compiled kernels are the whole set: rrd_forward_kernel and rrd_backward_kernel for each of
 the 4 precision modes, rrd_merge_kernel and rrd_finish_kernel, and the gathered-memory kernels
-rrd_gathered_{forward,backward,finish}_kernel for each of the 3 memory dtypes, all launched with 128 threads
+rrd_gathered_{forward,backward,finish}_kernel for each of the 3 memory dtypes (the backward twice: for
+D <= 128 and D <= 512), all launched with 128 threads
 and the dynamic shared memory of rrd::launch_smem / rrd::gathered_smem (rrd_host.inl,
 rrd_gathered_host.inl; read here by compiling and running a small host program
 against the same header, so the table cannot drift from what the launches pass).
@@ -43,7 +44,8 @@ HASHED = ["rrd_api.h", "rrd_common.cuh", "rrd_kernels.cuh", "rrd_host.inl", "rrd
           "rrd_gathered_host.inl", "rrd_cuda.cu", "binding.cpp"]
 ARCHS = ("sm_80", "sm_86", "sm_90")
 THREADS = 128
-KERNELS = 19  # FIFO: 4 forward + 4 backward instantiations, merge, finish; gathered: 3 x (forward, backward, finish)
+KERNELS = 22  # FIFO: 4 forward + 4 backward instantiations, merge, finish; gathered, per memory dtype (3):
+# forward, backward for D <= 128 and for D <= 512, finish
 MAX_STACK = 0  # bytes (the shared rule allows 256; these kernels have none and should stay so)
 REGS_PER_SM = 65536
 SMEM_WITHOUT_OPT_IN = 48 * 1024
@@ -55,6 +57,7 @@ SMEM_OPT_IN = {
 }
 MODES = ("fp32 FMA", "tf32 mma", "fp16 mma", "bf16 mma")
 MEMORY_DTYPES = ("fp32", "fp16", "bf16")  # the gathered kernels' template parameter (dtype codes 0, 1, 2)
+GATHERED_SLOTS = {16: 128, 64: 512}  # the gathered backward's features per lane -> the largest D it runs
 
 # Host-only program printing rrd::launch_smem for every mode. RRD_LAUNCH discards its arguments, so no kernel
 # is instantiated and this compiles in seconds.
@@ -124,9 +127,9 @@ def parse_ptxas(log: str) -> list[dict]:
 def kernel_key(mangled: str) -> str | None:
     """'forward 0' .. 'backward 3', 'merge', 'finish', 'gathered forward 0' .. 'gathered finish 2' from a
     mangled kernel name (None: not ours)."""
-    m = re.search(r"rrd_gathered_(forward|backward|finish)_kernelILi(\d)E", mangled)
+    m = re.search(r"rrd_gathered_(forward|backward|finish)_kernelILi(\d)E(?:Li(\d+)E)?", mangled)
     if m:
-        return f"gathered {m.group(1)} {m.group(2)}"
+        return f"gathered {m.group(1)} {m.group(2)}" + (f" {m.group(3)}" if m.group(3) else "")
     m = re.search(r"rrd_(forward|backward)_kernelILi(\d)E", mangled)
     if m:
         return f"{m.group(1)} {m.group(2)}"
@@ -146,8 +149,8 @@ def dynamic_smem(nvcc: str, workdir: str) -> dict[str, int]:
         if line.startswith("gathered"):
             fwd, bwd, finish = map(int, line.split()[1:])
             for dtype in range(len(MEMORY_DTYPES)):
-                smem.update({f"gathered forward {dtype}": fwd, f"gathered backward {dtype}": bwd,
-                             f"gathered finish {dtype}": finish})
+                smem.update({f"gathered forward {dtype}": fwd, f"gathered finish {dtype}": finish})
+                smem.update({f"gathered backward {dtype} {slots}": bwd for slots in GATHERED_SLOTS})
         elif line.strip():
             mode, fwd, merge, bwd, finish = map(int, line.split())
             smem[f"forward {mode}"], smem[f"backward {mode}"] = fwd, bwd
@@ -198,8 +201,9 @@ def evaluate(records: list[dict], smem: dict[str, int], archs=ARCHS) -> tuple[li
 
 def describe(key: str) -> str:
     if key.startswith("gathered "):
-        _, kind, dtype = key.split()
-        return f"gathered {kind} ({MEMORY_DTYPES[int(dtype)]} mem)"
+        _, kind, dtype, *slots = key.split()
+        size = f", D<={GATHERED_SLOTS[int(slots[0])]}" if slots else ""
+        return f"gathered {kind} ({MEMORY_DTYPES[int(dtype)]} mem{size})"
     kind, _, mode = key.partition(" ")
     return f"{kind} ({MODES[int(mode)]})" if mode else kind
 
@@ -207,11 +211,11 @@ def describe(key: str) -> str:
 def render(rows: list[dict], header: list[str]) -> str:
     lines = [f"# {h}" for h in header] + ["#"]
     lines.append(f"# {'arch':<6} {'regs':>4} {'stack':>5} {'spill_st':>8} {'spill_ld':>8} {'smem_st':>7} "
-                 f"{'smem_dyn':>8} {'limit':>6}  {'kernel':<28} verdict")
+                 f"{'smem_dyn':>8} {'limit':>6}  {'kernel':<36} verdict")
     for r in rows:
         lines.append(f"  {r['arch']:<6} {r['registers']:>4} {r['stack']:>5} {r['spill_stores']:>8} "
                      f"{r['spill_loads']:>8} {r['static_smem']:>7} {r['dynamic_smem']:>8} {r['smem_limit']:>6}  "
-                     f"{describe(r['key']):<28} {r['verdict']}")
+                     f"{describe(r['key']):<36} {r['verdict']}")
     return "\n".join(lines) + "\n"
 
 

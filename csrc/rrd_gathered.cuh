@@ -40,6 +40,7 @@ constexpr int kGatherWarps = kGatherThreads / 32;
 constexpr int kGroupLanes = 8;                     // lanes per gathered column
 constexpr int kGroups = 32 / kGroupLanes;          // columns per warp step
 constexpr int kLaneSlots = kMaxD / kGroupLanes;    // features a lane holds at most (64)
+constexpr int kSmallSlots = 16;                    // the backward's instantiation for D <= 128 (registers)
 constexpr int kGatheredSmemBytes = kGatherWarps * 2 * kMaxD * int(sizeof(float));  // 16 KiB
 constexpr int kGatheredMinColumns = 64;            // a split's columns at least (its fixed cost is ~2 of them)
 
@@ -117,9 +118,10 @@ RRD_DEVICE void stage_rows(const GatheredParams& p, int row, float* xs, float* x
 // column's memory row; qt receives this lane's features of the teacher-memory row (for the gradient).
 // A column past the split (live = false) reads nothing and gives 0; one whose index is outside [0, N)
 // reads nothing and gives NaN (its row is reported NaN). Every lane takes part in the shuffles.
-template <int MDT>
+// SLOTS: the features a lane holds (D <= 8 SLOTS).
+template <int MDT, int SLOTS>
 RRD_DEVICE void column_logits(const GatheredParams& p, const float* xs, const float* xt, int row, int k, bool live,
-                              float sa, float sb, float& a, float& b, int& mrow, float (&qt)[kLaneSlots]) {
+                              float sa, float sb, float& a, float& b, int& mrow, float (&qt)[SLOTS]) {
   using Mem = GatherMem<MDT>;
   constexpr int V = Mem::kVec;
   const int lig = threadIdx.x % kGroupLanes;
@@ -130,7 +132,7 @@ RRD_DEVICE void column_logits(const GatheredParams& p, const float* xs, const fl
   const long long off = n * p.ld_m;
   float da = 0.f, db = 0.f;
 #pragma unroll
-  for (int j = 0; j < kLaneSlots / V; ++j) {
+  for (int j = 0; j < SLOTS / V; ++j) {
     if (j * kGroupLanes * V >= p.D) break;
     const int d0 = (j * kGroupLanes + lig) * V;
     float mt[V], ms[V];
@@ -227,7 +229,7 @@ __global__ void __launch_bounds__(kGatherThreads) rrd_gathered_forward_kernel(Ga
     const int k = k0 + group;
     float a, b;
     int mrow;
-    column_logits<MDT>(p, xs, xt, row, k, k < k_end, sa, sb, a, b, mrow, qt);
+    column_logits<MDT, kLaneSlots>(p, xs, xt, row, k, k < k_end, sa, sb, a, b, mrow, qt);
     if (k < k_end) fold_column(st, a, b, mrow);
   }
   merge_state(st, state_from_lane(st, kGroupLanes));
@@ -241,10 +243,11 @@ __global__ void __launch_bounds__(kGatherThreads) rrd_gathered_forward_kernel(Ga
   }
 }
 
-// Minimum 1 block per SM in the launch bounds: with the default, ptxas held the kernel to 168 registers and
-// spilled 12 B for bf16 memories on sm_80 (acc and the kept row slots are 2 x 64 floats, sized for D 512);
-// with it, 168-201 registers and no spills on sm_80 / sm_86 / sm_90 (the compile gate), 2 blocks per SM.
-template <int MDT>
+// Minimum 1 block per SM in the launch bounds: with the default, ptxas held the D 512 instantiation to 168
+// registers and spilled 12 B for bf16 memories on sm_80 (acc and the kept row slots are 2 x 64 floats);
+// with it, no spills on sm_80 / sm_86 / sm_90 (the compile gate; registers in csrc/ptxas-report.txt).
+// SLOTS: features per lane, kLaneSlots (D <= 512) or kSmallSlots (D <= 128: a quarter of the registers).
+template <int MDT, int SLOTS>
 __global__ void __launch_bounds__(kGatherThreads, 1) rrd_gathered_backward_kernel(GatheredParams p) {
   constexpr int V = GatherMem<MDT>::kVec;
   RRD_DECLARE_SMEM(smem);
@@ -271,19 +274,19 @@ __global__ void __launch_bounds__(kGatherThreads, 1) rrd_gathered_backward_kerne
   float* xt = xs + kMaxD;
   float sa, sb;
   stage_rows(p, row, xs, xt, sa, sb);
-  float acc[kLaneSlots], qt[kLaneSlots];
+  float acc[SLOTS], qt[SLOTS];
 #pragma unroll
-  for (int i = 0; i < kLaneSlots; ++i) acc[i] = 0.f;
+  for (int i = 0; i < SLOTS; ++i) acc[i] = 0.f;
   float sigma = 0.f;
   for (int k0 = k_begin; k0 < k_end; k0 += kGroups) {
     const int k = k0 + group;
     float a, b;
     int mrow;
-    column_logits<MDT>(p, xs, xt, row, k, k < k_end, sa, sb, a, b, mrow, qt);
+    column_logits<MDT, SLOTS>(p, xs, xt, row, k, k < k_end, sa, sb, a, b, mrow, qt);
     const float c = k < k_end ? q_minus_p(a, b, lse_diff, lse_b) : 0.f;
     sigma += c;
 #pragma unroll
-    for (int j = 0; j < kLaneSlots / V; ++j) {
+    for (int j = 0; j < SLOTS / V; ++j) {
       if (j * kGroupLanes * V >= p.D) break;  // the slots column_logits filled
 #pragma unroll
       for (int e = 0; e < V; ++e) acc[j * V + e] = fmaf(c, qt[j * V + e], acc[j * V + e]);
@@ -294,7 +297,7 @@ __global__ void __launch_bounds__(kGatherThreads, 1) rrd_gathered_backward_kerne
   for (int off = kGroupLanes; off < 32; off *= 2) {
     sigma += __shfl_xor_sync(0xffffffffu, sigma, off);
 #pragma unroll
-    for (int j = 0; j < kLaneSlots / V; ++j) {
+    for (int j = 0; j < SLOTS / V; ++j) {
       if (j * kGroupLanes * V >= p.D) break;  // uniform over the warp
 #pragma unroll
       for (int e = 0; e < V; ++e) acc[j * V + e] += __shfl_xor_sync(0xffffffffu, acc[j * V + e], off);
@@ -303,7 +306,7 @@ __global__ void __launch_bounds__(kGatherThreads, 1) rrd_gathered_backward_kerne
   if (group == 0) {
     float* out = p.gpart + ((long long)split * p.B + row) * p.D;
 #pragma unroll
-    for (int j = 0; j < kLaneSlots / V; ++j)
+    for (int j = 0; j < SLOTS / V; ++j)
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const int d = (j * kGroupLanes + lig) * V + e;

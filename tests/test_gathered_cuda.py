@@ -120,6 +120,8 @@ CASES = [
     (3, 77, 37, torch.bfloat16, 4, 0),
     (2, 66, 64, torch.float32, 1, 3),         # row stride D + 3: scalar path on an aligned D
     (6, 33, 96, torch.float16, 5, 0),
+    (2, 30, 130, torch.float32, 2, 0),        # D > 128: the backward's D <= 512 instantiation, scalar path
+    (2, 21, 136, torch.bfloat16, 1, 0),       # D > 128, 16-byte loads
 ]
 
 
