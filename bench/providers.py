@@ -16,7 +16,8 @@ compile the same function under torch.compile.
 torch   rrd_kernels.gathered_rrd_rows(backend="torch"): RRDMomentumLoss's functional core (chunked, never
         holds the B x (K+1) x D rows).
 triton  gathered_rrd_rows(backend="triton"): the fused gathered kernels (scores "similarity" and fp32 only;
-        other configurations are recorded as unavailable). cuda: no gathered-memory kernel (unavailable).
+        other configurations are recorded as unavailable).
+cuda    gathered_rrd_rows(backend="cuda"): the CUDA C++ gathered kernels, with the same limits.
 The memory update after the loss (index_copy_ of B rows, the same in both) is not timed.
 """
 from __future__ import annotations
@@ -134,8 +135,8 @@ def _momentum_backend(name: str):
         tau_s, tau_t, scores = cfg.tau_s, cfg.tau_t, cfg.scores
 
         def loss_fn(student, teacher, memory):
-            if name == "triton":  # a refusal is "unavailable" in the report, not an error
-                reason = gathered.triton_unusable(student, memory.memory_s, memory.index, scores == "faithful")
+            if name in gathered.FUSED_UNUSABLE:  # a refusal is "unavailable" in the report, not an error
+                reason = gathered.fused_unusable(name, student, memory.memory_s, memory.index, scores == "faithful")
                 if reason is not None:
                     raise RuntimeError(f"cannot run this call: {reason}")
             rows, _ = gathered.gathered_rrd_rows(

@@ -69,6 +69,29 @@ void backward(uintptr_t student, uintptr_t teacher, uintptr_t bank, int64_t ld_s
   if (!err.empty()) throw std::runtime_error("rrd_kernels CUDA backward: " + err);
 }
 
+void gathered(uintptr_t student, uintptr_t teacher, uintptr_t memory_s, uintptr_t memory_t, uintptr_t index,
+              int64_t ld_s, int64_t ld_t, int64_t ld_m, int64_t ld_idx, int B, int K1, int D, int64_t N,
+              int mem_dtype, double tau_s, double tau_t, bool kl, int num_splits, int chunk, uintptr_t workspace,
+              uintptr_t rows, uintptr_t ref, uintptr_t grad, int device, uintptr_t stream) {
+  rrd::GatheredArgs a;
+  rrd::set_gathered_args(a, student, teacher, memory_s, memory_t, index, ld_s, ld_t, ld_m, ld_idx, B, K1, D,
+                         N, mem_dtype, tau_s, tau_t, kl, num_splits, chunk);
+  a.workspace = workspace;
+  a.rows = rows;
+  a.ref = ref;
+  a.grad = grad;
+  a.device = device;
+  a.stream = stream;
+  const std::string bad = rrd::check_args(a);
+  if (!bad.empty()) throw std::invalid_argument("rrd_kernels._rrd_cuda.gathered: " + bad);
+  std::string err;
+  {
+    py::gil_scoped_release release;
+    err = rrd::cuda_gathered(a);
+  }
+  if (!err.empty()) throw std::runtime_error("rrd_kernels CUDA gathered: " + err);
+}
+
 py::dict plan_dict(const rrd::Plan& p) {
   py::dict d;
   d["num_splits"] = p.num_splits;
@@ -111,6 +134,25 @@ PYBIND11_MODULE(_rrd_cuda, m) {
         return d;
       },
       py::arg("mode"), "Dynamic shared memory per block (bytes) of each kernel of a precision mode (0..3).");
+  m.def("gathered", &gathered, py::arg("student"), py::arg("teacher"), py::arg("memory_s"), py::arg("memory_t"),
+        py::arg("index"), py::arg("ld_s"), py::arg("ld_t"), py::arg("ld_m"), py::arg("ld_idx"), py::arg("B"),
+        py::arg("K1"), py::arg("D"), py::arg("N"), py::arg("mem_dtype"), py::arg("tau_s"), py::arg("tau_t"),
+        py::arg("kl"), py::arg("num_splits"), py::arg("chunk"), py::arg("workspace"), py::arg("rows"),
+        py::arg("ref"), py::arg("grad"), py::arg("device"), py::arg("stream"),
+        "Gathered-memory kernels (similarity scores): per-row loss (float32) into rows, the student's argmax "
+        "memory row (int32) into ref and, unless grad is 0, dL/dS for upstream weight 1 (float32 B x D) into "
+        "grad. Rows meeting a non-finite logit or an index outside [0, N) get NaN.");
+  m.def("gathered_plan", [](int B, int K1, int D, int num_sms) { return plan_dict(rrd::gathered_plan(B, K1, D, num_sms)); },
+        py::arg("B"), py::arg("K1"), py::arg("D"), py::arg("num_sms"));
+  m.def("gathered_smem", [] {
+        const rrd::GatheredSmem u = rrd::gathered_smem();
+        py::dict d;
+        d["forward"] = u.forward;
+        d["backward"] = u.backward;
+        d["finish"] = u.finish;
+        return d;
+      },
+      "Dynamic shared memory per block (bytes) of the gathered kernels.");
   m.def("runtime_status", [] {
         int n = 0;
         const std::string err = rrd::cuda_runtime_status(&n);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "rrd_host.inl"
+#include "rrd_gathered_host.inl"
 
 namespace {
 thread_local std::string g_error;
@@ -118,6 +119,34 @@ const char* rrd_emu_backward_raw(uintptr_t student, uintptr_t teacher, uintptr_t
   a.grad_student = grad_student;
   std::string e = rrd::check_args(a);
   if (e.empty()) e = rrd::run_backward(a);
+  return result(e);
+}
+
+// The gathered-memory kernels (rrd_gathered.cuh) with the binding's arguments; num_splits / chunk from the
+// caller (rrd_emu_gathered_plan, or any cover of K1), the workspace allocated here and poisoned with NaN.
+// grad may be null (loss only). Returns nullptr on success, else the error message.
+void rrd_emu_gathered_plan(int B, int K1, int D, int num_sms, int* out2, long long* workspace_floats) {
+  const rrd::Plan p = rrd::gathered_plan(B, K1, D, num_sms);
+  out2[0] = p.num_splits;
+  out2[1] = p.chunk;
+  *workspace_floats = p.workspace_floats;
+}
+
+const char* rrd_emu_gathered(uintptr_t student, uintptr_t teacher, uintptr_t memory_s, uintptr_t memory_t,
+                             uintptr_t index, long long ld_s, long long ld_t, long long ld_m, long long ld_idx, int B,
+                             int K1, int D, long long N, int mem_dtype, double tau_s, double tau_t, int kl,
+                             int num_splits, int chunk, uintptr_t rows, uintptr_t ref, uintptr_t grad) {
+  rrd::GatheredArgs a;
+  rrd::set_gathered_args(a, student, teacher, memory_s, memory_t, index, ld_s, ld_t, ld_m, ld_idx, B, K1, D,
+                         N, mem_dtype, tau_s, tau_t, kl != 0, num_splits, chunk);
+  const long long floats = (long long)(num_splits > 0 ? num_splits : 0) * (B > 0 ? B : 0) * (8LL + D + 1LL);
+  std::vector<float> ws(size_t(floats > 0 ? floats : 1), NAN);  // poisoned: every entry read must be written
+  a.workspace = uintptr_t(ws.data());
+  a.rows = rows;
+  a.ref = ref;
+  a.grad = grad;
+  std::string e = rrd::check_args(a);
+  if (e.empty()) e = rrd::run_gathered(a);
   return result(e);
 }
 

@@ -27,7 +27,7 @@
 #define RRD_DEVICE inline
 #define RRD_HOST_DEVICE
 #define __global__
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 
 // CUDA's vector types, as far as the kernels use them (same size and alignment as in CUDA).
 struct alignas(16) float4 {
@@ -35,6 +35,9 @@ struct alignas(16) float4 {
 };
 struct alignas(8) uint2 {
   uint32_t x, y;
+};
+struct alignas(16) uint4 {
+  uint32_t x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 inline uint2 make_uint2(uint32_t x, uint32_t y) { return uint2{x, y}; }
@@ -169,6 +172,7 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], i
 #define RRD_DECLARE_SMEM(name) unsigned char* name = rrd_emu::t_block->smem.data()
 
 inline void __syncthreads() { rrd_emu::t_block->bar.arrive_and_wait(); }
+inline void __syncwarp(unsigned /*mask: the whole warp*/ = 0xffffffffu) { rrd_emu::warp_sync(); }
 
 inline float __shfl_xor_sync(unsigned /*mask: all lanes take part in every call*/, float v, int lane_mask) {
   rrd_emu::my_slots()[0] = rrd_emu::float_to_bits(v);

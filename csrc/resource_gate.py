@@ -6,8 +6,11 @@ GPU architecture we support, must fit that architecture. Needs nvcc only, no GPU
 
 What "every configuration we can launch" is here: the kernels take all sizes (B, K, D, strides, splits) at
 run time, so the compiled kernels are the whole set: rrd_forward_kernel and rrd_backward_kernel for each of
-the 4 precision modes, rrd_merge_kernel and rrd_finish_kernel, all launched with 128 threads and the dynamic
-shared memory of rrd::launch_smem (rrd_host.inl; read here by compiling and running a small host program
+the 4 precision modes, rrd_merge_kernel and rrd_finish_kernel, and the gathered-memory kernels
+rrd_gathered_{forward,backward,finish}_kernel for each of the 3 memory dtypes (the backward twice: for
+D <= 128 and D <= 512), all launched with 128 threads
+and the dynamic shared memory of rrd::launch_smem / rrd::gathered_smem (rrd_host.inl,
+rrd_gathered_host.inl; read here by compiling and running a small host program
 against the same header, so the table cannot drift from what the launches pass).
 
 The rule (the same one the Triton kernels answer to, with the stack limit tightened from 256 B to 0, which
@@ -37,10 +40,12 @@ import tempfile
 CSRC = os.path.dirname(os.path.abspath(__file__))
 REPORT = os.path.join(CSRC, "ptxas-report.txt")
 # Every file whose content changes the compiled module (hashed into the module's BUILD_INFO and the report).
-HASHED = ["rrd_api.h", "rrd_common.cuh", "rrd_kernels.cuh", "rrd_host.inl", "rrd_cuda.cu", "binding.cpp"]
+HASHED = ["rrd_api.h", "rrd_common.cuh", "rrd_kernels.cuh", "rrd_host.inl", "rrd_gathered.cuh",
+          "rrd_gathered_host.inl", "rrd_cuda.cu", "binding.cpp"]
 ARCHS = ("sm_80", "sm_86", "sm_90")
 THREADS = 128
-KERNELS = 10  # 4 forward + 4 backward instantiations, merge, finish
+KERNELS = 22  # FIFO: 4 forward + 4 backward instantiations, merge, finish; gathered, per memory dtype (3):
+# forward, backward for D <= 128 and for D <= 512, finish
 MAX_STACK = 0  # bytes (the shared rule allows 256; these kernels have none and should stay so)
 REGS_PER_SM = 65536
 SMEM_WITHOUT_OPT_IN = 48 * 1024
@@ -54,6 +59,8 @@ MODES = ("fp32 FMA", "tf32 mma", "fp16 mma", "bf16 mma")
 # nvcc's flags for rrd_cuda.cu, shared by the real build (setup.py), this gate and the cost model
 # (tools/cuda_cost.py), so that all three see the same machine code; each adds its -gencode targets.
 NVCC_FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-I" + CSRC]
+MEMORY_DTYPES = ("fp32", "fp16", "bf16")  # the gathered kernels' template parameter (dtype codes 0, 1, 2)
+GATHERED_SLOTS = {16: 128, 64: 512}  # the gathered backward's features per lane -> the largest D it runs
 
 # Host-only program printing rrd::launch_smem for every mode. RRD_LAUNCH discards its arguments, so no kernel
 # is instantiated and this compiles in seconds.
@@ -62,11 +69,14 @@ PROBE = r"""
 #define RRD_STREAM_T uintptr_t
 #define RRD_LAUNCH(kernel, grid, block, smem, stream, ...) ((void)(grid), (void)(smem))
 #include "rrd_host.inl"
+#include "rrd_gathered_host.inl"
 int main() {
   for (int mode = 0; mode < 4; ++mode) {
     const rrd::SmemUse u = rrd::launch_smem(mode);
     std::printf("%d %d %d %d %d\n", mode, u.forward, u.merge, u.backward, u.finish);
   }
+  const rrd::GatheredSmem g = rrd::gathered_smem();
+  std::printf("gathered %d %d %d\n", g.forward, g.backward, g.finish);
   return 0;
 }
 """
@@ -132,7 +142,11 @@ def parse_ptxas(log: str) -> list[dict]:
 
 
 def kernel_key(mangled: str) -> str | None:
-    """'forward 0' .. 'backward 3', 'merge', 'finish' from a mangled kernel name (None: not ours)."""
+    """'forward 0' .. 'backward 3', 'merge', 'finish', 'gathered forward 0' .. 'gathered finish 2' from a
+    mangled kernel name (None: not ours)."""
+    m = re.search(r"rrd_gathered_(forward|backward|finish)_kernelILi(\d)E(?:Li(\d+)E)?", mangled)
+    if m:
+        return f"gathered {m.group(1)} {m.group(2)}" + (f" {m.group(3)}" if m.group(3) else "")
     m = re.search(r"rrd_(forward|backward)_kernelILi(\d)E", mangled)
     if m:
         return f"{m.group(1)} {m.group(2)}"
@@ -149,7 +163,12 @@ def dynamic_smem(nvcc: str, workdir: str) -> dict[str, int]:
     out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
     smem = {}
     for line in out.split("\n"):
-        if line.strip():
+        if line.startswith("gathered"):
+            fwd, bwd, finish = map(int, line.split()[1:])
+            for dtype in range(len(MEMORY_DTYPES)):
+                smem.update({f"gathered forward {dtype}": fwd, f"gathered finish {dtype}": finish})
+                smem.update({f"gathered backward {dtype} {slots}": bwd for slots in GATHERED_SLOTS})
+        elif line.strip():
             mode, fwd, merge, bwd, finish = map(int, line.split())
             smem[f"forward {mode}"], smem[f"backward {mode}"] = fwd, bwd
             smem["merge"], smem["finish"] = merge, finish  # the same for every mode
@@ -197,6 +216,10 @@ def evaluate(records: list[dict], smem: dict[str, int], archs=ARCHS) -> tuple[li
 
 
 def describe(key: str) -> str:
+    if key.startswith("gathered "):
+        _, kind, dtype, *slots = key.split()
+        size = f", D<={GATHERED_SLOTS[int(slots[0])]}" if slots else ""
+        return f"gathered {kind} ({MEMORY_DTYPES[int(dtype)]} mem{size})"
     kind, _, mode = key.partition(" ")
     return f"{kind} ({MODES[int(mode)]})" if mode else kind
 
@@ -204,11 +227,11 @@ def describe(key: str) -> str:
 def render(rows: list[dict], header: list[str]) -> str:
     lines = [f"# {h}" for h in header] + ["#"]
     lines.append(f"# {'arch':<6} {'regs':>4} {'stack':>5} {'spill_st':>8} {'spill_ld':>8} {'smem_st':>7} "
-                 f"{'smem_dyn':>8} {'limit':>6}  {'kernel':<22} verdict")
+                 f"{'smem_dyn':>8} {'limit':>6}  {'kernel':<36} verdict")
     for r in rows:
         lines.append(f"  {r['arch']:<6} {r['registers']:>4} {r['stack']:>5} {r['spill_stores']:>8} "
                      f"{r['spill_loads']:>8} {r['static_smem']:>7} {r['dynamic_smem']:>8} {r['smem_limit']:>6}  "
-                     f"{describe(r['key']):<22} {r['verdict']}")
+                     f"{describe(r['key']):<36} {r['verdict']}")
     return "\n".join(lines) + "\n"
 
 
@@ -227,7 +250,8 @@ def run_gate(nvcc: str | None = None, archs=ARCHS, threads: int = 2) -> tuple[st
         "tests/test_cuda_build.py; rules in csrc/resource_gate.py)",
         f"source hash {source_hash()} (csrc: {', '.join(HASHED)})",
         f"nvcc: {nvcc_version(nvcc)}; {THREADS} threads per block for every kernel",
-        "regs: per thread; stack / spills: bytes; smem_st: static (ptxas), smem_dyn: dynamic (rrd::launch_smem),",
+        "regs: per thread; stack / spills: bytes; smem_st: static (ptxas), smem_dyn: dynamic (rrd::launch_smem,",
+        "rrd::gathered_smem),",
         f"limit: per-block shared memory without opt-in ({SMEM_WITHOUT_OPT_IN} B), which is below the opt-in",
         "maximum of every GPU the cubin runs on (sm_80 -> 8.0/8.6/8.9: 101376 B; sm_86: 101376 B; sm_90: 232448 B)",
         f"violations: {len(problems)}",

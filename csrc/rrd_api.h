@@ -95,4 +95,63 @@ std::string cuda_backward(const BackwardArgs& a);
 // "" when the CUDA runtime linked into the module works and sees >= 1 device, else the CUDA error.
 std::string cuda_runtime_status(int* device_count);
 
+// ---- the gathered memory (csrc/rrd_gathered.cuh): each row against its own index[i, :] memory rows ----
+struct GatheredArgs {
+  uintptr_t student = 0, teacher = 0;      // B x D float32, unit feature stride, row strides ld_s, ld_t
+  uintptr_t memory_s = 0, memory_t = 0;    // N x D, dtype mem_dtype, unit feature stride, row stride ld_m
+  uintptr_t index = 0;                     // B x K1 int64, row stride ld_idx; values outside [0, N) are not
+                                           // read (their rows come back NaN)
+  int64_t ld_s = 0, ld_t = 0, ld_m = 0, ld_idx = 0;
+  int B = 0, K1 = 0, D = 0;
+  int64_t N = 0;
+  int mem_dtype = 0;                       // 0 float32, 1 float16, 2 bfloat16
+  double tau_s = 1.0, tau_t = 1.0;
+  bool kl = false;
+  int num_splits = 1, chunk = 0;           // from gathered_plan (or any cover of K1 with no empty split)
+  uintptr_t workspace = 0;                 // float32, gathered_plan().workspace_floats elements
+  uintptr_t rows = 0;                      // float32 [B] output: loss per row
+  uintptr_t ref = 0;                       // int32 [B] output: the student's argmax memory row per row
+  uintptr_t grad = 0;                      // float32 B x D contiguous output (dL/dS for upstream weight 1),
+                                           // or 0: loss only
+  int device = 0;
+  uintptr_t stream = 0;
+};
+
+// The inputs of a gathered call, filled the same way by the binding and the emulation.
+inline void set_gathered_args(GatheredArgs& a, uintptr_t student, uintptr_t teacher, uintptr_t memory_s,
+                              uintptr_t memory_t, uintptr_t index, int64_t ld_s, int64_t ld_t, int64_t ld_m,
+                              int64_t ld_idx, int B, int K1, int D, int64_t N, int mem_dtype, double tau_s,
+                              double tau_t, bool kl, int num_splits, int chunk) {
+  a.student = student;
+  a.teacher = teacher;
+  a.memory_s = memory_s;
+  a.memory_t = memory_t;
+  a.index = index;
+  a.ld_s = ld_s;
+  a.ld_t = ld_t;
+  a.ld_m = ld_m;
+  a.ld_idx = ld_idx;
+  a.B = B;
+  a.K1 = K1;
+  a.D = D;
+  a.N = N;
+  a.mem_dtype = mem_dtype;
+  a.tau_s = tau_s;
+  a.tau_t = tau_t;
+  a.kl = kl;
+  a.num_splits = num_splits;
+  a.chunk = chunk;
+}
+
+// Splits of each row's K1 columns (chunk columns per split) and the workspace: 8 num_splits B floats of
+// partial states, then num_splits B (D + 1) for the gradient's partial sums.
+Plan gathered_plan(int B, int K1, int D, int num_sms);
+// Dynamic shared memory per block (bytes) of the forward, backward and finish kernels.
+struct GatheredSmem {
+  int forward = 0, backward = 0, finish = 0;
+};
+GatheredSmem gathered_smem();
+std::string check_args(const GatheredArgs& a);
+std::string cuda_gathered(const GatheredArgs& a);
+
 }  // namespace rrd

@@ -1,5 +1,5 @@
-// CUDA build of the RRD kernels: instantiates the kernels of rrd_kernels.cuh for the four modes and
-// implements the launch entry points of rrd_api.h. Every launch is followed by cudaGetLastError, and the
+// CUDA build of the RRD kernels: instantiates the kernels of rrd_kernels.cuh for the four modes (and those of
+// rrd_gathered.cuh for the three memory dtypes) and implements the launch entry points of rrd_api.h. Every launch is followed by cudaGetLastError, and the
 // error string goes back to Python as an exception (binding.cpp).
 #include <cuda_runtime.h>
 
@@ -14,6 +14,7 @@
   } while (0)
 
 #include "rrd_host.inl"
+#include "rrd_gathered_host.inl"
 
 namespace rrd {
 
@@ -36,6 +37,11 @@ std::string cuda_forward(const ForwardArgs& a) {
 std::string cuda_backward(const BackwardArgs& a) {
   std::string e = set_device(a.device);
   return e.empty() ? run_backward(a) : e;
+}
+
+std::string cuda_gathered(const GatheredArgs& a) {
+  std::string e = set_device(a.device);
+  return e.empty() ? run_gathered(a) : e;
 }
 
 std::string cuda_runtime_status(int* device_count) {

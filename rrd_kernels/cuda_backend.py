@@ -93,11 +93,7 @@ def why_unusable(device, dtype, bank_dtype, B, K, D) -> str | None:
     no device, non-CUDA tensors, dtypes other than fp32/fp16/bf16, empty inputs, D > 512, K > 2^30, and,
     from the device's own properties, compute capability < 8.0 or less shared memory per block than the
     kernels of this precision mode are launched with. Never raises for a visible device."""
-    if _ext is None:
-        return _runtime_problem()
-    if device.type != "cuda":
-        return f"the cuda backend needs CUDA tensors, got tensors on {device}"
-    problem = _runtime_problem()
+    problem = _extension_or_device_problem(device)
     if problem is not None:
         return problem
     if dtype not in _DTYPE_CODES:
@@ -113,24 +109,38 @@ def why_unusable(device, dtype, bank_dtype, B, K, D) -> str | None:
     return _device_problem(_device_index(device), _mode(dtype))
 
 
+def _extension_or_device_problem(device) -> str | None:
+    """Why no kernel of the extension can run on `device`: not built, not CUDA tensors, a CUDA runtime that
+    cannot run or sees no device; else None."""
+    if _ext is None:
+        return _runtime_problem()
+    if device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got tensors on {device}"
+    return _runtime_problem()
+
+
 def _device_problem(index: int, mode: int) -> str | None:
     """Why device `index` cannot run the kernels of precision `mode`, from its properties, else None."""
+    launch_smem = getattr(_ext, "launch_smem", None)
+    if launch_smem is None:  # a module built from older sources (build_info() says which)
+        return "rrd_kernels._rrd_cuda is older than this package (no launch_smem); rebuild it (pip install -e .)"
+    return _capability_problem(index, max(launch_smem(mode).values()), f"the cuda backend's {_MODE_NAMES[mode]} kernels")
+
+
+def _capability_problem(index: int, smem_needed: int, what: str) -> str | None:
+    """Why device `index` cannot run kernels that need smem_needed bytes of shared memory per block: compute
+    capability < 8.0 (bf16/tf32 mma.sync, cvt.rna.tf32: the build targets sm_80+), or less shared memory.
+    Launches do not opt in to more than the default per-block shared memory (cudaFuncSetAttribute), so what
+    counts is shared_memory_per_block (48 KiB on every CUDA GPU so far; 49152 when torch is too old to
+    report it). The kernels' needs are <= 48 KiB by a static_assert; this guards a device that gives less."""
     props = _properties(index)
     capability = (props.major, props.minor)
     if capability < (8, 0):
         return (f"the cuda backend needs compute capability >= 8.0 (bf16/tf32 mma.sync, cvt.rna.tf32), got "
                 f"{capability[0]}.{capability[1]} on cuda:{index} ({props.name})")
-    # Launches do not opt in to more than the default per-block shared memory (cudaFuncSetAttribute), so
-    # what counts is shared_memory_per_block (48 KiB on every CUDA GPU so far; 49152 when torch is too old
-    # to report it). The kernels' needs are <= 48 KiB by a static_assert; this guards a device that gives less.
-    launch_smem = getattr(_ext, "launch_smem", None)
-    if launch_smem is None:  # a module built from older sources (build_info() says which)
-        return "rrd_kernels._rrd_cuda is older than this package (no launch_smem); rebuild it (pip install -e .)"
-    need = max(launch_smem(mode).values())
     have = getattr(props, "shared_memory_per_block", 48 * 1024)
-    if need > have:
-        return (f"the cuda backend's {_MODE_NAMES[mode]} kernels need {need} bytes of shared memory per block; "
-                f"cuda:{index} ({props.name}) gives {have}")
+    if smem_needed > have:
+        return f"{what} need {smem_needed} bytes of shared memory per block; cuda:{index} ({props.name}) gives {have}"
     return None
 
 
@@ -232,3 +242,112 @@ def backward(grad_rows, student, teacher, bank, lse_s, lse_t, ref, tau_s, tau_t)
             stream=stream,
         )
     return grad
+
+
+# ---- the gathered memory (csrc/rrd_gathered.cuh; rrd_kernels/gathered.py has the function) ----------------
+
+GATHERED_MAX_N = 2**31 - 1  # memory rows are int32 inside the kernels (the argmax row)
+
+
+def gathered_unusable(device, memory_dtype, B, K1, D, N) -> str | None:
+    """None when the gathered-memory kernels can run on inputs like these (fp32 embeddings; "similarity"
+    scores, which the caller checks), else the reason: no extension or one built before them, no usable
+    CUDA runtime or device, non-CUDA tensors, a memory dtype other than fp32/fp16/bf16, empty inputs,
+    D > 512, K1 > 2^30, N >= 2^31, compute capability < 8.0 or too little shared memory per block."""
+    problem = _extension_or_device_problem(device)
+    if problem is not None:
+        return problem
+    if not hasattr(_ext, "gathered"):
+        return "rrd_kernels._rrd_cuda is older than this package (no gathered kernels); rebuild it (pip install -e .)"
+    if memory_dtype not in _DTYPE_CODES:
+        return f"the cuda gathered kernels support float32/float16/bfloat16 memories, got {memory_dtype}"
+    if B < 1 or K1 < 1 or D < 1 or N < 1:
+        return f"empty input (B={B}, K+1={K1}, D={D}, N={N})"
+    if D > MAX_D:
+        return f"the cuda backend supports D <= {MAX_D}, got D = {D}"
+    if K1 > 2**30:
+        return f"the cuda gathered kernels support K+1 <= 2^30 columns, got {K1}"
+    if N > GATHERED_MAX_N:
+        return f"the cuda gathered kernels index memory rows with int32: N must stay below 2^31, got {N}"
+    return _capability_problem(_device_index(device), max(_ext.gathered_smem().values()), "the cuda gathered kernels")
+
+
+def _check_gathered_args(student, teacher, memory_s, memory_t, index) -> None:
+    """Shapes and dtypes the kernels rely on, each error naming its argument (the public entry,
+    rrd_kernels.gathered.gathered_rrd_rows, checks these too; this guards direct calls)."""
+    tensors = dict(student=student, teacher=teacher, memory_s=memory_s, memory_t=memory_t, index=index)
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"backend='cuda': {name} must be a 2-D tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.device != student.device:
+            raise ValueError(f"backend='cuda': {name} is on {x.device} but student is on {student.device}")
+    B, D = student.shape
+    if teacher.shape != student.shape:
+        raise ValueError(f"backend='cuda': teacher must have the shape of student {(B, D)}, got {tuple(teacher.shape)}")
+    if memory_s.shape[1] != D or memory_t.shape != memory_s.shape:
+        raise ValueError(f"backend='cuda': memory_s and memory_t must both be N x {D}, got "
+                         f"{tuple(memory_s.shape)} and {tuple(memory_t.shape)}")
+    if index.shape[0] != B:
+        raise ValueError(f"backend='cuda': index must have B = {B} rows, got {tuple(index.shape)}")
+    if student.dtype != torch.float32 or teacher.dtype != torch.float32:
+        raise TypeError(f"backend='cuda': student and teacher must be float32 (the compute dtype), got "
+                        f"{student.dtype} and {teacher.dtype}")
+    if memory_t.dtype != memory_s.dtype:
+        raise TypeError(f"backend='cuda': memory_t must have memory_s's dtype {memory_s.dtype}, got {memory_t.dtype}")
+    if index.dtype != torch.int64:
+        raise TypeError(f"backend='cuda': index must be int64, got {index.dtype}")
+
+
+def _gathered_memories(memory_s, memory_t):
+    """Both memories with unit feature stride and one common row stride (a copy only where needed)."""
+    ms, ld_s = _unit_feature_stride(memory_s.detach())
+    mt, ld_t = _unit_feature_stride(memory_t.detach())
+    if ld_s != ld_t:
+        ms, mt = ms.contiguous(), mt.contiguous()
+        ld_s = ms.shape[1]
+    return ms, mt, ld_s
+
+
+def gathered_rows_and_grad(student, teacher, memory_s, memory_t, index, tau_s, tau_t, kl, need_grad=True,
+                           n_splits=None):
+    """(rows [B] float32, grad [B, D] float32 or None): per-row losses of raw fp32 embeddings against their
+    gathered memory rows ("similarity" scores; rrd_kernels/gathered.py) and each row's gradient with respect
+    to its raw student row for upstream weight 1. index: B x (K+1) int64; a value outside [0, N) is never
+    read, and its row comes back NaN (the caller clamps and reports such rows). n_splits: columns split per
+    row (default: the plan's, from the SM count). Refuses CPU tensors and bad arguments with an error that
+    names the argument; no host-device synchronisation."""
+    _check_gathered_args(student, teacher, memory_s, memory_t, index)
+    B, D = student.shape
+    K1, N = index.shape[1], memory_s.shape[0]
+    reason = gathered_unusable(student.device, memory_s.dtype, B, K1, D, N)
+    if reason is not None:
+        raise RuntimeError(f"backend='cuda' cannot run this call: {reason}")
+    s, ld_s = _unit_feature_stride(student.detach())
+    t, ld_t = _unit_feature_stride(teacher.detach())
+    ms, mt, ld_m = _gathered_memories(memory_s, memory_t)
+    idx, ld_idx = _unit_feature_stride(index)
+    device_index = _device_index(s.device)
+    plan = _ext.gathered_plan(B, K1, D, _num_sms(device_index))
+    num_splits, chunk = plan["num_splits"], plan["chunk"]
+    if n_splits is not None:
+        if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
+            raise ValueError(f"n_splits must be None or a positive int, got {n_splits!r}")
+        chunk = -(-K1 // min(n_splits, K1))
+        num_splits = -(-K1 // chunk)
+    f32 = dict(dtype=torch.float32, device=s.device)
+    workspace = torch.empty(num_splits * B * (8 + D + 1), **f32)
+    rows = torch.empty(B, **f32)
+    ref = torch.empty(B, dtype=torch.int32, device=s.device)
+    grad = torch.empty((B, D), **f32) if need_grad else None
+    context, stream = _launch_env(device_index)
+    with context:
+        _ext.gathered(
+            student=s.data_ptr(), teacher=t.data_ptr(), memory_s=ms.data_ptr(), memory_t=mt.data_ptr(),
+            index=idx.data_ptr(), ld_s=ld_s, ld_t=ld_t, ld_m=ld_m, ld_idx=ld_idx, B=B, K1=K1, D=D, N=N,
+            mem_dtype=_DTYPE_CODES[ms.dtype], tau_s=float(tau_s), tau_t=float(tau_t), kl=bool(kl),
+            num_splits=num_splits, chunk=chunk, workspace=workspace.data_ptr(), rows=rows.data_ptr(),
+            ref=ref.data_ptr(), grad=grad.data_ptr() if grad is not None else 0, device=device_index,
+            stream=stream,
+        )
+    return rows, grad

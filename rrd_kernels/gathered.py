@@ -189,22 +189,21 @@ def _torch_rows(student, teacher, memory_s, memory_t, index, valid, z, tau_s, ta
     return rows, (z_used if faithful else None)
 
 
-class _TritonGatheredRRD(torch.autograd.Function):
-    """The fused kernels (rrd_kernels/triton_kernels/gathered.py): loss rows and each row's gradient in the
-    forward call (for the reason _GatheredRRD gives), the backward only scales the gradient."""
+class _FusedGatheredRRD(torch.autograd.Function):
+    """A backend's fused kernels (rows_and_grad: gathered_rows_and_grad of rrd_kernels/triton_kernels/
+    gathered.py or of rrd_kernels/cuda_backend.py): loss rows and each row's gradient in the forward call
+    (for the reason _GatheredRRD gives), the backward only scales the gradient."""
 
     @staticmethod
-    def forward(ctx, student, teacher, memory_s, memory_t, index, valid, tau_s, tau_t, kl):
-        from .triton_kernels.gathered import gathered_rows_and_grad
-
-        rows, grad = gathered_rows_and_grad(student.detach(), teacher, memory_s, memory_t, index, tau_s, tau_t, kl)
+    def forward(ctx, rows_and_grad, student, teacher, memory_s, memory_t, index, valid, tau_s, tau_t, kl):
+        rows, grad = rows_and_grad(student.detach(), teacher, memory_s, memory_t, index, tau_s, tau_t, kl)
         ctx.save_for_backward(_mark_invalid(grad, valid))
         return _mark_invalid(rows, valid)
 
     @staticmethod
     def backward(ctx, grad_rows):
         (grad,) = ctx.saved_tensors
-        return (grad_rows[:, None] * grad,) + (None,) * 8
+        return (None, grad_rows[:, None] * grad) + (None,) * 8
 
 
 def triton_unusable(student, memory_s, index, faithful) -> str | None:
@@ -223,26 +222,74 @@ def triton_unusable(student, memory_s, index, faithful) -> str | None:
     return unusable_reason("triton", student.device, torch.float32, memory_s.dtype, B, index.shape[1], D)
 
 
-def _triton_rows(student, teacher, memory_s, memory_t, index, valid, z, tau_s, tau_t, kl, faithful, nce_t, chunk):
-    reason = triton_unusable(student, memory_s, index, faithful)
-    if reason is not None:
-        raise ValueError(f"backend='triton' cannot run this call: {reason}")
-    rows = _TritonGatheredRRD.apply(student, teacher.detach(), memory_s.detach(), memory_t.detach(), index, valid,
-                                    tau_s, tau_t, kl)
-    return rows, None
+def cuda_unusable(student, memory_s, index, faithful) -> str | None:
+    """Why the CUDA C++ gathered kernels (csrc/rrd_gathered.cuh) cannot run this call, or None: they take
+    fp32 embeddings, "similarity" scores (the Z of "faithful" needs the whole batch's scores before any
+    logit: a pass of its own, left to torch), and what cuda_backend.gathered_unusable allows (the extension
+    built with them, a CUDA device of compute capability >= 8.0, fp32/fp16/bf16 memories, D <= 512,
+    N < 2^31)."""
+    if faithful:
+        return "the cuda gathered kernels compute scores='similarity' only; 'faithful' runs on backend 'torch'"
+    if student.dtype != torch.float32:
+        return f"the cuda gathered kernels take float32 embeddings, got {student.dtype} (float64 runs on torch)"
+    from .cuda_backend import gathered_unusable
+
+    B, D = student.shape
+    return gathered_unusable(student.device, memory_s.dtype, B, index.shape[1], D, memory_s.shape[0])
 
 
-# backend name -> implementation of the contract in the module docstring. "auto" takes "triton" for CUDA
-# tensors it can run (triton_unusable), else "torch".
-GATHERED_BACKENDS = {"torch": _torch_rows, "triton": _triton_rows}
+def _fused(name, kernel):
+    """The contract's impl for a fused backend (kernel() gives its gathered_rows_and_grad). It does not
+    check the call again: resolve_gathered_backend has."""
+    def impl(student, teacher, memory_s, memory_t, index, valid, z, tau_s, tau_t, kl, faithful, nce_t, chunk):
+        rows = _FusedGatheredRRD.apply(kernel(), student, teacher.detach(), memory_s.detach(), memory_t.detach(),
+                                       index, valid, tau_s, tau_t, kl)
+        return rows, None
+
+    impl.__name__ = impl.__qualname__ = f"_{name}_rows"
+    return impl
+
+
+def _triton_kernel():
+    from .triton_kernels.gathered import gathered_rows_and_grad
+
+    return gathered_rows_and_grad
+
+
+def _cuda_kernel():
+    from .cuda_backend import gathered_rows_and_grad
+
+    return gathered_rows_and_grad
+
+
+# backend name -> implementation of the contract in the module docstring. A fused backend runs only what
+# its FUSED_UNUSABLE check allows, checked once per call by resolve_gathered_backend.
+GATHERED_BACKENDS = {"torch": _torch_rows, "triton": _fused("triton", _triton_kernel),
+                     "cuda": _fused("cuda", _cuda_kernel)}
+FUSED_UNUSABLE = {"triton": triton_unusable, "cuda": cuda_unusable}
+AUTO_ORDER = ("triton", "cuda")  # what "auto" tries for CUDA tensors, first usable wins (else torch)
+
+
+def fused_unusable(name, student, memory_s, index, faithful) -> str | None:
+    """Why backend `name` cannot run this call, or None ("torch" always can)."""
+    check = FUSED_UNUSABLE.get(name)
+    return None if check is None else check(student, memory_s, index, faithful)
 
 
 def resolve_gathered_backend(backend, student, memory_s, index, faithful) -> str:
-    if backend != "auto":
-        return backend
-    if student.device.type == "cuda" and triton_unusable(student, memory_s, index, faithful) is None:
-        return "triton"
-    return "torch"
+    """The backend that runs the call, each fused backend's check evaluated at most once: "auto" takes the
+    first of AUTO_ORDER that can run CUDA tensors, else "torch"; an explicit fused backend that cannot run
+    the call raises ValueError with its reason."""
+    if backend == "auto":
+        if student.device.type == "cuda":
+            for name in AUTO_ORDER:
+                if fused_unusable(name, student, memory_s, index, faithful) is None:
+                    return name
+        return "torch"
+    reason = fused_unusable(backend, student, memory_s, index, faithful)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
+    return backend
 
 
 def check_gathered_inputs(student, teacher, memory_s, memory_t, index, tau_s, tau_t, objective, scores, nce_t,
@@ -302,9 +349,10 @@ def gathered_rrd_rows(student, teacher, memory_s, memory_t, index, *, tau_s, tau
     index: B x (K+1) int64 rows of the memories. On the CPU, a value outside [0, N) is a ValueError (the
     check is free there); on a GPU it is not checked (that would synchronise): it is clamped into range and
     its row comes back NaN, loss and gradient, and does not count in Z. ``valid`` (B bools) marks further
-    rows to report so. backend: "auto" (the fused Triton kernels for CUDA tensors they can run, else torch),
-    "torch" (the chunked torch path) or "triton" (an error naming the reason where it cannot run: scores
-    "faithful", float64, no GPU and no interpreter). chunk: columns per gathered slice of the torch path
+    rows to report so. backend: "auto" (the fused Triton kernels for CUDA tensors they can run, else the
+    CUDA C++ ones, else torch), "torch" (the chunked torch path), "triton" or "cuda" (an error naming the
+    reason where it cannot run: scores "faithful", float64; for triton no GPU and no interpreter, for cuda
+    no GPU or no built extension). chunk: columns per gathered slice of the torch path
     (default: B x chunk x D <= 4M elements)."""
     tau_s, tau_t, nce_t = check_gathered_inputs(student, teacher, memory_s, memory_t, index, tau_s, tau_t,
                                                 objective, scores, nce_t, z, valid)

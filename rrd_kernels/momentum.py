@@ -19,7 +19,7 @@ from .sharded_loss import all_gather_rows
 from .sharded_momentum import (MEMORY_SHARD_KEY, draw_owned, exchange, fit_state_dict, memory_layout,
                                owned_entries, share_generator, shared_seed, sharded_step, uniform_memory_range)
 
-MOMENTUM_BACKENDS = ("auto", "torch", "triton")  # rrd_kernels/gathered.py: GATHERED_BACKENDS
+MOMENTUM_BACKENDS = ("auto", "torch", "triton", "cuda")  # rrd_kernels/gathered.py: GATHERED_BACKENDS
 # Index dtypes that convert to int64 exactly (uint16/32/64 may not, bool is not an index).
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -94,8 +94,9 @@ class RRDMomentumLoss(nn.Module):
     torch.Generator. A call that raises leaves memories, z and the sampler as they were.
 
     backend: "auto" or "torch": the chunked torch path (rrd_kernels/gathered.py) that never holds the
-    B x (K+1) x D gathered rows. backend "triton": the fused gathered kernels (scores "similarity", fp32;
-    "auto" takes them for CUDA tensors they can run, else torch); no CUDA C++ kernels for it yet.
+    B x (K+1) x D gathered rows. backend "triton" or "cuda": the fused gathered kernels of Triton or CUDA
+    C++ (scores "similarity", fp32; "auto" takes triton, then cuda, for CUDA tensors they can run, else
+    torch).
 
     gather_distributed (default True): under an initialised torch.distributed process group of W > 1 ranks,
     the memory update sees every rank's batch: the B indices and the B x D unit embeddings of both views are
@@ -163,9 +164,9 @@ class RRDMomentumLoss(nn.Module):
         check_choice(objective, "objective", OBJECTIVES)
         if backend not in MOMENTUM_BACKENDS:
             raise ValueError(f"backend must be one of {list(MOMENTUM_BACKENDS)} for RRDMomentumLoss, got {backend!r}")
-        if backend == "triton" and scores == "faithful":
-            raise ValueError("backend='triton' computes scores='similarity' only: use backend='auto' or 'torch' "
-                             "for scores='faithful'")
+        if backend in ("triton", "cuda") and scores == "faithful":
+            raise ValueError(f"backend={backend!r} computes scores='similarity' only: use backend='auto' or "
+                             "'torch' for scores='faithful'")
         self.scores, self.objective, self.backend = scores, objective, backend
         self.gather_distributed = bool(gather_distributed)
         # The layout is fixed at construction: the buffers' sizes depend on it.

@@ -93,8 +93,8 @@ def test_smoke_failed_provider_recorded_and_run_goes_on(smoke):
 def test_smoke_momentum_memory_rows(smoke):
     """The smoke preset's momentum-memory configuration (B 8, nce_k 300, D 32, n_data 500, the authors'
     exp / Z scores): the authors' eager variant, its compiled form and ours (gathered_rrd_rows) are checked
-    against float64 and timed, speedups are over the momentum eager; the fused gathered kernels (triton:
-    scores "similarity" only) and cuda (none) are recorded as unavailable, with the reason."""
+    against float64 and timed, speedups are over the momentum eager; the fused gathered kernels (triton and
+    cuda: scores "similarity" only) are recorded as unavailable, with the reason."""
     out, _ = smoke
     rows = [r for r in json.loads((out / "results.json").read_text())["rows"] if r["memory"] == "momentum"]
     assert {(r["B"], r["K"], r["D"], r["n_data"], r["scores"]) for r in rows} == {(8, 300, 32, 500, "faithful")}

@@ -179,13 +179,20 @@ def test_gate_flags_what_does_not_fit():
     def record(arch, key, **over):
         name = {"merge": "_ZN3rrd16rrd_merge_kernelENS_13ForwardParamsE",
                 "finish": "_ZN3rrd17rrd_finish_kernelENS_14BackwardParamsE"}.get(key)
-        if name is None:
+        if name is None and key.startswith("gathered "):
+            _, kind, dtype, *slots = key.split()
+            slot = f"Li{slots[0]}E" if slots else ""
+            name = f"_ZN3rrd{len(kind) + 20}rrd_gathered_{kind}_kernelILi{dtype}E{slot}EEvNS_14GatheredParamsE"
+        elif name is None:
             kind, mode = key.split()
             name = f"_ZN3rrd{len(kind) + 11}rrd_{kind}_kernelILi{mode}EEEvNS_13ForwardParamsE"
         return {"name": name, "arch": arch, "registers": 100, "stack": 0, "spill_stores": 0, "spill_loads": 0,
                 "static_smem": 0, **over}
 
     keys = [f"{k} {m}" for k in ("forward", "backward") for m in range(4)] + ["merge", "finish"]
+    keys += [f"gathered {k} {m}" for k in ("forward", "finish") for m in range(3)]
+    keys += [f"gathered backward {m} {slots}" for m in range(3) for slots in gate.GATHERED_SLOTS]
+    assert {gate.kernel_key(record("sm_86", k)["name"]) for k in keys} == set(keys)
     smem = {k: 1024 for k in keys}
     clean = [record("sm_86", k) for k in keys]
     rows, problems = gate.evaluate(clean, smem, ("sm_86",))

@@ -86,10 +86,15 @@ def test_momentum_module_on_triton_matches_torch(gen):
     torch.manual_seed(0)
     a = RRDMomentumLoss(**kw, backend="torch").to(DEVICE)
     b = RRDMomentumLoss(**kw, backend="triton").to(DEVICE)
+    follows_torch_module(a, b, gen, DEVICE)
+
+
+def follows_torch_module(a, b, gen, device):
+    """Module b (a fused backend) against module a (torch), both fp32 from a's state, over three steps."""
     b.load_state_dict(a.state_dict())
     for _ in range(3):
-        f_s = torch.randn(6, 12, generator=gen).to(DEVICE)
-        f_t = torch.randn(6, 10, generator=gen).to(DEVICE)
+        f_s = torch.randn(6, 12, generator=gen).to(device)
+        f_t = torch.randn(6, 10, generator=gen).to(device)
         idx = torch.randperm(80, generator=gen)[:6]
         losses = []
         for m in (a, b):

@@ -441,8 +441,9 @@ BAD_ARGS = [
     (dict(n_data=0), ValueError, "n_data"), (dict(nce_k=0), ValueError, "nce_k"),
     (dict(feat_dim=0), ValueError, "feat_dim"), (dict(s_dim=2.0), ValueError, "s_dim"),
     (dict(scores="exp"), ValueError, "scores"), (dict(objective="mse"), ValueError, "objective"),
-    (dict(backend="cuda"), ValueError, "backend"), (dict(generator="seed"), TypeError, "generator"),
+    (dict(backend="mps"), ValueError, "backend"), (dict(generator="seed"), TypeError, "generator"),
     (dict(backend="triton", scores="faithful"), ValueError, "backend"),
+    (dict(backend="cuda", scores="faithful"), ValueError, "backend"),
 ]
 
 
@@ -544,8 +545,10 @@ def test_given_contrast_idx_draws_nothing(gen):
     (dict(z=torch.tensor([-1.0, -1.0])), ValueError, "z"),          # z with scores="similarity"
     (dict(scores="faithful"), ValueError, "z"),                     # faithful without z
     (dict(scores="faithful", z=torch.tensor([-1.0])), ValueError, "z"),
-    (dict(backend="cuda"), ValueError, "backend"), (dict(chunk=0), ValueError, "chunk"),
+    (dict(backend="mps"), ValueError, "backend"), (dict(chunk=0), ValueError, "chunk"),
     (dict(backend="triton", scores="faithful", z=torch.tensor([-1.0, -1.0])), ValueError, "triton"),
+    (dict(backend="cuda", scores="faithful", z=torch.tensor([-1.0, -1.0])), ValueError, "cuda"),
+    (dict(backend="cuda"), ValueError, "cuda"),                     # CPU tensors: the reason, no launch
     (dict(nce_t=-0.1), ValueError, "nce_t"), (dict(tau_s=0.0), ValueError, "tau_s"),
     (dict(valid=torch.ones(3)), ValueError, "valid"), (dict(objective="l2"), ValueError, "objective"),
 ])
