@@ -7,8 +7,8 @@ GPU architecture we support, must fit that architecture. Needs nvcc only, no GPU
 What "every configuration we can launch" is here: the kernels take all sizes (B, K, D, strides, splits) at
 run time, so the compiled kernels are the whole set: rrd_forward_kernel and rrd_backward_kernel for each of
 the 4 precision modes, rrd_merge_kernel and rrd_finish_kernel, and the gathered-memory kernels
-rrd_gathered_{forward,backward,finish}_kernel for each of the 3 memory dtypes (the backward twice: for
-D <= 128 and D <= 512), all launched with 128 threads
+rrd_gathered_{forward,backward,finish}_kernel for each of the 3 memory dtypes (forward and backward twice:
+for D <= 128 and D <= 512), all launched with 128 threads
 and the dynamic shared memory of rrd::launch_smem / rrd::gathered_smem (rrd_host.inl,
 rrd_gathered_host.inl; read here by compiling and running a small host program
 against the same header, so the table cannot drift from what the launches pass).
@@ -44,8 +44,8 @@ HASHED = ["rrd_api.h", "rrd_common.cuh", "rrd_kernels.cuh", "rrd_host.inl", "rrd
           "rrd_gathered_host.inl", "rrd_cuda.cu", "binding.cpp"]
 ARCHS = ("sm_80", "sm_86", "sm_90")
 THREADS = 128
-KERNELS = 22  # FIFO: 4 forward + 4 backward instantiations, merge, finish; gathered, per memory dtype (3):
-# forward, backward for D <= 128 and for D <= 512, finish
+KERNELS = 25  # FIFO: 4 forward + 4 backward instantiations, merge, finish; gathered, per memory dtype (3):
+# forward and backward for D <= 128 and for D <= 512, finish
 MAX_STACK = 0  # bytes (the shared rule allows 256; these kernels have none and should stay so)
 REGS_PER_SM = 65536
 SMEM_WITHOUT_OPT_IN = 48 * 1024
@@ -60,7 +60,7 @@ MODES = ("fp32 FMA", "tf32 mma", "fp16 mma", "bf16 mma")
 # (tools/cuda_cost.py), so that all three see the same machine code; each adds its -gencode targets.
 NVCC_FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-I" + CSRC]
 MEMORY_DTYPES = ("fp32", "fp16", "bf16")  # the gathered kernels' template parameter (dtype codes 0, 1, 2)
-GATHERED_SLOTS = {16: 128, 64: 512}  # the gathered backward's features per lane -> the largest D it runs
+GATHERED_SLOTS = {16: 128, 64: 512}  # the gathered kernels' features per lane -> the largest D they run
 
 # Host-only program printing rrd::launch_smem for every mode. RRD_LAUNCH discards its arguments, so no kernel
 # is instantiated and this compiles in seconds.
@@ -166,8 +166,10 @@ def dynamic_smem(nvcc: str, workdir: str) -> dict[str, int]:
         if line.startswith("gathered"):
             fwd, bwd, finish = map(int, line.split()[1:])
             for dtype in range(len(MEMORY_DTYPES)):
-                smem.update({f"gathered forward {dtype}": fwd, f"gathered finish {dtype}": finish})
-                smem.update({f"gathered backward {dtype} {slots}": bwd for slots in GATHERED_SLOTS})
+                smem[f"gathered finish {dtype}"] = finish
+                for slots in GATHERED_SLOTS:
+                    smem[f"gathered forward {dtype} {slots}"] = fwd
+                    smem[f"gathered backward {dtype} {slots}"] = bwd
         elif line.strip():
             mode, fwd, merge, bwd, finish = map(int, line.split())
             smem[f"forward {mode}"], smem[f"backward {mode}"] = fwd, bwd

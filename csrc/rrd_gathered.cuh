@@ -213,7 +213,9 @@ RRD_DEVICE bool work_item(const GatheredParams& p, int& row, int& split, int& k_
   return true;
 }
 
-template <int MDT>
+// SLOTS as in the backward: kSmallSlots for D <= 128, so that the column loop holds the 16 features a lane
+// uses there, not 64 behind a per-vector exit.
+template <int MDT, int SLOTS>
 __global__ void __launch_bounds__(kGatherThreads) rrd_gathered_forward_kernel(GatheredParams p) {
   RRD_DECLARE_SMEM(smem);
   int row, split, k_begin, k_end;
@@ -224,12 +226,12 @@ __global__ void __launch_bounds__(kGatherThreads) rrd_gathered_forward_kernel(Ga
   stage_rows(p, row, xs, xt, sa, sb);
   const int group = (threadIdx.x % 32) / kGroupLanes;
   RowState st = empty_state();
-  float qt[kLaneSlots];
+  float qt[SLOTS];
   for (int k0 = k_begin; k0 < k_end; k0 += kGroups) {
     const int k = k0 + group;
     float a, b;
     int mrow;
-    column_logits<MDT, kLaneSlots>(p, xs, xt, row, k, k < k_end, sa, sb, a, b, mrow, qt);
+    column_logits<MDT, SLOTS>(p, xs, xt, row, k, k < k_end, sa, sb, a, b, mrow, qt);
     if (k < k_end) fold_column(st, a, b, mrow);
   }
   merge_state(st, state_from_lane(st, kGroupLanes));

@@ -65,14 +65,18 @@ template <int MDT> std::string launch_gathered(const GatheredParams& p, RRD_STRE
   using gathered_detail::div_up;
   const dim3 block(kGatherThreads, 1, 1);
   const dim3 grid(unsigned(div_up((long long)p.B * p.num_splits, kGatherWarps)), 1, 1);
-  RRD_LAUNCH(rrd_gathered_forward_kernel<MDT>, grid, block, kGatheredSmemBytes, stream, p);
   // Named pointers: a template argument list with a comma cannot be one macro argument.
+  const auto gathered_forward_d128 = rrd_gathered_forward_kernel<MDT, kSmallSlots>;
+  const auto gathered_forward_d512 = rrd_gathered_forward_kernel<MDT, kLaneSlots>;
   const auto gathered_backward_d128 = rrd_gathered_backward_kernel<MDT, kSmallSlots>;
   const auto gathered_backward_d512 = rrd_gathered_backward_kernel<MDT, kLaneSlots>;
-  if (p.D <= kGroupLanes * kSmallSlots)
+  if (p.D <= kGroupLanes * kSmallSlots) {
+    RRD_LAUNCH(gathered_forward_d128, grid, block, kGatheredSmemBytes, stream, p);
     RRD_LAUNCH(gathered_backward_d128, grid, block, kGatheredSmemBytes, stream, p);
-  else
+  } else {
+    RRD_LAUNCH(gathered_forward_d512, grid, block, kGatheredSmemBytes, stream, p);
     RRD_LAUNCH(gathered_backward_d512, grid, block, kGatheredSmemBytes, stream, p);
+  }
   if (p.gpart != nullptr)
     RRD_LAUNCH(rrd_gathered_finish_kernel<MDT>, dim3(unsigned(div_up(p.B, kGatherWarps)), 1, 1), block, 0, stream,
                p);

@@ -208,6 +208,25 @@ def test_cuda_cli_json_has_the_fields_of_the_triton_path_and_the_host_codes_laun
     assert r["predicted_ms"] == max(r["bounds_ms"].values()) > 0
 
 
+@needs_nvcc
+def test_cuda_gathered_call_is_counted_from_its_own_launches():
+    """The gathered-memory call (RRDMomentumLoss, backend "cuda"): forward, backward and finish as
+    rrd_gathered_host.inl launches them (one warp per (row, split), the D <= 128 instantiations at D 128),
+    its column loop the streaming loop, and every (row, column) reading its own two memory rows: the memory
+    bound is at least the floor of two passes over B x K x 2 rows of D fp32 (plus the index)."""
+    r = _cuda_json("--memory", "gathered", "--arch", "sm_90", "--dtype", "float32", "--D", "128", "--B", "64",
+                   "--K", "16385")
+    assert [k["name"].split(" (")[0] for k in r["kernels"]] == ["gathered forward", "gathered backward",
+                                                                "gathered finish"]
+    fwd, bwd, finish = r["kernels"]
+    assert "ILi0ELi16E" in fwd["symbol"] and "ILi0ELi16E" in bwd["symbol"]
+    warps = fwd["plan"]["num_splits"] * 64
+    assert fwd["grid"][0] * fwd["warps"] == -(-warps // fwd["warps"]) * fwd["warps"] and fwd["grid"] == bwd["grid"]
+    assert fwd["steady_warp_instructions_per_pair"] > 0 and r["bank_products"] == 0
+    assert r["hbm_bytes_per_pair"] >= 2 * (2 * 128 * 4 + 8)
+    assert r["bound"] == "memory" and r["predicted_ms"] == max(r["bounds_ms"].values())
+
+
 HAND_COUNTED = "1166add73aa5ef8d"  # csrc/resource_gate.py's source hash of the kernels counted by hand
 
 

@@ -190,8 +190,9 @@ def test_gate_flags_what_does_not_fit():
                 "static_smem": 0, **over}
 
     keys = [f"{k} {m}" for k in ("forward", "backward") for m in range(4)] + ["merge", "finish"]
-    keys += [f"gathered {k} {m}" for k in ("forward", "finish") for m in range(3)]
-    keys += [f"gathered backward {m} {slots}" for m in range(3) for slots in gate.GATHERED_SLOTS]
+    keys += [f"gathered finish {m}" for m in range(3)]
+    keys += [f"gathered {k} {m} {slots}" for k in ("forward", "backward") for m in range(3)
+             for slots in gate.GATHERED_SLOTS]
     assert {gate.kernel_key(record("sm_86", k)["name"]) for k in keys} == set(keys)
     smem = {k: 1024 for k in keys}
     clean = [record("sm_86", k) for k in keys]

@@ -95,8 +95,8 @@ CONFIGS = [  # the benchmark configurations (bench/config.py "sweep" corners and
     dict(arch="sm_90", dtype="float32", D=128, B=64, K=16385, memory="gathered"),
     dict(arch="sm_90", dtype="float32", D=128, B=1024, K=16385, memory="gathered"),
 ]
-# The CUDA build ships sm_80 (which also serves 8.6 / 8.9) and sm_90 machine code, and has no gathered kernels.
-CUDA_CONFIGS = [c for c in CONFIGS if c["arch"] != "sm_86" and c.get("memory") != "gathered"] + [
+# The CUDA build ships sm_80 (which also serves 8.6 / 8.9) and sm_90 machine code.
+CUDA_CONFIGS = [c for c in CONFIGS if c["arch"] != "sm_86"] + [
     dict(arch="sm_80", dtype="float32", precision="high", D=128, B=4096, K=262144),
 ]
 BACKENDS = {  # backend: (configurations, report, budget)

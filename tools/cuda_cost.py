@@ -36,10 +36,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 PLAN_SOURCE = CSRC / "launch_plan.cpp"
-HEADERS = ("rrd_common.cuh", "rrd_kernels.cuh", "rrd_host.inl")
+HEADERS = ("rrd_common.cuh", "rrd_kernels.cuh", "rrd_host.inl", "rrd_gathered.cuh")
 
 # The precision mode (rrd_common.cuh's Mode) of an embedding dtype and fp32 matmul precision.
 MODES = {"bfloat16": 3, "float16": 2, ("float32", "high"): 1, ("float32", "highest"): 0}
+MEMORY_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}  # the gathered kernels' memory dtype codes
 ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -76,6 +77,16 @@ STREAMING_LOOPS = [
     ("Q^T staging", "parent == 'bank' and wide_loads", "BN * DV // 4 // kThreads", ("STS", 4)),
     ("Q^T staging, element-wise", "parent == 'bank' and loads", "0", None),
 ]
+# The gathered-memory kernels (rrd_gathered.cuh): one warp per (row, split); its column loop (the "bank"
+# role) walks the split's chunk kGroups columns a step (an 8-lane group per column: the memory rows'
+# 16-byte loads, the dot products, 3 shuffle-adds, the fold into the online state).
+GATHERED_LOOPS = [
+    ("bank", "parent is None and wide_loads and shuffles", "cdiv(chunk, kGroups)", None),
+    # the backward's merge of the row's split states (8 planes a split, one merge_state: MUFU)
+    ("split states", "parent is None and mufu and loads and not wide_loads", "num_splits", ("LDG", 8)),
+    # stage_rows: the student and teacher rows into shared memory, 32 features a step up to kMaxD
+    ("row staging", "parent is None and loads and not wide_loads and not mufu", "kMaxD // 32", ("LDG", 2)),
+]
 KERNELS = {
     # kind: symbol pattern, streaming (has a bank loop over BM x BN tiles), loop rules, HBM bytes
     "forward": dict(symbol="rrd_forward_kernel", streaming=True, loops=STREAMING_LOOPS,
@@ -90,6 +101,19 @@ KERNELS = {
     "finish": dict(symbol="rrd_finish_kernel", streaming=False, loops=[
         ("splits", "True", "num_splits", ("LDG", 1))],
         hbm="4 * workspace + 2 * B * D * emb + B * D * bank + 2 * 4 * B"),
+    # Gathered: K = the columns per row (nce_k + 1); every (row, column) reads its own two memory rows
+    # (D x mem bytes each) and its int64 index in both passes; no reuse between rows is assumed.
+    "gathered forward": dict(symbol="rrd_gathered_forward_kernel", streaming=True, loops=GATHERED_LOOPS,
+                             pairs_per_trip="kGroups", hbm="2 * B * D * 4 + B * K * (8 + 2 * D * bank) + 4 * 8 * num_splits * B"),
+    "gathered backward": dict(symbol="rrd_gathered_backward_kernel", streaming=True, loops=GATHERED_LOOPS,
+                              pairs_per_trip="kGroups",
+                              hbm="2 * B * D * 4 + B * K * (8 + 2 * D * bank) + 4 * workspace + 2 * 4 * B"),
+    # per row: the splits' sigma, then for each of the lane's kMaxD / 32 features the splits' partial sums
+    # (unrolled with remainders, each counted splits / unroll times; every feature slot, used or not: an
+    # upper bound on O(B D splits) work)
+    "gathered finish": dict(symbol="rrd_gathered_finish_kernel", streaming=False, loops=[
+        ("splits", "True", "num_splits", ("LDG", 1))],
+        hbm="4 * num_splits * B * (D + 1) + B * D * (bank + 4 + 4) + 4 * B"),
 }
 
 
@@ -221,9 +245,12 @@ class Launch:
     smem: int
 
 
-def launches(mode: int, B: int, K: int, D: int, sms: int) -> tuple[list[Launch], dict]:
-    """What one forward + backward call launches, and its plans ({call: dict}), from the host code."""
-    out = subprocess.run([_plan_program(), str(mode), str(B), str(K), str(D), str(sms)], capture_output=True,
+def launches(mode: int, B: int, K: int, D: int, sms: int, memory: str = "fifo",
+             mem_dtype: int = 0) -> tuple[list[Launch], dict]:
+    """What one forward + backward call launches, and its plans ({call: dict}), from the host code
+    (memory "gathered": the gathered-memory call, K columns per row, memories of dtype code mem_dtype)."""
+    args = ["gathered", str(mem_dtype)] if memory == "gathered" else [str(mode)]
+    out = subprocess.run([_plan_program(), *args, str(B), str(K), str(D), str(sms)], capture_output=True,
                          text=True)
     if out.returncode != 0:
         raise RuntimeError(f"csrc/launch_plan.cpp refused B={B} K={K} D={D}: {out.stderr.strip()}")
@@ -253,6 +280,7 @@ def _facts(instrs, live, lp, roles) -> dict:
         shuffles=any(i.op == "SHFL" for i in inside),
         loads=bool(loads),
         wide_loads=any(sass.global_bytes_per_lane(i) >= 8 for i in loads),
+        mufu=any(i.op == "MUFU" for i in inside),
     )
 
 
@@ -320,7 +348,10 @@ def count_launch(launch: Launch, listing: str, names: dict):
         # One trip of the bank loop per (row, bank row) pair of its BM x BN tile, for every feature slice.
         per_trip = sum(math.prod(trips[id(lp)][1] for lp in chain(i) if lp is not bank)
                        for i in instrs if i.addr in live and bank in chain(i))
-        steady = per_trip * warps * launch.grid[2] / (names["BM"] * names["BN"])
+        if "pairs_per_trip" in kind:  # one (row, split) per warp: a trip covers that many of its pairs
+            steady = per_trip / eval(kind["pairs_per_trip"], {"__builtins__": {}}, dict(names))
+        else:
+            steady = per_trip * warps * launch.grid[2] / (names["BM"] * names["BN"])
     return instrs, bank, totals, steady, trips
 
 
@@ -331,14 +362,21 @@ def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest"
     run-time flag of the merge kernel here (the same machine code for CE and KL), so it changes nothing."""
     from tools import cost_model
 
-    if memory != "fifo":
-        raise ValueError("the CUDA backend has no gathered-memory kernels (memory='fifo' only)")
+    if memory not in ("fifo", "gathered"):
+        raise ValueError(f"memory: 'fifo' or 'gathered', not {memory!r}")
     bank_dtype = bank_dtype or dtype
-    if bank_dtype != dtype:
-        raise ValueError("the CUDA cost model counts the embedding dtype's bank (bank_dtype = dtype)")
     gpu = cost_model.GPUS[gpu or cost_model.DEFAULT_GPU[arch]]
-    mode = mode_of(dtype, precision)
-    found, plans = launches(mode, B, K, D, gpu.sms)
+    if memory == "gathered":
+        # fp32 embeddings ("similarity" scores) against memories of bank_dtype, K columns per row
+        if dtype != "float32" or bank_dtype not in MEMORY_DTYPES:
+            raise ValueError("the CUDA gathered kernels take float32 embeddings and float32/float16/bfloat16 memories")
+        mode = None
+        found, plans = launches(0, B, K, D, gpu.sms, "gathered", MEMORY_DTYPES[bank_dtype])
+    else:
+        if bank_dtype != dtype:
+            raise ValueError("the CUDA cost model counts the embedding dtype's bank (bank_dtype = dtype)")
+        mode = mode_of(dtype, precision)
+        found, plans = launches(mode, B, K, D, gpu.sms)
     listings, records = machine_code(arch, module)
     consts = constants()
     pairs = B * K
@@ -347,15 +385,18 @@ def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest"
         plan = plans[launch.call]
         names = dict(consts, B=B, K=K, D=D, num_splits=plan["num_splits"], chunk=plan["chunk"],
                      bank_tiles=-(-K // consts["BN"]) / plan["num_splits"])
+        if memory == "gathered":  # a warp's split holds chunk columns (the last one fewer: an upper bound)
+            names["BN"] = consts["kGroups"]  # the k-per-trip unit of a product loop: one warp step
         if launch.symbol not in listings:
             raise KeyError(f"{launch.symbol}: launched by rrd_host.inl but not in the {arch} SASS")
         instrs, bank, tot, steady, trips = count_launch(launch, listings[launch.symbol], names)
         hbm = eval(KERNELS[kind_of(launch.symbol)]["hbm"], {"__builtins__": {}},
                    dict(B=B, K=K, D=D, emb=ELEMENT_BYTES[dtype], bank=ELEMENT_BYTES[bank_dtype],
-                        workspace=plan["workspace_floats"]))
+                        workspace=plan["workspace_floats"], num_splits=plan["num_splits"]))
         rec = records.get(launch.symbol, {})
         kernels.append(dict(
-            name=f"{kind_of(launch.symbol)} (mode {mode})", symbol=launch.symbol, grid=list(launch.grid),
+            name=f"{kind_of(launch.symbol)} ({'memory ' + bank_dtype if mode is None else f'mode {mode}'})",
+            symbol=launch.symbol, grid=list(launch.grid),
             block=list(launch.block), warps=math.prod(launch.block) // 32, smem=launch.smem,
             regs=rec.get("registers"), stack=rec.get("stack"), plan=plan,
             tiles={k: consts[k] for k in ("BM", "BN", "DK", "DV") if k in consts},
@@ -366,6 +407,6 @@ def analyse(arch="sm_90", dtype="bfloat16", bank_dtype=None, precision="highest"
             **cost_model.per_pair(tot, hbm, pairs),
         ))
     config = dict(backend="cuda", arch=arch, dtype=dtype, bank_dtype=bank_dtype,
-                  precision=precision if dtype == "float32" else None, D=D, B=B, K=K, objective=objective,
+                  precision=precision if dtype == "float32" and memory == "fifo" else None, D=D, B=B, K=K, objective=objective,
                   memory=memory)
     return cost_model.summarise(config, gpu, kernels)
