@@ -117,7 +117,9 @@ def _resident_operands(student, teacher, bank, tau_s, tau_t, plan: Plan):
                 (student, teacher, bank, bank, bank, bank))
     d_pad = plan.tiles.block_dk
     q_hi, q_lo, q_amax, q_unscale = split_bank(bank, d_pad)
-    rows = max(plan.tiles.block_b, plan.tiles.bwd_rows)  # powers of two: a multiple of both
+    # Walked planes load whole row blocks unmasked (resident._walked_products): pad to a multiple of both
+    # blocks (powers of two).
+    rows = max(plan.tiles.block_b, plan.tiles.bwd_rows) if plan.tiles.walk_dk else 1
     s_hi, s_lo, c_s = split_rows(student, LOG2E / tau_s, q_amax, d_pad, rows)
     t_hi, t_lo, c_t = split_rows(teacher, LOG2E / tau_t, q_amax, d_pad, rows)
     return (s_hi, t_hi, q_hi), (d_pad, d_pad, d_pad), (s_lo, t_lo, q_lo, c_s, c_t, q_unscale)
