@@ -118,7 +118,7 @@ def test_coefficients_growing_along_the_bank(gen):
 
 
 def test_which_plans_take_planes(monkeypatch):
-    """sm_90 at "highest" and D <= 128: the planes; beyond, other modes and other families: not."""
+    """sm_90 at "highest" and D <= 256: the planes; beyond, other modes and other families: not."""
     from rrd_kernels.triton_kernels import make_plan
 
     old = _highest()
@@ -126,7 +126,8 @@ def test_which_plans_take_planes(monkeypatch):
         monkeypatch.setenv("RRD_TRITON_ARCH", "sm_90")
         assert make_plan(33, 300, 128, torch.float32).planes
         assert make_plan(33, 300, 100, torch.float32, bank_dtype=torch.bfloat16).planes
-        assert not make_plan(33, 300, 200, torch.float32).planes  # D 256 class: chunked (plans.py says why)
+        assert make_plan(33, 300, 200, torch.float32).tiles.walk_dk  # D 256 class: the planes walked
+        assert not make_plan(33, 300, 257, torch.float32).planes  # past 256: the chunked FMA kernels
         assert not make_plan(33, 300, 128, torch.bfloat16).planes
         for family in ("sm_80", "sm_86", "sm_100", "sm_120"):
             monkeypatch.setenv("RRD_TRITON_ARCH", family)

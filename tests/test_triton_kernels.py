@@ -210,6 +210,31 @@ def test_gpu_family_tiles_match_float64(gen, monkeypatch, family, dtype, precisi
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's choice of GPU tiles")
+@pytest.mark.parametrize("B,K,D", [(130, 300, 200), (3, 129, 256)])
+def test_sm90_walked_planes_hold_fp32_bounds(gen, monkeypatch, B, K, D):
+    """fp32 "highest" on sm_90 at D 129-256: the planes walked in feature chunks (plans.py), held to the fp32
+    grid's bounds at every temperature pair, CE and KL, with two row
+    blocks (one partial), a partial last bank tile and a split bank, or a one-tile split."""
+    from rrd_kernels.triton_kernels import make_plan
+
+    monkeypatch.setenv("RRD_TRITON_ARCH", "sm_90")
+    s, t, q = make_inputs(B, K, D, gen)
+    w = torch.rand(B, generator=gen)
+    with _highest_precision():
+        plan = make_plan(B, K, D, torch.float32)
+        assert plan.planes and plan.tiles.walk_dk
+        for tau_s, tau_t in TEMPERATURES:
+            for kl in (False, True):
+                rows, grad = run_kernels(s, t, q, tau_s, tau_t, kl, w, 3)
+                ref_rows, ref_grad = reference_rows_and_grad(s, t, q, tau_s, tau_t, kl, w)
+                case = f"D={D} tau=({tau_s},{tau_t}) kl={kl}"
+                loss_floor, grad_floor = float64_floors(s, tau_s, tau_t, w)
+                loss_tol, grad_tol = fp32_tolerances(tau_s, tau_t)
+                assert_close(rows, ref_rows, loss_tol, loss_floor, f"loss {case}")
+                assert_close(grad, ref_grad, grad_tol, grad_floor, f"grad {case}")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's choice of GPU tiles")
 @pytest.mark.parametrize("D,resident", [(200, True), (300, False)])
 def test_sm90_half_size_classes_match_float64(gen, monkeypatch, D, resident):
     """sm_90's fp16/bf16 plans by size class of D: the resident D-256 tiles (D 200 pads to 256) and, past them,

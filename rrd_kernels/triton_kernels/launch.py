@@ -117,8 +117,11 @@ def _resident_operands(student, teacher, bank, tau_s, tau_t, plan: Plan):
                 (student, teacher, bank, bank, bank, bank))
     d_pad = plan.tiles.block_dk
     q_hi, q_lo, q_amax, q_unscale = split_bank(bank, d_pad)
-    s_hi, s_lo, c_s = split_rows(student, LOG2E / tau_s, q_amax, d_pad)
-    t_hi, t_lo, c_t = split_rows(teacher, LOG2E / tau_t, q_amax, d_pad)
+    # Walked planes load whole row blocks unmasked (resident._walked_products): pad to a multiple of both
+    # blocks (powers of two).
+    rows = max(plan.tiles.block_b, plan.tiles.bwd_rows) if plan.tiles.walk_dk else 1
+    s_hi, s_lo, c_s = split_rows(student, LOG2E / tau_s, q_amax, d_pad, rows)
+    t_hi, t_lo, c_t = split_rows(teacher, LOG2E / tau_t, q_amax, d_pad, rows)
     return (s_hi, t_hi, q_hi), (d_pad, d_pad, d_pad), (s_lo, t_lo, q_lo, c_s, c_t, q_unscale)
 
 
@@ -139,7 +142,8 @@ def forward_states(student, teacher, bank, tau_s, tau_t, plan: Plan, kl=True):
         ops, strides, extra = _resident_operands(student, teacher, bank, tau_s, tau_t, plan)
         rrd_fwd_resident_kernel[(plan.n_row_blocks, plan.n_splits)](
             *ops, part, part_idx, B, K, D, *strides, *args[11:], *extra,
-            D_PAD=t.block_dk, EVEN_D=D == t.block_dk, KL=bool(kl), PLANES=plan.planes, **common)
+            D_PAD=t.block_dk, EVEN_D=D == t.block_dk, KL=bool(kl), PLANES=plan.planes,
+            BLOCK_DK=t.walk_dk or t.block_dk, **common)
     else:
         rrd_fwd_kernel[(plan.n_row_blocks, plan.n_splits)](*args, BLOCK_DK=t.block_dk, **common)
     d_pad = triton.next_power_of_2(D)
@@ -191,7 +195,7 @@ def backward_sums(student, teacher, bank, lse_diff, lse_t, tau_s, tau_t, plan: P
             plan.tiles_per_split * t.bwd_split, *extra,
             OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
             BLOCK_B=t.bwd_rows, BLOCK_K=t.block_k // t.bwd_split, D_PAD=t.block_dk, EVEN_D=D == t.block_dk,
-            PLANES=plan.planes, num_warps=t.bwd_warps, num_stages=t.bwd_stages,
+            PLANES=plan.planes, BLOCK_DK=t.walk_dk or t.block_dk, num_warps=t.bwd_warps, num_stages=t.bwd_stages,
         )
         return part, part_sigma
     rrd_bwd_kernel[(plan.n_row_blocks, plan.n_splits, plan.n_dslices)](

@@ -54,10 +54,11 @@ def _store_planes(x, e, HI, LO, rows, n_rows, D_PAD: tl.constexpr):
     return scaled
 
 
-@triton.jit(do_not_specialize=["n_rows"])
-def rrd_split_rows_kernel(X, stride_x, HI, LO, FACTOR, Q_AMAX, n_rows, D, scale,
+@triton.jit(do_not_specialize=["n_rows", "n_out"])
+def rrd_split_rows_kernel(X, stride_x, HI, LO, FACTOR, Q_AMAX, n_rows, n_out, D, scale,
                           BLOCK_R: tl.constexpr, D_PAD: tl.constexpr):
-    """Student or teacher rows: planes with a scale per row, and the row's logit factor
+    """Student or teacher rows: planes with a scale per row (n_out >= n_rows rows of them, the padding 0), and
+    the row's logit factor
     FACTOR_i = scale / max(||x_i||, eps) 2^-e_i 2^-e_q (scale = log2(e) / tau; e_q the bank's exponent, from
     its largest |element| Q_AMAX), so that a product of planes times FACTOR_i is the logit in log2 units.
     The norm is taken of the scaled row, ||x_i 2^e_i|| (exact scaling): its squares cannot overflow, as
@@ -65,7 +66,7 @@ def rrd_split_rows_kernel(X, stride_x, HI, LO, FACTOR, Q_AMAX, n_rows, D, scale,
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     x = load_rows_chunk(X, stride_x, rows, tl.arange(0, D_PAD), n_rows, D).to(tl.float32)
     e = plane_exponent(tl.max(tl.abs(x), axis=1))
-    scaled = _store_planes(x, e, HI, LO, rows, n_rows, D_PAD)
+    scaled = _store_planes(x, e, HI, LO, rows, n_out, D_PAD)
     e_q = plane_exponent(tl.load(Q_AMAX))
     # scale / max(||x|| 2^e, eps 2^e) = scale / max(||x||, eps) 2^-e, both scalings exact.
     norm = tl.sqrt(tl.sum(scaled * scaled, axis=1))
@@ -111,14 +112,17 @@ def split_bank(bank: torch.Tensor, d_pad: int):
     return hi, lo, amax, unscale
 
 
-def split_rows(x: torch.Tensor, scale: float, bank_amax: torch.Tensor, d_pad: int):
-    """(hi, lo, factor): the planes of student or teacher rows [B, d_pad] fp16 and their logit factors [B]."""
+def split_rows(x: torch.Tensor, scale: float, bank_amax: torch.Tensor, d_pad: int, pad_rows: int = 1):
+    """(hi, lo, factor): the planes of student or teacher rows [B', d_pad] fp16, B' = B rounded up to a multiple
+    of pad_rows (rows past B are 0, so that whole row blocks load without masks), and their logit factors
+    [B]."""
     B, D = x.shape
-    hi, lo = _empty_planes(B, d_pad, x.device)
+    n_out = triton.cdiv(B, pad_rows) * pad_rows
+    hi, lo = _empty_planes(n_out, d_pad, x.device)
     factor = torch.empty(B, device=x.device, dtype=torch.float32)
     r = _rows_per_program(d_pad)
-    rrd_split_rows_kernel[(triton.cdiv(B, r),)](x, x.stride(0), hi, lo, factor, bank_amax, B, D, scale,
-                                                BLOCK_R=r, D_PAD=d_pad)
+    rrd_split_rows_kernel[(triton.cdiv(n_out, r),)](x, x.stride(0), hi, lo, factor, bank_amax, B, n_out, D, scale,
+                                                    BLOCK_R=r, D_PAD=d_pad)
     # The kernels start the running maxima at LOW = -1e30 raw and need LOW c_i to vanish in exp2. A zero row
     # takes the largest scale 2^126, so its factor (eps-clamped) falls to ~1e-30 and LOW c_i to ~-5: its
     # logits are exactly 0 whatever c_i is, so raise such factors (on the device, no sync). Only rows with

@@ -37,6 +37,7 @@ class Tiles:
     bwd_stages: int
     bwd_split: int = 1  # the backward walks bank tiles of block_k / bwd_split rows (same split boundaries)
     bwd_block_b: int = 0  # rows per backward program (0: block_b)
+    walk_dk: int = 0  # resident planes only: features per product step when the planes are walked (0: all D)
 
     @property
     def bwd_rows(self) -> int:
@@ -100,10 +101,16 @@ _RESIDENT_TF32 = Tiles(64, 32, 128, 128, 4, 2, 4, 2)  # 64 x 64 forward tiles sp
 # per product. The row block's four planes and a bank tile's two take twice the shared memory of the half
 # plans' operands, so one stage.
 _RESIDENT_PLANES = Tiles(128, 128, 128, 128, 8, 1, 8, 1, bwd_split=2)
+# D 256: a row block's four planes (128 KiB per 64 rows) leave no room for 128-row blocks, and 64-row blocks
+# spill in the backward, so the planes are walked in 64-feature chunks, re-read per bank tile (walk_dk,
+# resident.py _walked_products). The backward holds all 256 output features (128 registers per thread), so
+# its bank tiles are 32 rows and its chunk loop one stage; 64-row tiles or two stages spill (docs/design.md
+# section 7 has the variants and their counts).
+_RESIDENT_PLANES_256 = Tiles(128, 128, 256, 256, 8, 2, 8, 1, bwd_split=4, walk_dk=64)
 RESIDENT = {
     "sm_90": {"half": (_RESIDENT_HALF, _RESIDENT_HALF_256), "half_fp32_bank": (_RESIDENT_HALF_FP32_BANK, _RESIDENT_HALF_256),
               "tf32": (_RESIDENT_TF32,), "tf32_16bit_bank": (_RESIDENT_TF32,),
-              "ieee": (_RESIDENT_PLANES,)},
+              "ieee": (_RESIDENT_PLANES, _RESIDENT_PLANES_256)},
     "sm_80": {"half": (_RESIDENT_HALF_MMA_SYNC,), "half_fp32_bank": (_RESIDENT_HALF_MMA_SYNC,)},
     "sm_86": {"half": (_RESIDENT_HALF_MMA_SYNC,), "half_fp32_bank": (_RESIDENT_HALF_MMA_SYNC,)},
     "interpreter": {mode: (_INTERPRETER_RESIDENT,) for mode in MODES},

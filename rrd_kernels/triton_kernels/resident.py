@@ -69,10 +69,16 @@ def plane_rows(HI, LO, FACTOR, rows, B, UPCAST: tl.constexpr, D_PAD: tl.constexp
 
 @triton.jit
 def _row_block(S, T, S_LO, T_LO, C_S, C_T, stride_s, stride_t, rows, B, D, scale_a, scale_b,
-               OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr, D_PAD: tl.constexpr, PLANES: tl.constexpr):
+               OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr, D_PAD: tl.constexpr, PLANES: tl.constexpr,
+               BLOCK_DK: tl.constexpr):
     """(s, s_lo, t, t_lo, c_a, c_b): the resident operands of a row block and their logit factors; without
-    PLANES the rows as given (s_lo, t_lo repeat s, t and are unused)."""
-    if PLANES:
+    PLANES the rows as given (s_lo, t_lo repeat s, t and are unused). Planes walked in chunks of BLOCK_DK <
+    D_PAD (_walked_products) are not held: s, s_lo, t, t_lo are then the planes' pointers."""
+    if PLANES and BLOCK_DK < D_PAD:
+        s, s_lo, t, t_lo = S, S_LO, T, T_LO
+        c_a = tl.load(C_S + rows, mask=rows < B, other=0.0)
+        c_b = tl.load(C_T + rows, mask=rows < B, other=0.0)
+    elif PLANES:
         s, s_lo, c_a = plane_rows(S, S_LO, C_S, rows, B, UPCAST, D_PAD)
         t, t_lo, c_b = plane_rows(T, T_LO, C_T, rows, B, UPCAST, D_PAD)
     else:
@@ -93,13 +99,55 @@ def dot3_acc(x_hi, x_lo, y_hi, y_lo, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, ks, K, D, OP_DTYPE: tl.constexpr,
+def _load_plane(ptrs, valid, UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """A chunk of fp16 plane rows as a product operand, 0 where not valid (MASKED only)."""
+    if MASKED:
+        x = tl.load(ptrs, mask=valid, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return as_operand(x, tl.float16, UPCAST)
+
+
+@triton.jit
+def _walked_products(S, S_LO, T, T_LO, Q, Q_LO, rows, ks, B, K, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, BLOCK_DK: tl.constexpr, MASKED: tl.constexpr):
+    """(a, b) as _tile_products' with planes, the features walked in chunks of BLOCK_DK: where the row block's
+    four planes and a bank tile's two do not fit shared memory at once (D 256), every bank tile reads the row
+    block's chunks again (from L2) beside its own, and the loop over the chunks is what the compiler
+    pipelines. Offsets are formed once and advanced (one add per vector per chunk, not an address formula); the
+    row planes are padded to whole row blocks (planes.split_rows), so only a partial bank tile is masked."""
+    a = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
+    b = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
+    cols = tl.arange(0, BLOCK_DK)
+    row_offs = rows.to(tl.int64)[:, None] * D_PAD + cols[None, :]
+    bank_offs = ks.to(tl.int64)[:, None] * D_PAD + cols[None, :]
+    bank_valid = (ks < K)[:, None]
+    for d0 in range(0, D_PAD, BLOCK_DK):
+        q_t = tl.trans(_load_plane(Q + bank_offs, bank_valid, UPCAST, MASKED))
+        q_lo_t = tl.trans(_load_plane(Q_LO + bank_offs, bank_valid, UPCAST, MASKED))
+        a = dot3_acc(_load_plane(S + row_offs, None, UPCAST, False),
+                     _load_plane(S_LO + row_offs, None, UPCAST, False), q_t, q_lo_t, a, UPCAST)
+        b = dot3_acc(_load_plane(T + row_offs, None, UPCAST, False),
+                     _load_plane(T_LO + row_offs, None, UPCAST, False), q_t, q_lo_t, b, UPCAST)
+        row_offs += BLOCK_DK
+        bank_offs += BLOCK_DK
+    return a, b
+
+
+@triton.jit
+def _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, rows, ks, B, K, D, OP_DTYPE: tl.constexpr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                   D_PAD: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, PLANES: tl.constexpr):
+                   D_PAD: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, PLANES: tl.constexpr,
+                   BLOCK_DK: tl.constexpr):
     """(a, b, q, q_lo): raw student and teacher dot products with bank rows ks, and the bank tile itself (with
-    PLANES, its two fp16 planes; else q_lo is q and s_lo, t_lo are unused)."""
+    PLANES, its two fp16 planes; else q_lo is q and s_lo, t_lo are unused; walked planes: the pointers)."""
     zero = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
-    if PLANES:
+    if PLANES and BLOCK_DK < D_PAD:
+        a, b = _walked_products(s, s_lo, t, t_lo, Q, Q_LO, rows, ks, B, K, UPCAST, BLOCK_B, BLOCK_K, D_PAD,
+                                BLOCK_DK, MASKED)
+        q = Q  # the backward loads the whole tile for its c Q product itself, after c
+        q_lo = Q_LO
+    elif PLANES:
         q = bank_tile(Q, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, MASKED)
         q_lo = bank_tile(Q_LO, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, MASKED)
         q_t = tl.trans(q)
@@ -197,7 +245,7 @@ def rrd_fwd_resident_kernel(
     S_LO, T_LO, Q_LO, C_S, C_T, Q_UNSCALE,  # PLANES only: the lo planes, the logit factors, the bank's 2^-e_q
     OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, KL: tl.constexpr,
-    PLANES: tl.constexpr,
+    PLANES: tl.constexpr, BLOCK_DK: tl.constexpr,
 ):
     """Grid (row blocks, splits): as rrd_fwd_kernel (forward.py), the partial state of BLOCK_B rows over one
     chunk of the bank into PART [N_STATE, n_splits, B], and the first bank row of the tile that raised the
@@ -208,7 +256,7 @@ def rrd_fwd_resident_kernel(
     Q_LO the lo ones, and C_S, C_T the logit factors; every product is dot3_acc's three fp16 products."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     s, s_lo, t, t_lo, c_a, c_b = _row_block(S, T, S_LO, T_LO, C_S, C_T, stride_s, stride_t, rows, B, D, scale_a,
-                                            scale_b, OP_DTYPE, UPCAST, D_PAD, PLANES)
+                                            scale_b, OP_DTYPE, UPCAST, D_PAD, PLANES, BLOCK_DK)
     k_begin, k_end = split_range(K, tiles_per_split, BLOCK_K)
     k_full = k_begin + (k_end - k_begin) // BLOCK_K * BLOCK_K  # end of the tiles with no padding
     m_a = tl.full([BLOCK_B], LOW, tl.float32)
@@ -220,15 +268,15 @@ def rrd_fwd_resident_kernel(
     tile = tl.zeros([BLOCK_B], tl.int32) + k_begin
     for k0 in range(k_begin, k_full, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a, b, _, _ = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST,
-                                    BLOCK_B, BLOCK_K, D_PAD, EVEN_D, False, PLANES)
+        a, b, _, _ = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, rows, ks, B, K, D, OP_DTYPE, PRECISION,
+                                    UPCAST, BLOCK_B, BLOCK_K, D_PAD, EVEN_D, False, PLANES, BLOCK_DK)
         m_a_old = m_a
         m_a, n_a, m_b, n_b, w, v = _fold(a, b, None, m_a, n_a, m_b, n_b, w, v, c_a, c_b, False, KL)
         tile = tl.where(m_a > m_a_old, k0, tile)
     if k_full < k_end:
         ks = k_full + tl.arange(0, BLOCK_K)
-        a, b, _, _ = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST,
-                                    BLOCK_B, BLOCK_K, D_PAD, EVEN_D, True, PLANES)
+        a, b, _, _ = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, rows, ks, B, K, D, OP_DTYPE, PRECISION,
+                                    UPCAST, BLOCK_B, BLOCK_K, D_PAD, EVEN_D, True, PLANES, BLOCK_DK)
         m_a_old = m_a
         m_a, n_a, m_b, n_b, w, v = _fold(a, b, (ks < K)[None, :], m_a, n_a, m_b, n_b, w, v, c_a, c_b, True, KL)
         tile = tl.where(m_a > m_a_old, k_full, tile)
@@ -295,7 +343,7 @@ def rrd_bwd_resident_kernel(
     S_LO, T_LO, Q_LO, C_S, C_T, Q_UNSCALE,  # PLANES only, as the forward's
     OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
-    PLANES: tl.constexpr,
+    PLANES: tl.constexpr, BLOCK_DK: tl.constexpr,
 ):
     """Grid (row blocks, splits): sum_k c_ik Q_k over one chunk of the bank, all features at once, into PART
     [n_splits, B, D_PAD], and sigma_i = sum_k c_ik into PART_SIGMA [n_splits, B]; the finish kernel
@@ -312,12 +360,13 @@ def rrd_bwd_resident_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     s, s_lo, t, t_lo, c_a, c_b = _row_block(S, T, S_LO, T_LO, C_S, C_T, stride_s, stride_t, rows, B, D, scale_a,
-                                            scale_b, OP_DTYPE, UPCAST, D_PAD, PLANES)
+                                            scale_b, OP_DTYPE, UPCAST, D_PAD, PLANES, BLOCK_DK)
     k_begin, k_end = split_range(K, tiles_per_split, BLOCK_K)
     k_full = k_begin + (k_end - k_begin) // BLOCK_K * BLOCK_K
     lse_diff = tl.load(LSE_DIFF + rows, mask=row_mask, other=0.0)  # lse_a - lse_b, base 2
     lse_b = tl.load(LSE_T + rows, mask=row_mask, other=0.0)
     lse_a = lse_diff + lse_b
+    cols = tl.arange(0, D_PAD)
     acc = tl.zeros([BLOCK_B, D_PAD], tl.float32)
     # sigma summed over the tiles' columns once, at the end; with PLANES (whose accumulator and operands fill
     # the registers at D 256) per tile, one register per row.
@@ -325,23 +374,30 @@ def rrd_bwd_resident_kernel(
     c_exp = tl.full([BLOCK_B], 126, tl.int32)  # PLANES: the rows' scales of c (_accumulate)
     for k0 in range(k_begin, k_full, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a, b, q, q_lo = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST,
-                                       BLOCK_B, BLOCK_K, D_PAD, EVEN_D, False, PLANES)
+        a, b, q, q_lo = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, rows, ks, B, K, D, OP_DTYPE,
+                                       PRECISION, UPCAST, BLOCK_B, BLOCK_K, D_PAD, EVEN_D, False, PLANES,
+                                       BLOCK_DK)
         c = _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, None, False)
         sigma += tl.sum(c, axis=1, keep_dims=True) if PLANES else c
+        if PLANES and BLOCK_DK < D_PAD:
+            q = bank_tile(Q, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, False)
+            q_lo = bank_tile(Q_LO, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, False)
         acc, c_exp = _accumulate(c, q, q_lo, acc, c_exp, OP_DTYPE, PRECISION, UPCAST, PLANES)
     if k_full < k_end:
         ks = k_full + tl.arange(0, BLOCK_K)
-        a, b, q, q_lo = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST,
-                                       BLOCK_B, BLOCK_K, D_PAD, EVEN_D, True, PLANES)
+        a, b, q, q_lo = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, rows, ks, B, K, D, OP_DTYPE,
+                                       PRECISION, UPCAST, BLOCK_B, BLOCK_K, D_PAD, EVEN_D, True, PLANES,
+                                       BLOCK_DK)
         c = _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, (ks < K)[None, :], True)
         sigma += tl.sum(c, axis=1, keep_dims=True) if PLANES else c
+        if PLANES and BLOCK_DK < D_PAD:
+            q = bank_tile(Q, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, True)
+            q_lo = bank_tile(Q_LO, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, True)
         acc, c_exp = _accumulate(c, q, q_lo, acc, c_exp, OP_DTYPE, PRECISION, UPCAST, PLANES)
     if PLANES:
         acc = acc * (pow2(-c_exp) * tl.load(Q_UNSCALE))[:, None]
 
     split = tl.program_id(1)
-    cols = tl.arange(0, D_PAD)
     out = PART + (split * B + rows.to(tl.int64)[:, None]) * D_PAD + cols[None, :]
     tl.store(out, acc, mask=row_mask[:, None])
     tl.store(PART_SIGMA + split * B + rows, tl.sum(sigma, axis=1), mask=row_mask)
