@@ -33,6 +33,9 @@ constexpr int BN = 64;               // bank rows per tile: each warp computes a
 constexpr int DK = 32;               // feature chunk staged in shared memory per step
 constexpr int DV = 64;               // backward: features of dL/dS accumulated per block (grid z)
 constexpr int kMaxD = 512;           // finishing kernel keeps kMaxD / kThreads features per thread
+constexpr int kResD = 128;           // resident kernels (16-bit modes): D <= kResD, S / T fragments in registers
+constexpr int kResLd = kResD + 8;    // their shared row pitch in 16-bit elements: 272 B, a multiple of 16 B (cp.async,
+                                     // ldmatrix rows) whose 8 rows of an ldmatrix land on distinct bank groups
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNormEps = 1e-12f;   // as F.normalize
@@ -53,6 +56,8 @@ RRD_DEVICE float bf16_bits_to_float(uint16_t x) { return __uint_as_float(uint32_
 RRD_DEVICE float f16_bits_to_float(uint16_t x) { return __half2float(__ushort_as_half(x)); }
 RRD_DEVICE uint16_t float_to_bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 RRD_DEVICE uint16_t float_to_f16_bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
+// x * y rounded, never fused into a following add (nvcc contracts a * b + c by default).
+RRD_DEVICE float mul_rn(float x, float y) { return __fmul_rn(x, y); }
 RRD_DEVICE uint32_t float_to_tf32(float x) {
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
@@ -71,6 +76,36 @@ RRD_DEVICE void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint
       "{%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// 16 bytes global -> shared without passing through registers (sm_80+); src_bytes 0 fills the 16 bytes with
+// zeros (rows past the tensor), reading nothing. Completion: cp_async_commit groups this thread's copies,
+// cp_async_wait<N> waits until at most N of its groups are in flight (then a __syncthreads publishes them).
+RRD_DEVICE void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
+  const uint32_t dst = uint32_t(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+RRD_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> RRD_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+// Four 8 x 8 16-bit matrices from shared memory: lane l gives the address of row l % 8 of matrix l / 8 (16
+// contiguous bytes); register r of lane l receives row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1 of matrix
+// r (trans: column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1), low index in the low half.
+RRD_DEVICE void ldsm_x4(uint32_t (&r)[4], const uint16_t* row) {
+  const uint32_t a = uint32_t(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+RRD_DEVICE void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+  const uint32_t a = uint32_t(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+// 2^x in one MUFU.EX2 (results below 2^-126 flush to 0: negligible beside the terms >= 2^-126 of the sums
+// and coefficients it feeds). Used by the 16-bit resident kernels only; the fp32 paths keep exp2f.
+RRD_DEVICE float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 // D = A * B + D for one m16n8k8 with tf32 inputs (registers hold cvt.rna.tf32 results).
 RRD_DEVICE void mma_tf32_1688(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -195,6 +230,14 @@ template <int KDIM> struct WarpTile<kMmaTF32, KDIM> {
   }
 };
 
+// One m16n8k16 of the 16-bit mode MODE (a compile-time choice, not a run-time switch).
+template <int MODE> RRD_DEVICE void mma16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  static_assert(MODE == kMmaF16 || MODE == kMmaBF16, "16-bit modes only");
+  if (MODE == kMmaBF16)
+    mma_bf16_16816(d, a, b);
+  else
+    mma_f16_16816(d, a, b);
+}
 template <int MODE, int KDIM> struct WarpTile16 {
   static_assert(KDIM % 16 == 0, "f16/bf16 mma steps k by 16");
   static RRD_DEVICE void run(float (&acc)[8][4], const uint16_t* A, int lda, const uint16_t* B, int ldb) {
@@ -210,10 +253,7 @@ template <int MODE, int KDIM> struct WarpTile16 {
         // B (16 x 8, col): reg0 (k = 2t..2t+1, n = g), reg1 (k = 2t+8..2t+9, n = g)
         const uint16_t* bn = B + (8 * j + g) * ldb + k0;
         const uint32_t b[2] = {ld_pair(bn + 2 * t), ld_pair(bn + 2 * t + 8)};
-        if (MODE == kMmaBF16)
-          mma_bf16_16816(acc[j], a, b);
-        else
-          mma_f16_16816(acc[j], a, b);
+        mma16<MODE>(acc[j], a, b);
       }
     }
   }
