@@ -31,7 +31,7 @@ template <int MODE> RRD_HOST_DEVICE constexpr int resident_smem_bytes() {
 }
 static_assert(BM == BN, "the S / T staging reuses the two bank buffers");
 
-// X[row0 + r][d] as the mode's 16-bit bits for r < BM, d < 16 nk (zero past nrows and D), into dst (row
+// X[row0 + r][d] as the mode's 16-bit bits for r < BM, d < dpad (zero past nrows and D), into dst (row
 // pitch kResLd). The embeddings are in the mode's dtype, so this is a typed copy, done once per block.
 RRD_DEVICE void stage_rows16(uint16_t* dst, const void* src, long long ld, int row0, int nrows, int D, int dpad,
                              bool vec) {
@@ -57,29 +57,31 @@ RRD_DEVICE void stage_rows16(uint16_t* dst, const void* src, long long ld, int r
   }
 }
 
-// This warp's 16 rows of the staged block as m16n8k16 A fragments, k-step by k-step (nk of them).
-RRD_DEVICE void load_row_fragments(uint32_t (&f)[kResD / 16][4], const uint16_t* xs, int nk) {
+// This warp's 16 rows of the staged block as m16n8k16 A fragments, k-step by k-step. Always kResD / 16
+// k-steps, zero-padded past D: no branch per k-step and one ldmatrix address per tile (a D of 64 wastes
+// half of the products' mma, at most 0.06 warp-instructions per pair of the forward).
+RRD_DEVICE void load_row_fragments(uint32_t (&f)[kResD / 16][4], const uint16_t* xs) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const uint16_t* a = xs + (warp * 16 + g) * kResLd + 2 * t;
 #pragma unroll
   for (int kk = 0; kk < kResD / 16; ++kk) {
     // reg0 (g, 2t..2t+1), reg1 (g+8, 2t..), reg2 (g, 2t+8..), reg3 (g+8, 2t+8..)
-    f[kk][0] = kk < nk ? ld_pair(a + 16 * kk) : 0u;
-    f[kk][1] = kk < nk ? ld_pair(a + 8 * kResLd + 16 * kk) : 0u;
-    f[kk][2] = kk < nk ? ld_pair(a + 16 * kk + 8) : 0u;
-    f[kk][3] = kk < nk ? ld_pair(a + 8 * kResLd + 16 * kk + 8) : 0u;
+    f[kk][0] = ld_pair(a + 16 * kk);
+    f[kk][1] = ld_pair(a + 8 * kResLd + 16 * kk);
+    f[kk][2] = ld_pair(a + 16 * kk + 8);
+    f[kk][3] = ld_pair(a + 8 * kResLd + 16 * kk + 8);
   }
 }
 
 // Both rows' A fragments of S and T, staged once through the two (not yet used) bank buffers.
 template <class P>
-RRD_DEVICE void resident_rows(const P& p, uint16_t* buf, int row0, int nk, uint32_t (&fs)[kResD / 16][4],
+RRD_DEVICE void resident_rows(const P& p, uint16_t* buf, int row0, uint32_t (&fs)[kResD / 16][4],
                               uint32_t (&ft)[kResD / 16][4]) {
-  stage_rows16(buf, p.student, p.ld_s, row0, p.B, p.D, 16 * nk, p.vec_s);
-  stage_rows16(buf + BN * kResLd, p.teacher, p.ld_t, row0, p.B, p.D, 16 * nk, p.vec_t);
+  stage_rows16(buf, p.student, p.ld_s, row0, p.B, p.D, kResD, p.vec_s);
+  stage_rows16(buf + BN * kResLd, p.teacher, p.ld_t, row0, p.B, p.D, kResD, p.vec_t);
   __syncthreads();
-  load_row_fragments(fs, buf, nk);
-  load_row_fragments(ft, buf + BN * kResLd, nk);
+  load_row_fragments(fs, buf);
+  load_row_fragments(ft, buf + BN * kResLd);
   __syncthreads();  // the buffers now belong to the bank tiles
 }
 
@@ -89,26 +91,43 @@ template <int MODE, class P> RRD_DEVICE bool bank_by_cp_async(const P& p) {
   return p.bank_dtype == (MODE == kMmaBF16 ? kBF16 : kF16) && p.vec_q16;
 }
 
-// Columns [D, 16 nk) of both buffers: zero once (the copies never write them; the products read them).
-RRD_DEVICE void zero_feature_tail(uint16_t* buf, int D, int nk) {
-  const int from = D, to = 16 * nk;
-  for (int idx = threadIdx.x; idx < 2 * BN * (to - from); idx += kThreads)
-    buf[(idx / (to - from)) * kResLd + from + idx % (to - from)] = 0;
+// Columns [D, kResD) of both buffers: zero once (the copies never write them; the products read them).
+RRD_DEVICE void zero_feature_tail(uint16_t* buf, int D) {
+  const int w = kResD - D;
+  for (int idx = threadIdx.x; idx < 2 * BN * w; idx += kThreads) buf[(idx / w) * kResLd + D + idx % w] = 0;
 }
 
-// Issue the cp.async copies of bank rows n0 .. n0 + BN - 1, features [0, D), into dst. Thread i copies the
-// 16-byte chunk i % 16 of rows i / 16 + 8 s (s < 8): a fixed chunk column per thread, so the chunk test
-// is one comparison and the row test (rows past K are zero-filled) matters only on the last tile.
-RRD_DEVICE void issue_bank_tile(uint16_t* dst, const uint16_t* bank, long long ld, int n0, int K, int D) {
-  const int c = threadIdx.x % 16, r0 = threadIdx.x / 16;
-  if (8 * c >= D) return;
-#pragma unroll
-  for (int s = 0; s < BN / 8; ++s) {
-    const int r = r0 + 8 * s, n = n0 + r;
-    const bool valid = n < K;
-    cp_async16(dst + r * kResLd + 8 * c, valid ? bank + n * ld + 8 * c : bank, valid);
+// The cp.async copies of one bank tile, features [0, D): thread i copies the 16-byte chunk i % 16 of rows
+// i / 16 + 8 s (s < 8) of every tile. A fixed chunk column per thread, so the chunk test is made once; the
+// source pointer advances by a tile per call, and rows past K (the last tile only) are zero-filled.
+struct BankCopier {
+  const uint16_t* base; // the bank (a valid address for the zero-filling copies, which read nothing)
+  const uint16_t* src;  // this thread's first chunk in the next tile
+  long long step;       // 8 rows, in elements
+  int row;              // the bank row of that chunk
+  bool active;          // the thread's chunk column is inside D
+  RRD_DEVICE BankCopier(const void* bank, long long ld, int n0, int D) {
+    const int c = threadIdx.x % 16, r0 = threadIdx.x / 16;
+    active = 8 * c < D;
+    row = n0 + r0;
+    step = 8 * ld;
+    base = static_cast<const uint16_t*>(bank);
+    src = base + row * ld + 8 * c;
   }
-}
+  RRD_DEVICE void issue(uint16_t* dst, int K) {
+    if (active) {
+      uint16_t* d = dst + (threadIdx.x / 16) * kResLd + 8 * (threadIdx.x % 16);
+      const uint16_t* q = src;
+#pragma unroll
+      for (int s = 0; s < BN / 8; ++s, q += step) {
+        const bool valid = row + 8 * s < K;
+        cp_async16(d + 8 * s * kResLd, valid ? q : base, valid);
+      }
+    }
+    src += BN / 8 * step;
+    row += BN;
+  }
+};
 
 // The fallback: bank rows n0 .. n0 + BN - 1 converted to the mode's type element by element (any dtype,
 // any alignment), zero past K and in columns [D, kResD).
@@ -125,19 +144,19 @@ RRD_DEVICE void convert_bank_tile(uint16_t* dst, const void* bank, long long ld,
 // split with the tile in shared memory, between barriers; with cp.async the next tile's copy is in flight
 // meanwhile.
 template <int MODE, class P, class Body>
-RRD_DEVICE void for_each_bank_tile(const P& p, uint16_t* buf, int k_begin, int k_end, int nk, Body body) {
+RRD_DEVICE void for_each_bank_tile(const P& p, uint16_t* buf, int k_begin, int k_end, Body body) {
   const bool async = bank_by_cp_async<MODE>(p);
-  const uint16_t* bank = static_cast<const uint16_t*>(p.bank);
+  BankCopier copier(p.bank, p.ld_q, k_begin, p.D);
   if (async) {
-    zero_feature_tail(buf, p.D, nk);
-    issue_bank_tile(buf, bank, p.ld_q, k_begin, p.K, p.D);
+    zero_feature_tail(buf, p.D);
+    copier.issue(buf, p.K);
     cp_async_commit();
   }
   int it = 0;
   for (int n0 = k_begin; n0 < k_end; n0 += BN, ++it) {
     uint16_t* cur = buf + (it & 1) * BN * kResLd;
     if (async) {
-      if (n0 + BN < k_end) issue_bank_tile(buf + ((it + 1) & 1) * BN * kResLd, bank, p.ld_q, n0 + BN, p.K, p.D);
+      if (n0 + BN < k_end) copier.issue(buf + ((it + 1) & 1) * BN * kResLd, p.K);
       cp_async_commit();   // (an empty group on the last tile keeps the wait count uniform)
       cp_async_wait<1>();  // this thread's copies of tile `it` have landed
     } else {
@@ -149,35 +168,69 @@ RRD_DEVICE void for_each_bank_tile(const P& p, uint16_t* buf, int k_begin, int k
   }
 }
 
-// acc[j] += A B_j over nk k-steps for the two n8 tiles j = 2 jp, 2 jp + 1 of the tile (bank rows 16 jp ..
+// acc[j] += A B_j over the kResD / 16 k-steps for the two n8 tiles j = 2 jp, 2 jp + 1 of the tile (bank rows 16 jp ..
 // 16 jp + 15): one ldmatrix.x4 gives both tiles' B fragments (matrices: rows 16 jp + 8 (l / 16) + l % 8,
 // features 16 kk + 8 ((l / 8) % 2)), shared by the student and teacher products.
 template <int MODE>
 RRD_DEVICE void logit_pair(float (&acc_s)[2][4], float (&acc_t)[2][4], const uint32_t (&fs)[kResD / 16][4],
-                           const uint32_t (&ft)[kResD / 16][4], const uint16_t* tile, int jp, int nk) {
+                           const uint32_t (&ft)[kResD / 16][4], const uint16_t* tile, int jp) {
   const int lane = threadIdx.x % 32;
   const uint16_t* row = tile + (16 * jp + 8 * (lane / 16) + lane % 8) * kResLd + 8 * ((lane / 8) % 2);
 #pragma unroll
   for (int kk = 0; kk < kResD / 16; ++kk) {
-    if (kk < nk) {
-      uint32_t b[4];
-      ldsm_x4(b, row + 16 * kk);
-      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-      mma16<MODE>(acc_s[0], fs[kk], b0);
-      mma16<MODE>(acc_t[0], ft[kk], b0);
-      mma16<MODE>(acc_s[1], fs[kk], b1);
-      mma16<MODE>(acc_t[1], ft[kk], b1);
-    }
+    uint32_t b[4];
+    ldsm_x4(b, row + 16 * kk);
+    const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+    mma16<MODE>(acc_s[0], fs[kk], b0);
+    mma16<MODE>(acc_t[0], ft[kk], b0);
+    mma16<MODE>(acc_s[1], fs[kk], b1);
+    mma16<MODE>(acc_t[1], ft[kk], b1);
   }
 }
 
-// Online update of one row's state with this lane's 16 logits of the tile (half h: row g + 8 h), as
-// online_update but with the non-finite test off the per-element path: W's terms 2^(b - m_b) (m_a - a)
-// are NaN or inf wherever a or b is (an inf logit raises its max to inf, and inf - inf is NaN; a -inf
-// one meets a 0 weight or an inf distance), so 0 * W, added to the tile's count, makes n_a NaN exactly
-// for the rows that met one. The maxima come from the raw products (the scales are >= 0, and rounding is
-// monotone, so fl(max(acc) s) is the max of the rounded logits). MASKED (the last tile only): columns
-// >= K are skipped.
+// The rare path of resident_update: a tile maximum above the running one (or the first tile). The tile's
+// own state (the count n with the maximum's exact 1 left out, w, v, x, argmax) is merged into s. A
+// non-finite logit: W's terms 2^(b - m_b) (m_a - a) are NaN or inf wherever a or b is (inf - inf is NaN;
+// a -inf logit meets a 0 weight or an inf distance), so 0 * W added to the count makes n_a NaN.
+template <bool MASKED>
+RRD_DEVICE void resident_raise(RowState& s, const float (&acc_s)[8][4], const float (&acc_t)[8][4], int h,
+                               float sa, float sb, float mx_a, float mx_b, int col0, int K) {
+  if (!(mx_a > -INFINITY && mx_b > -INFINITY)) {  // every counted logit NaN (fmaxf skipped them) or -inf
+    s.n_a = NAN;
+    return;
+  }
+  float na = 0.f, nb = 0.f, ca = -1.f, cb = -1.f, w = 0.f, v = 0.f, x = 0.f;  // ca, cb: (entries at max) - 1
+  int arg = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      if (!MASKED || col0 + 8 * j + c < K) {
+        const float da = mul_rn(acc_s[j][2 * h + c], sa) - mx_a, db = mul_rn(acc_t[j][2 * h + c], sb) - mx_b;
+        const float ea = fast_exp2(da), eb = fast_exp2(db);
+        if (da == 0.f) {
+          ca += 1.f;
+          arg = 8 * j + c;
+        } else {
+          na += ea;
+        }
+        if (db == 0.f) cb += 1.f; else nb += eb;
+        w = fmaf(eb, -da, w);
+        v = fmaf(eb, -db, v);
+        x += ea - eb;
+      }
+  merge_state(s, RowState{mx_a, fmaf(0.f, w, na + ca), mx_b, nb + cb, w, v, x, col0 + arg});
+}
+
+// Online update of one row's state with this lane's 16 logits of the tile (half h: row g + 8 h). The maxima
+// come from the raw products (the scales are >= 0 and rounding is monotone, so fl(max(acc) s) is the max of
+// the rounded logits). MASKED (the last tile only): columns >= K are skipped.
+//
+// Common case (after the first tiles nearly every one): neither tile maximum exceeds the running one, and
+// the terms go straight into the running sums, relative to the running maxima. That is merge_state with
+// equal maxima term by term: an entry at the maximum has 2^0 = 1, exactly the 1 the count adds for it.
+// Otherwise a tile state is formed and merged (resident_raise). No per-element non-finite test: a NaN
+// logit makes its 2^(a - m) NaN and so the count; an inf one raises a maximum to inf (the rare path).
 template <bool MASKED>
 RRD_DEVICE void resident_update(RowState& s, const float (&acc_s)[8][4], const float (&acc_t)[8][4], int h,
                                 float sa, float sb, int col0, int K) {
@@ -192,32 +245,24 @@ RRD_DEVICE void resident_update(RowState& s, const float (&acc_s)[8][4], const f
         rb = fmaxf(rb, acc_t[j][2 * h + c]);
       }
   const float mx_a = mul_rn(ra, sa), mx_b = mul_rn(rb, sb);
-  if (!(mx_a > -INFINITY && mx_b > -INFINITY)) {  // every counted logit NaN (fmaxf skipped them) or -inf
-    s.n_a = NAN;
+  if (mx_a <= s.m_a && mx_b <= s.m_b) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        if (!MASKED || col0 + 8 * j + c < K) {
+          // mul_rn: a logit rounded on its own (no fused multiply-add), so an entry at the max has da = 0
+          const float da = mul_rn(acc_s[j][2 * h + c], sa) - s.m_a, db = mul_rn(acc_t[j][2 * h + c], sb) - s.m_b;
+          const float ea = fast_exp2(da), eb = fast_exp2(db);
+          s.n_a += ea;
+          s.n_b += eb;
+          s.w = fmaf(eb, -da, s.w);
+          s.v = fmaf(eb, -db, s.v);
+          s.x += ea - eb;  // each term's rounding is ~1e-7 of 1, not of the counts
+        }
     return;
   }
-  float na = 0.f, nb = 0.f, ca = -1.f, cb = -1.f, w = 0.f, v = 0.f, x = 0.f;  // ca, cb: (entries at max) - 1
-  int arg = 0;
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int c = 0; c < 2; ++c)
-      if (!MASKED || col0 + 8 * j + c < K) {
-        // mul_rn: a logit rounded on its own (no fused multiply-add), so the max's da is exactly 0
-        const float da = mul_rn(acc_s[j][2 * h + c], sa) - mx_a, db = mul_rn(acc_t[j][2 * h + c], sb) - mx_b;
-        const float ea = fast_exp2(da), eb = fast_exp2(db);
-        if (da == 0.f) {
-          ca += 1.f;
-          arg = 8 * j + c;
-        } else {
-          na += ea;
-        }
-        if (db == 0.f) cb += 1.f; else nb += eb;
-        w = fmaf(eb, -da, w);
-        v = fmaf(eb, -db, v);
-        x += ea - eb;  // each term's rounding is ~1e-7 of 1, not of the counts
-      }
-  merge_state(s, RowState{mx_a, fmaf(0.f, w, na + ca), mx_b, nb + cb, w, v, x, col0 + arg});
+  resident_raise<MASKED>(s, acc_s, acc_t, h, sa, sb, mx_a, mx_b, col0, K);
 }
 
 // Rows' logit scales of this lane (rows r_lo, r_lo + 8 of the block), from the block's scale arrays.
@@ -239,15 +284,14 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_resident_kernel(ForwardP
   const int row0 = blockIdx.x * BM, split = blockIdx.y, r_lo = warp * 16 + g;
   const int k_begin = split * p.chunk;
   const int k_end = p.K < k_begin + p.chunk ? p.K : k_begin + p.chunk;
-  const int nk = (p.D + 15) / 16;
 
   float sa[2], sb[2];
   lane_scales(p, smem, row0, r_lo, sa, sb);
   uint32_t fs[kResD / 16][4], ft[kResD / 16][4];
-  resident_rows(p, buf, row0, nk, fs, ft);
+  resident_rows(p, buf, row0, fs, ft);
   RowState st[2] = {empty_state(), empty_state()};
 
-  for_each_bank_tile<MODE>(p, buf, k_begin, k_end, nk, [&](const uint16_t* tile, int n0) {
+  for_each_bank_tile<MODE>(p, buf, k_begin, k_end, [&](const uint16_t* tile, int n0) {
     float acc_s[8][4], acc_t[8][4];
 #pragma unroll
     for (int j = 0; j < 8; ++j)
@@ -258,7 +302,7 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_resident_kernel(ForwardP
       float ps[2][4], pt[2][4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) ps[0][i] = ps[1][i] = pt[0][i] = pt[1][i] = 0.f;
-      logit_pair<MODE>(ps, pt, fs, ft, tile, jp, nk);
+      logit_pair<MODE>(ps, pt, fs, ft, tile, jp);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         acc_s[2 * jp][i] = ps[0][i], acc_s[2 * jp + 1][i] = ps[1][i];
@@ -292,16 +336,16 @@ template <int MODE> RRD_DEVICE uint32_t pack16(float lo, float hi, float& lo_r, 
 // the product and sigma; then G += c Q_sub over all of D. MASKED (the last tile): c = 0 past K.
 template <int MODE, bool MASKED>
 RRD_DEVICE void backward_tile(float (&acc_g)[kResD / 8][4], float (&sig)[2], const uint32_t (&fs)[kResD / 16][4],
-                              const uint32_t (&ft)[kResD / 16][4], const uint16_t* tile, int n0, int K, int nk,
+                              const uint32_t (&ft)[kResD / 16][4], const uint16_t* tile, int n0, int K,
                               const float (&sa)[2], const float (&sb)[2], const float (&la)[2],
                               const float (&lb)[2]) {
   const int lane = threadIdx.x % 32, t = lane % 4;
-#pragma unroll
+#pragma unroll 1  // unrolled, ptxas hoists the next sub-block's loads and runs out of registers
   for (int sbk = 0; sbk < BN / 16; ++sbk) {
     float ps[2][4], pt[2][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) ps[0][i] = ps[1][i] = pt[0][i] = pt[1][i] = 0.f;
-    logit_pair<MODE>(ps, pt, fs, ft, tile, sbk, nk);
+    logit_pair<MODE>(ps, pt, fs, ft, tile, sbk);
     float c[2][4];
 #pragma unroll
     for (int jj = 0; jj < 2; ++jj)
@@ -325,13 +369,11 @@ RRD_DEVICE void backward_tile(float (&acc_g)[kResD / 8][4], float (&sig)[2], con
     const uint16_t* row = tile + (16 * sbk + 8 * ((lane / 8) % 2) + lane % 8) * kResLd + 8 * (lane / 16);
 #pragma unroll
     for (int jp = 0; jp < kResD / 16; ++jp) {
-      if (jp < nk) {
-        uint32_t b[4];
-        ldsm_x4_trans(b, row + 16 * jp);
-        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-        mma16<MODE>(acc_g[2 * jp], a, b0);
-        mma16<MODE>(acc_g[2 * jp + 1], a, b1);
-      }
+      uint32_t b[4];
+      ldsm_x4_trans(b, row + 16 * jp);
+      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      mma16<MODE>(acc_g[2 * jp], a, b0);
+      mma16<MODE>(acc_g[2 * jp + 1], a, b1);
     }
   }
 }
@@ -351,7 +393,6 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_resident_kernel(Backwar
   const int row0 = blockIdx.x * BM, split = blockIdx.y, r_lo = warp * 16 + g;
   const int k_begin = split * p.chunk;
   const int k_end = p.K < k_begin + p.chunk ? p.K : k_begin + p.chunk;
-  const int nk = (p.D + 15) / 16;
 
   float sa[2], sb[2], la[2], lb[2];
   lane_scales(p, smem, row0, r_lo, sa, sb);
@@ -362,7 +403,7 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_resident_kernel(Backwar
     la[h] = row < p.B ? p.lse_s[row] + lb[h] : 0.f;  // lse_a; NaN rows stay NaN
   }
   uint32_t fs[kResD / 16][4], ft[kResD / 16][4];
-  resident_rows(p, buf, row0, nk, fs, ft);
+  resident_rows(p, buf, row0, fs, ft);
   float acc_g[kResD / 8][4];
 #pragma unroll
   for (int j = 0; j < kResD / 8; ++j)
@@ -370,11 +411,11 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_resident_kernel(Backwar
     for (int i = 0; i < 4; ++i) acc_g[j][i] = 0.f;
   float sig[2] = {0.f, 0.f};
 
-  for_each_bank_tile<MODE>(p, buf, k_begin, k_end, nk, [&](const uint16_t* tile, int n0) {
+  for_each_bank_tile<MODE>(p, buf, k_begin, k_end, [&](const uint16_t* tile, int n0) {
     if (n0 + BN <= p.K)
-      backward_tile<MODE, false>(acc_g, sig, fs, ft, tile, n0, p.K, nk, sa, sb, la, lb);
+      backward_tile<MODE, false>(acc_g, sig, fs, ft, tile, n0, p.K, sa, sb, la, lb);
     else
-      backward_tile<MODE, true>(acc_g, sig, fs, ft, tile, n0, p.K, nk, sa, sb, la, lb);
+      backward_tile<MODE, true>(acc_g, sig, fs, ft, tile, n0, p.K, sa, sb, la, lb);
   });
 #pragma unroll
   for (int j = 0; j < kResD / 8; ++j)
