@@ -6,7 +6,8 @@ GPU architecture we support, must fit that architecture. Needs nvcc only, no GPU
 
 What "every configuration we can launch" is here: the kernels take all sizes (B, K, D, strides, splits) at
 run time, so the compiled kernels are the whole set: rrd_forward_kernel and rrd_backward_kernel for each of
-the 4 precision modes, rrd_merge_kernel and rrd_finish_kernel, all launched with 128 threads and the dynamic
+the 4 precision modes, rrd_forward_resident_kernel and rrd_backward_resident_kernel for fp16 and bf16 (the
+launches' choice for D <= 128), rrd_merge_kernel and rrd_finish_kernel, all launched with 128 threads and the dynamic
 shared memory of rrd::launch_smem (rrd_host.inl; read here by compiling and running a small host program
 against the same header, so the table cannot drift from what the launches pass).
 
@@ -37,10 +38,11 @@ import tempfile
 CSRC = os.path.dirname(os.path.abspath(__file__))
 REPORT = os.path.join(CSRC, "ptxas-report.txt")
 # Every file whose content changes the compiled module (hashed into the module's BUILD_INFO and the report).
-HASHED = ["rrd_api.h", "rrd_common.cuh", "rrd_kernels.cuh", "rrd_host.inl", "rrd_cuda.cu", "binding.cpp"]
+HASHED = ["rrd_api.h", "rrd_common.cuh", "rrd_kernels.cuh", "rrd_resident.cuh", "rrd_host.inl", "rrd_cuda.cu",
+          "binding.cpp"]
 ARCHS = ("sm_80", "sm_86", "sm_90")
 THREADS = 128
-KERNELS = 10  # 4 forward + 4 backward instantiations, merge, finish
+KERNELS = 14  # 4 forward + 4 backward (chunked), 2 + 2 resident (fp16, bf16), merge, finish
 MAX_STACK = 0  # bytes (the shared rule allows 256; these kernels have none and should stay so)
 REGS_PER_SM = 65536
 SMEM_WITHOUT_OPT_IN = 48 * 1024
@@ -62,7 +64,8 @@ PROBE = r"""
 int main() {
   for (int mode = 0; mode < 4; ++mode) {
     const rrd::SmemUse u = rrd::launch_smem(mode);
-    std::printf("%d %d %d %d %d\n", mode, u.forward, u.merge, u.backward, u.finish);
+    std::printf("%d %d %d %d %d %d %d\n", mode, u.forward, u.merge, u.backward, u.finish, u.forward_resident,
+                u.backward_resident);
   }
   return 0;
 }
@@ -115,8 +118,9 @@ def parse_ptxas(log: str) -> list[dict]:
 
 
 def kernel_key(mangled: str) -> str | None:
-    """'forward 0' .. 'backward 3', 'merge', 'finish' from a mangled kernel name (None: not ours)."""
-    m = re.search(r"rrd_(forward|backward)_kernelILi(\d)E", mangled)
+    """'forward 0' .. 'backward 3', 'forward_resident 2' .. 'backward_resident 3', 'merge', 'finish' from a
+    mangled kernel name (None: not ours)."""
+    m = re.search(r"rrd_(forward|backward|forward_resident|backward_resident)_kernelILi(\d)E", mangled)
     if m:
         return f"{m.group(1)} {m.group(2)}"
     m = re.search(r"rrd_(merge|finish)_kernel", mangled)
@@ -133,8 +137,9 @@ def dynamic_smem(nvcc: str, workdir: str) -> dict[str, int]:
     smem = {}
     for line in out.split("\n"):
         if line.strip():
-            mode, fwd, merge, bwd, finish = map(int, line.split())
+            mode, fwd, merge, bwd, finish, fwd_res, bwd_res = map(int, line.split())
             smem[f"forward {mode}"], smem[f"backward {mode}"] = fwd, bwd
+            smem[f"forward_resident {mode}"], smem[f"backward_resident {mode}"] = fwd_res, bwd_res
             smem["merge"], smem["finish"] = merge, finish  # the same for every mode
     return smem
 

@@ -196,7 +196,9 @@ def test_gate_flags_what_does_not_fit():
         return {"name": name, "arch": arch, "registers": 100, "stack": 0, "spill_stores": 0, "spill_loads": 0,
                 "static_smem": 0, **over}
 
-    keys = [f"{k} {m}" for k in ("forward", "backward") for m in range(4)] + ["merge", "finish"]
+    keys = [f"{k} {m}" for k in ("forward", "backward") for m in range(4)] + ["merge", "finish"] + [
+        f"{k}_resident {m}" for k in ("forward", "backward") for m in (2, 3)]
+    assert len(keys) == gate.KERNELS
     smem = {k: 1024 for k in keys}
     clean = [record("sm_86", k) for k in keys]
     rows, problems = gate.evaluate(clean, smem, ("sm_86",))
