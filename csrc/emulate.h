@@ -215,6 +215,7 @@ inline int __shfl_xor_sync(unsigned /*mask*/, int v, int lane_mask) {
 
 namespace rrd {
 inline float bits_as_float(uint32_t x) { return rrd_emu::bits_to_float(x); }
+inline uint32_t float_to_bits_of(float x) { return rrd_emu::float_to_bits(x); }
 inline float bf16_bits_to_float(uint16_t x) { return rrd_emu::bits_to_float(uint32_t(x) << 16); }
 inline float f16_bits_to_float(uint16_t x) { return rrd_emu::half_bits_to_float(x); }
 inline uint16_t float_to_bf16_bits(float x) {  // round to nearest even (finite inputs)

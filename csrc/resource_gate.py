@@ -52,7 +52,7 @@ SMEM_OPT_IN = {
     "sm_86": 101376,  # RTX 30xx, A10; 8.9 (RTX 40xx, L4) the same
     "sm_90": 232448,  # H100 / H200: 227 KiB
 }
-MODES = ("fp32 FMA", "tf32 mma", "fp16 mma", "bf16 mma")
+MODES = ("3xTF32 mma", "tf32 mma", "fp16 mma", "bf16 mma")
 
 # Host-only program printing rrd::launch_smem for every mode. RRD_LAUNCH discards its arguments, so no kernel
 # is instantiated and this compiles in seconds.

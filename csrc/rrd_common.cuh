@@ -44,7 +44,7 @@ constexpr float kNormEps = 1e-12f;   // as F.normalize
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 // how the dot products are computed
 enum Mode : int {
-  kSimtF32 = 0,  // fp32 FMA (torch "highest" precision for fp32 inputs)
+  kSimtF32 = 0,  // fp32 "highest": 3xTF32 mma.sync (hi / lo operands; the name is from its SIMT FMA days)
   kMmaTF32 = 1,  // mma.sync m16n8k8 tf32 (fp32 inputs, precision "high"/"medium")
   kMmaF16 = 2,   // mma.sync m16n8k16 f16 (fp16 embeddings; bank converted to fp16)
   kMmaBF16 = 3,  // mma.sync m16n8k16 bf16 (bf16 embeddings; bank converted to bf16)
@@ -52,6 +52,7 @@ enum Mode : int {
 
 #ifndef RRD_EMULATE
 RRD_DEVICE float bits_as_float(uint32_t x) { return __uint_as_float(x); }
+RRD_DEVICE uint32_t float_to_bits_of(float x) { return __float_as_uint(x); }
 RRD_DEVICE float bf16_bits_to_float(uint16_t x) { return __uint_as_float(uint32_t(x) << 16); }
 RRD_DEVICE float f16_bits_to_float(uint16_t x) { return __half2float(__ushort_as_half(x)); }
 RRD_DEVICE uint16_t float_to_bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
@@ -189,19 +190,39 @@ RRD_DEVICE uint32_t ld_pair(const uint16_t* p) {  // two consecutive 16-bit elem
 // softmax code that consumes acc is shared.
 template <int MODE, int KDIM> struct WarpTile;
 
+// x = hi + lo as two tf32 operands (the bits the tensor core reads): hi = x rounded to tf32, lo = the
+// remainder (exact in fp32) rounded to tf32, so hi + lo carries 22 significant bits of x.
+RRD_DEVICE float tf32_value(float x) { return bits_as_float(float_to_tf32(x) & 0xffffe000u); }
+RRD_DEVICE void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  const float h = tf32_value(x);
+  hi = float_to_bits_of(h);
+  lo = float_to_tf32(x - h) & 0xffffe000u;
+}
+
+// fp32 "highest": 3xTF32 on the tensor cores. A B = (A_hi + A_lo)(B_hi + B_lo) - A_lo B_lo, the last term
+// (2^-22 of the product) dropped: three m16n8k8 tf32 mma per step (the small terms first), each operand
+// split when its fragment is loaded.
 template <int KDIM> struct WarpTile<kSimtF32, KDIM> {
+  static_assert(KDIM % 8 == 0, "tf32 mma steps k by 8");
   static RRD_DEVICE void run(float (&acc)[8][4], const float* A, int lda, const float* B, int ldb) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll 2
-    for (int k = 0; k < KDIM; ++k) {
-      const float a_lo = A[g * lda + k], a_hi = A[(g + 8) * lda + k];
+#pragma unroll 1
+    for (int k0 = 0; k0 < KDIM; k0 += 8) {
+      // A (16 x 8, row): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4)
+      const float av[4] = {A[g * lda + k0 + t], A[(g + 8) * lda + k0 + t], A[g * lda + k0 + t + 4],
+                           A[(g + 8) * lda + k0 + t + 4]};
+      uint32_t ah[4], al[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) split_tf32(av[i], ah[i], al[i]);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const float b0 = B[(8 * j + 2 * t) * ldb + k], b1 = B[(8 * j + 2 * t + 1) * ldb + k];
-        acc[j][0] = fmaf(a_lo, b0, acc[j][0]);
-        acc[j][1] = fmaf(a_lo, b1, acc[j][1]);
-        acc[j][2] = fmaf(a_hi, b0, acc[j][2]);
-        acc[j][3] = fmaf(a_hi, b1, acc[j][3]);
+        const float* bn = B + (8 * j + g) * ldb + k0;
+        uint32_t bh[2], bl[2];
+        split_tf32(bn[t], bh[0], bl[0]);
+        split_tf32(bn[t + 4], bh[1], bl[1]);
+        mma_tf32_1688(acc[j], al, bh);
+        mma_tf32_1688(acc[j], ah, bl);
+        mma_tf32_1688(acc[j], ah, bh);
       }
     }
   }
@@ -365,8 +386,10 @@ RRD_DEVICE void merge_state(RowState& s, const RowState& o) {
 // x as the mma of mode MODE sees it as an operand (fp32 SIMT: unchanged).
 RRD_DEVICE float as_operand(float x, int mode) {
   switch (mode) {
-    case kMmaTF32: {
-      return bits_as_float(float_to_tf32(x) & 0xffffe000u);  // the bits the tensor core reads
+    case kMmaTF32: return tf32_value(x);  // the bits the tensor core reads
+    case kSimtF32: {  // 3xTF32: hi + lo, as the products see it (exact in fp32)
+      const float h = tf32_value(x);
+      return h + tf32_value(x - h);
     }
     case kMmaF16: return f16_bits_to_float(float_to_f16_bits(x));
     case kMmaBF16: return bf16_bits_to_float(float_to_bf16_bits(x));

@@ -18,8 +18,8 @@ Kernels (csrc/rrd_kernels.cuh; math in docs/math.md, structure in docs/design.md
     finish:   per row -> sum over splits, minus sigma Q_argmax (rounding guard), / tau_s, normalisation
               Jacobian, x upstream weight -> dL/dS
 Precision: bf16 / fp16 embeddings use mma.sync on tensor cores (m16n8k16, bank converted to the embedding
-dtype, fp32 accumulation); fp32 embeddings follow torch.get_float32_matmul_precision(): "highest" -> fp32 FMA,
-"high" / "medium" -> TF32 mma.sync (m16n8k8).
+dtype, fp32 accumulation); fp32 embeddings follow torch.get_float32_matmul_precision(): "highest" -> 3xTF32
+mma.sync (hi / lo operands, three m16n8k8 products), "high" / "medium" -> TF32 mma.sync (m16n8k8).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ except ImportError as exc:  # not built (no nvcc at install time, or RRD_SKIP_CU
 MAX_D = 512
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MODE_FP32_FMA, MODE_TF32_MMA, MODE_FP16_MMA, MODE_BF16_MMA = 0, 1, 2, 3
-_MODE_NAMES = {MODE_FP32_FMA: "fp32 FMA", MODE_TF32_MMA: "TF32 mma", MODE_FP16_MMA: "fp16 mma",
+_MODE_NAMES = {MODE_FP32_FMA: "3xTF32 mma", MODE_TF32_MMA: "TF32 mma", MODE_FP16_MMA: "fp16 mma",
                MODE_BF16_MMA: "bf16 mma"}
 
 
