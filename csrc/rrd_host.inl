@@ -46,7 +46,7 @@ SmemUse launch_smem(int mode) {
 
 inline long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
 
-// Split the bank so that (row blocks x splits x feature slices) gives about two blocks per SM: with a small
+// Split the bank so that (row blocks x splits x feature slices) gives at most two blocks per SM: with a small
 // batch (B = 64 is one row block) the bank splits alone fill the GPU (flash-decoding). Each split gets a
 // whole number of tiles and at least one, so every split sees >= 1 valid bank row.
 inline Plan make_plan(int B, int K, int D, int num_sms, bool backward) {
@@ -56,7 +56,10 @@ inline Plan make_plan(int B, int K, int D, int num_sms, bool backward) {
   // D > kResD) launches ceil(D / DV) of them whatever the plan says (more blocks, same workspace).
   plan.num_dslices = backward && D > kResD ? int(ceil_div(D, DV)) : 1;
   const long long target = 2LL * (num_sms > 0 ? num_sms : 1);
-  long long splits = ceil_div(target, row_blocks * plan.num_dslices);
+  // Rounded down: the resident kernels fit 2 blocks per SM (~200 registers x 128 threads), so more blocks
+  // than 2 x SMs would start a second, mostly empty wave (B 4096: 64 row blocks x 4 splits = 256 blocks on
+  // 132 SMs, where rounding up gave 320).
+  long long splits = target / (row_blocks * plan.num_dslices);
   if (splits < 1) splits = 1;
   if (splits > tiles) splits = tiles;
   const long long tiles_per_split = ceil_div(tiles, splits);
