@@ -6,13 +6,15 @@ the tensors (so no call can crash the interpreter), makes copies where the kerne
 stride, allocates the outputs and workspaces, and passes data_ptr()s. Nothing here synchronises with the
 device. Importing this module always works; without the extension every call says why it cannot run.
 
-Kernels (csrc/rrd_kernels.cuh; math in docs/math.md, structure in docs/design.md, as the Triton backend):
+Kernels (csrc/rrd_resident.cuh for fp16 / bf16 at D <= 128: S and T held in registers, cp.async bank tiles,
+the backward without feature slices; csrc/rrd_kernels.cuh otherwise; math in docs/math.md, structure in
+docs/design.md and csrc/README.md, as the Triton backend):
     forward:  grid (row blocks of 64, bank splits) -> partial online dual-softmax state per (split, row),
               in the cancellation-free form of the Triton backend (max, count - 1, W, V, argmax)
     merge:    per row -> CE (or KL), base-2 lse_a - lse_b (in the lse_s slot, from the counts without
               cancellation) and the teacher's LSE lse_b, the student's argmax; a row meeting a non-finite
               logit gets NaN in all three float outputs and in its gradient
-    backward: grid (row blocks, bank splits, 64-feature slices) -> partial sum_k (q - p) Q_k (q - p as
+    backward: grid (row blocks, bank splits[, 64-feature slices]) -> partial sum_k (q - p) Q_k (q - p as
               p (2^delta - 1) where q and p are close) and
               sigma = sum_k (q - p) per split
     finish:   per row -> sum over splits, minus sigma Q_argmax (rounding guard), / tau_s, normalisation
