@@ -56,7 +56,7 @@ inline Plan make_plan(int B, int K, int D, int num_sms, bool backward) {
   // D > kResD) launches ceil(D / DV) of them whatever the plan says (more blocks, same workspace).
   plan.num_dslices = backward && D > kResD ? int(ceil_div(D, DV)) : 1;
   const long long target = 2LL * (num_sms > 0 ? num_sms : 1);
-  // Rounded down: the resident kernels fit 2 blocks per SM (~200 registers x 128 threads), so more blocks
+  // Rounded down: the resident kernels fit 2 blocks per SM (169-217 registers x 128 threads), so more blocks
   // than 2 x SMs would start a second, mostly empty wave (B 4096: 64 row blocks x 4 splits = 256 blocks on
   // 132 SMs, where rounding up gave 320).
   long long splits = target / (row_blocks * plan.num_dslices);

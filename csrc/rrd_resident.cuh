@@ -24,6 +24,10 @@
 
 namespace rrd {
 
+template <bool B> struct Bool {
+  static constexpr bool value = B;
+};
+
 template <int MODE> RRD_HOST_DEVICE constexpr int resident_smem_bytes() {
   // two bank-tile buffers of BN x kResLd 16-bit elements (the one-time S / T staging reuses them: BM == BN),
   // then the rows' scales
@@ -140,11 +144,12 @@ RRD_DEVICE void convert_bank_tile(uint16_t* dst, const void* bank, long long ld,
   }
 }
 
-// The bank-tile pipeline shared by both resident kernels: body(tile, n0) runs for every tile of the
-// split with the tile in shared memory, between barriers; with cp.async the next tile's copy is in flight
-// meanwhile.
-template <int MODE, class P, class Body>
-RRD_DEVICE void for_each_bank_tile(const P& p, uint16_t* buf, int k_begin, int k_end, Body body) {
+// The bank-tile pipeline shared by both resident kernels: full(tile, n0) runs for every whole tile of the
+// split, tail(tile, n0) after the loop for a last tile that reaches past K (only the last split's, when
+// K % BN != 0), each with the tile in shared memory between barriers; with cp.async the next tile's copy
+// is in flight meanwhile. The tail is peeled off the loop so the bank loop holds only the unmasked body.
+template <int MODE, class P, class Full, class Tail>
+RRD_DEVICE void for_each_bank_tile(const P& p, uint16_t* buf, int k_begin, int k_end, Full full, Tail tail) {
   const bool async = bank_by_cp_async<MODE>(p);
   BankCopier copier(p.bank, p.ld_q, k_begin, p.D);
   if (async) {
@@ -152,8 +157,8 @@ RRD_DEVICE void for_each_bank_tile(const P& p, uint16_t* buf, int k_begin, int k
     copier.issue(buf, p.K);
     cp_async_commit();
   }
-  int it = 0;
-  for (int n0 = k_begin; n0 < k_end; n0 += BN, ++it) {
+  // Tile `it` (bank rows n0 ..) in shared memory and visible to every thread; the next one's copy issued.
+  const auto arrive = [&](int n0, int it) {
     uint16_t* cur = buf + (it & 1) * BN * kResLd;
     if (async) {
       if (n0 + BN < k_end) copier.issue(buf + ((it + 1) & 1) * BN * kResLd, p.K);
@@ -163,8 +168,17 @@ RRD_DEVICE void for_each_bank_tile(const P& p, uint16_t* buf, int k_begin, int k
       convert_bank_tile<MODE>(cur, p.bank, p.ld_q, p.bank_dtype, n0, p.K, p.D);
     }
     __syncthreads();  // every thread's part of the tile is visible
-    body(cur, n0);
-    __syncthreads();  // every warp is done with `cur` before the copy two tiles on overwrites it
+    return cur;
+  };
+  const int k_full = k_begin + (k_end - k_begin) / BN * BN;  // whole tiles end here (k_end, or K's last tile)
+  int it = 0;
+  for (int n0 = k_begin; n0 < k_full; n0 += BN, ++it) {
+    full(arrive(n0, it), n0);
+    __syncthreads();  // every warp is done with this buffer before the copy two tiles on overwrites it
+  }
+  if (k_full < k_end) {
+    tail(arrive(k_full, it), k_full);
+    __syncthreads();
   }
 }
 
@@ -291,12 +305,8 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_resident_kernel(ForwardP
   resident_rows(p, buf, row0, fs, ft);
   RowState st[2] = {empty_state(), empty_state()};
 
-  for_each_bank_tile<MODE>(p, buf, k_begin, k_end, [&](const uint16_t* tile, int n0) {
+  const auto tile_step = [&](const uint16_t* tile, int n0, auto masked) {
     float acc_s[8][4], acc_t[8][4];
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc_s[j][i] = acc_t[j][i] = 0.f;
 #pragma unroll
     for (int jp = 0; jp < 4; ++jp) {
       float ps[2][4], pt[2][4];
@@ -309,15 +319,13 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_resident_kernel(ForwardP
         acc_t[2 * jp][i] = pt[0][i], acc_t[2 * jp + 1][i] = pt[1][i];
       }
     }
-    const int col0 = n0 + 2 * t;
-    if (n0 + BN <= p.K) {
-      resident_update<false>(st[0], acc_s, acc_t, 0, sa[0], sb[0], col0, p.K);
-      resident_update<false>(st[1], acc_s, acc_t, 1, sa[1], sb[1], col0, p.K);
-    } else {
-      resident_update<true>(st[0], acc_s, acc_t, 0, sa[0], sb[0], col0, p.K);
-      resident_update<true>(st[1], acc_s, acc_t, 1, sa[1], sb[1], col0, p.K);
-    }
-  });
+    constexpr bool kMasked = decltype(masked)::value;
+    resident_update<kMasked>(st[0], acc_s, acc_t, 0, sa[0], sb[0], n0 + 2 * t, p.K);
+    resident_update<kMasked>(st[1], acc_s, acc_t, 1, sa[1], sb[1], n0 + 2 * t, p.K);
+  };
+  for_each_bank_tile<MODE>(
+      p, buf, k_begin, k_end, [&](const uint16_t* tile, int n0) { tile_step(tile, n0, Bool<false>{}); },
+      [&](const uint16_t* tile, int n0) { tile_step(tile, n0, Bool<true>{}); });
   store_partial_states(p, st, row0 + r_lo, split);
 }
 
@@ -411,12 +419,10 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_resident_kernel(Backwar
     for (int i = 0; i < 4; ++i) acc_g[j][i] = 0.f;
   float sig[2] = {0.f, 0.f};
 
-  for_each_bank_tile<MODE>(p, buf, k_begin, k_end, [&](const uint16_t* tile, int n0) {
-    if (n0 + BN <= p.K)
-      backward_tile<MODE, false>(acc_g, sig, fs, ft, tile, n0, p.K, sa, sb, la, lb);
-    else
-      backward_tile<MODE, true>(acc_g, sig, fs, ft, tile, n0, p.K, sa, sb, la, lb);
-  });
+  for_each_bank_tile<MODE>(
+      p, buf, k_begin, k_end,
+      [&](const uint16_t* tile, int n0) { backward_tile<MODE, false>(acc_g, sig, fs, ft, tile, n0, p.K, sa, sb, la, lb); },
+      [&](const uint16_t* tile, int n0) { backward_tile<MODE, true>(acc_g, sig, fs, ft, tile, n0, p.K, sa, sb, la, lb); });
 #pragma unroll
   for (int j = 0; j < kResD / 8; ++j)
 #pragma unroll
