@@ -1,5 +1,6 @@
 // Shared device-side building blocks of the RRD kernels: the platform prelude, element conversions, the
-// warp-level tile product (SIMT fp32, TF32 mma, fp16/bf16 mma) and the online dual-softmax state.
+// warp-level tile product (3xTF32, TF32 mma, fp16/bf16 mma), cp.async / ldmatrix wrappers and the online
+// dual-softmax state.
 //
 // The same source compiles two ways:
 //   * by nvcc for the GPU (the default), and
@@ -146,7 +147,7 @@ RRD_DEVICE void load4_as_float(const void* base, long long index, int dtype, flo
 }
 
 // ---- per-mode shared-memory element type -----------------------------------------------------------
-// SIMT and TF32 stage fp32 in shared memory; the 16-bit modes stage the mma input type (as raw bits).
+// The fp32 modes (3xTF32, TF32) stage fp32 in shared memory; the 16-bit modes stage the mma input type (raw bits).
 // Row padding (in elements) keeps the fragment loads free of bank conflicts: a row stride of 36 words
 // (fp32) or 20 / 36 words (16-bit, DK / BN wide) puts the 8 rows a load touches on distinct banks.
 // store4 writes 4 consecutive elements with one 16-byte (fp32) or 8-byte (16-bit) store; the callers keep
@@ -383,7 +384,7 @@ RRD_DEVICE void merge_state(RowState& s, const RowState& o) {
   s.x = x;
 }
 
-// x as the mma of mode MODE sees it as an operand (fp32 SIMT: unchanged).
+// x as the mma of mode MODE sees it as an operand (3xTF32: hi + lo).
 RRD_DEVICE float as_operand(float x, int mode) {
   switch (mode) {
     case kMmaTF32: return tf32_value(x);  // the bits the tensor core reads
