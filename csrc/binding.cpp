@@ -131,6 +131,8 @@ PYBIND11_MODULE(_rrd_cuda, m) {
         d["merge"] = u.merge;
         d["backward"] = u.backward;
         d["finish"] = u.finish;
+        d["forward_resident"] = u.forward_resident;
+        d["backward_resident"] = u.backward_resident;
         return d;
       },
       py::arg("mode"), "Dynamic shared memory per block (bytes) of each kernel of a precision mode (0..3).");

@@ -165,6 +165,33 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], i
   warp_sync();  // nobody overwrites the slots before every lane has read them
 }
 
+// ldmatrix .x4 of the warp: lane l gives the address of row l % 8 of matrix l / 8 (8 16-bit elements);
+// register r of lane l receives row l / 4, elements 2 (l % 4), 2 (l % 4) + 1 of matrix r, low index in the
+// low half, or with trans the elements (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4) (PTX ISA, ldmatrix).
+inline void ldsm(uint32_t (&r)[4], const uint16_t* row, bool trans) {
+  uint32_t* mine = my_slots();
+  memcpy(mine + 6, &row, sizeof(row));  // words 6, 7 (mma uses 0..5)
+  warp_sync();
+  const int lane = int(t_thread.x % 32);
+  auto row_of = [&](int m, int i) {
+    const uint16_t* q;
+    memcpy(&q, lane_slots(8 * m + i) + 6, sizeof(q));
+    return q;
+  };
+  for (int m = 0; m < 4; ++m) {
+    uint16_t lo, hi;
+    if (!trans) {
+      lo = row_of(m, lane / 4)[2 * (lane % 4)];
+      hi = row_of(m, lane / 4)[2 * (lane % 4) + 1];
+    } else {
+      lo = row_of(m, 2 * (lane % 4))[lane / 4];
+      hi = row_of(m, 2 * (lane % 4) + 1)[lane / 4];
+    }
+    r[m] = uint32_t(lo) | (uint32_t(hi) << 16);
+  }
+  warp_sync();
+}
+
 }  // namespace rrd_emu
 
 #define threadIdx (rrd_emu::t_thread)
@@ -192,6 +219,7 @@ inline int __shfl_xor_sync(unsigned /*mask*/, int v, int lane_mask) {
 
 namespace rrd {
 inline float bits_as_float(uint32_t x) { return rrd_emu::bits_to_float(x); }
+inline uint32_t float_to_bits_of(float x) { return rrd_emu::float_to_bits(x); }
 inline float bf16_bits_to_float(uint16_t x) { return rrd_emu::bits_to_float(uint32_t(x) << 16); }
 inline float f16_bits_to_float(uint16_t x) { return rrd_emu::half_bits_to_float(x); }
 inline uint16_t float_to_bf16_bits(float x) {  // round to nearest even (finite inputs)
@@ -204,6 +232,7 @@ inline uint16_t float_to_f16_bits(float x) {
   memcpy(&r, &h, 2);
   return r;
 }
+inline float mul_rn(float x, float y) { return x * y; }  // the host build does not contract
 inline uint32_t float_to_tf32(float x) {  // cvt.rna.tf32.f32: nearest, ties away from zero (finite inputs)
   return (rrd_emu::float_to_bits(x) + 0x1000u) & 0xffffe000u;
 }
@@ -215,5 +244,30 @@ inline void mma_f16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t 
 }
 inline void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   rrd_emu::mma(d, a, b, 2);
+}
+// cp.async as a plain copy (zero-fill for invalid sources); its commit / wait are then no-ops, and the
+// __syncthreads that follows every wait in the kernels publishes the data as on the GPU.
+inline void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
+  RRD_CHECK_ALIGNED(smem_dst, 16);
+  if (valid) {
+    RRD_CHECK_ALIGNED(gmem_src, 16);
+    memcpy(smem_dst, gmem_src, 16);
+  } else {
+    memset(smem_dst, 0, 16);
+  }
+}
+inline void cp_async_commit() {}
+template <int N> inline void cp_async_wait() {}
+inline void ldsm_x4(uint32_t (&r)[4], const uint16_t* row) {
+  RRD_CHECK_ALIGNED(row, 16);
+  rrd_emu::ldsm(r, row, false);
+}
+inline void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+  RRD_CHECK_ALIGNED(row, 16);
+  rrd_emu::ldsm(r, row, true);
+}
+inline float fast_exp2(float x) {  // ex2.approx.ftz: results below 2^-126 are 0
+  const float y = exp2f(x);
+  return y < 0x1p-126f ? 0.f : y;
 }
 }  // namespace rrd

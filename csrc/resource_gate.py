@@ -6,7 +6,8 @@ GPU architecture we support, must fit that architecture. Needs nvcc only, no GPU
 
 What "every configuration we can launch" is here: the kernels take all sizes (B, K, D, strides, splits) at
 run time, so the compiled kernels are the whole set: rrd_forward_kernel and rrd_backward_kernel for each of
-the 4 precision modes, rrd_merge_kernel and rrd_finish_kernel, and the gathered-memory kernels
+the 4 precision modes, rrd_forward_resident_kernel and rrd_backward_resident_kernel for fp16 and bf16 (the
+launches' choice for D <= 128), rrd_merge_kernel and rrd_finish_kernel, and the gathered-memory kernels
 rrd_gathered_{forward,backward,finish}_kernel for each of the 3 memory dtypes (forward and backward twice:
 for D <= 128 and D <= 512), all launched with 128 threads
 and the dynamic shared memory of rrd::launch_smem / rrd::gathered_smem (rrd_host.inl,
@@ -40,12 +41,12 @@ import tempfile
 CSRC = os.path.dirname(os.path.abspath(__file__))
 REPORT = os.path.join(CSRC, "ptxas-report.txt")
 # Every file whose content changes the compiled module (hashed into the module's BUILD_INFO and the report).
-HASHED = ["rrd_api.h", "rrd_common.cuh", "rrd_kernels.cuh", "rrd_host.inl", "rrd_gathered.cuh",
-          "rrd_gathered_host.inl", "rrd_cuda.cu", "binding.cpp"]
+HASHED = ["rrd_api.h", "rrd_common.cuh", "rrd_kernels.cuh", "rrd_resident.cuh", "rrd_host.inl",
+          "rrd_gathered.cuh", "rrd_gathered_host.inl", "rrd_cuda.cu", "binding.cpp"]
 ARCHS = ("sm_80", "sm_86", "sm_90")
 THREADS = 128
-KERNELS = 25  # FIFO: 4 forward + 4 backward instantiations, merge, finish; gathered, per memory dtype (3):
-# forward and backward for D <= 128 and for D <= 512, finish
+KERNELS = 29  # FIFO: 4 forward + 4 backward (chunked), 2 + 2 resident (fp16, bf16), merge, finish; gathered,
+# per memory dtype (3): forward and backward for D <= 128 and for D <= 512, finish
 MAX_STACK = 0  # bytes (the shared rule allows 256; these kernels have none and should stay so)
 REGS_PER_SM = 65536
 SMEM_WITHOUT_OPT_IN = 48 * 1024
@@ -55,7 +56,7 @@ SMEM_OPT_IN = {
     "sm_86": 101376,  # RTX 30xx, A10; 8.9 (RTX 40xx, L4) the same
     "sm_90": 232448,  # H100 / H200: 227 KiB
 }
-MODES = ("fp32 FMA", "tf32 mma", "fp16 mma", "bf16 mma")
+MODES = ("3xTF32 mma", "tf32 mma", "fp16 mma", "bf16 mma")
 # nvcc's flags for rrd_cuda.cu, shared by the real build (setup.py), this gate and the cost model
 # (tools/cuda_cost.py), so that all three see the same machine code; each adds its -gencode targets.
 NVCC_FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-I" + CSRC]
@@ -73,7 +74,8 @@ PROBE = r"""
 int main() {
   for (int mode = 0; mode < 4; ++mode) {
     const rrd::SmemUse u = rrd::launch_smem(mode);
-    std::printf("%d %d %d %d %d\n", mode, u.forward, u.merge, u.backward, u.finish);
+    std::printf("%d %d %d %d %d %d %d\n", mode, u.forward, u.merge, u.backward, u.finish, u.forward_resident,
+                u.backward_resident);
   }
   const rrd::GatheredSmem g = rrd::gathered_smem();
   std::printf("gathered %d %d %d\n", g.forward, g.backward, g.finish);
@@ -142,12 +144,12 @@ def parse_ptxas(log: str) -> list[dict]:
 
 
 def kernel_key(mangled: str) -> str | None:
-    """'forward 0' .. 'backward 3', 'merge', 'finish', 'gathered forward 0' .. 'gathered finish 2' from a
-    mangled kernel name (None: not ours)."""
+    """'forward 0' .. 'backward 3', 'forward_resident 2' .. 'backward_resident 3', 'merge', 'finish',
+    'gathered forward 0 16' .. 'gathered finish 2' from a mangled kernel name (None: not ours)."""
     m = re.search(r"rrd_gathered_(forward|backward|finish)_kernelILi(\d)E(?:Li(\d+)E)?", mangled)
     if m:
         return f"gathered {m.group(1)} {m.group(2)}" + (f" {m.group(3)}" if m.group(3) else "")
-    m = re.search(r"rrd_(forward|backward)_kernelILi(\d)E", mangled)
+    m = re.search(r"rrd_(forward|backward|forward_resident|backward_resident)_kernelILi(\d)E", mangled)
     if m:
         return f"{m.group(1)} {m.group(2)}"
     m = re.search(r"rrd_(merge|finish)_kernel", mangled)
@@ -171,8 +173,9 @@ def dynamic_smem(nvcc: str, workdir: str) -> dict[str, int]:
                     smem[f"gathered forward {dtype} {slots}"] = fwd
                     smem[f"gathered backward {dtype} {slots}"] = bwd
         elif line.strip():
-            mode, fwd, merge, bwd, finish = map(int, line.split())
+            mode, fwd, merge, bwd, finish, fwd_res, bwd_res = map(int, line.split())
             smem[f"forward {mode}"], smem[f"backward {mode}"] = fwd, bwd
+            smem[f"forward_resident {mode}"], smem[f"backward_resident {mode}"] = fwd_res, bwd_res
             smem["merge"], smem["finish"] = merge, finish  # the same for every mode
     return smem
 

@@ -68,7 +68,7 @@ void set_common_args(Args& a, uintptr_t student, uintptr_t teacher, uintptr_t ba
 struct Plan {
   int num_splits = 1;   // grid y
   int chunk = 0;        // bank rows per split (a multiple of the tile)
-  int num_dslices = 1;  // grid z (backward only)
+  int num_dslices = 1;  // feature slices of the backward (1 for D <= 128: the resident kernels need none)
   int64_t workspace_floats = 0;
 };
 
@@ -78,6 +78,7 @@ struct Plan {
 // cudaFuncSetAttribute (static_assert in rrd_host.inl), so no launch needs the opt-in.
 struct SmemUse {
   int forward = 0, merge = 0, backward = 0, finish = 0;
+  int forward_resident = 0, backward_resident = 0;  // 16-bit modes, D <= 128 (0: not launched in this mode)
 };
 SmemUse launch_smem(int mode);
 

@@ -1,5 +1,6 @@
 // Shared device-side building blocks of the RRD kernels: the platform prelude, element conversions, the
-// warp-level tile product (SIMT fp32, TF32 mma, fp16/bf16 mma) and the online dual-softmax state.
+// warp-level tile product (3xTF32, TF32 mma, fp16/bf16 mma), cp.async / ldmatrix wrappers and the online
+// dual-softmax state.
 //
 // The same source compiles two ways:
 //   * by nvcc for the GPU (the default), and
@@ -33,6 +34,9 @@ constexpr int BN = 64;               // bank rows per tile: each warp computes a
 constexpr int DK = 32;               // feature chunk staged in shared memory per step
 constexpr int DV = 64;               // backward: features of dL/dS accumulated per block (grid z)
 constexpr int kMaxD = 512;           // finishing kernel keeps kMaxD / kThreads features per thread
+constexpr int kResD = 128;           // resident kernels (16-bit modes): D <= kResD, S / T fragments in registers
+constexpr int kResLd = kResD + 8;    // their shared row pitch in 16-bit elements: 272 B, a multiple of 16 B (cp.async,
+                                     // ldmatrix rows) whose 8 rows of an ldmatrix land on distinct bank groups
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNormEps = 1e-12f;   // as F.normalize
@@ -41,7 +45,7 @@ constexpr float kNormEps = 1e-12f;   // as F.normalize
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 // how the dot products are computed
 enum Mode : int {
-  kSimtF32 = 0,  // fp32 FMA (torch "highest" precision for fp32 inputs)
+  kSimtF32 = 0,  // fp32 "highest": 3xTF32 mma.sync (hi / lo operands; the name is from its SIMT FMA days)
   kMmaTF32 = 1,  // mma.sync m16n8k8 tf32 (fp32 inputs, precision "high"/"medium")
   kMmaF16 = 2,   // mma.sync m16n8k16 f16 (fp16 embeddings; bank converted to fp16)
   kMmaBF16 = 3,  // mma.sync m16n8k16 bf16 (bf16 embeddings; bank converted to bf16)
@@ -49,10 +53,13 @@ enum Mode : int {
 
 #ifndef RRD_EMULATE
 RRD_DEVICE float bits_as_float(uint32_t x) { return __uint_as_float(x); }
+RRD_DEVICE uint32_t float_to_bits_of(float x) { return __float_as_uint(x); }
 RRD_DEVICE float bf16_bits_to_float(uint16_t x) { return __uint_as_float(uint32_t(x) << 16); }
 RRD_DEVICE float f16_bits_to_float(uint16_t x) { return __half2float(__ushort_as_half(x)); }
 RRD_DEVICE uint16_t float_to_bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 RRD_DEVICE uint16_t float_to_f16_bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
+// x * y rounded, never fused into a following add (nvcc contracts a * b + c by default).
+RRD_DEVICE float mul_rn(float x, float y) { return __fmul_rn(x, y); }
 RRD_DEVICE uint32_t float_to_tf32(float x) {
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
@@ -71,6 +78,36 @@ RRD_DEVICE void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint
       "{%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// 16 bytes global -> shared without passing through registers (sm_80+); src_bytes 0 fills the 16 bytes with
+// zeros (rows past the tensor), reading nothing. Completion: cp_async_commit groups this thread's copies,
+// cp_async_wait<N> waits until at most N of its groups are in flight (then a __syncthreads publishes them).
+RRD_DEVICE void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
+  const uint32_t dst = uint32_t(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+RRD_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> RRD_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+// Four 8 x 8 16-bit matrices from shared memory: lane l gives the address of row l % 8 of matrix l / 8 (16
+// contiguous bytes); register r of lane l receives row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1 of matrix
+// r (trans: column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1), low index in the low half.
+RRD_DEVICE void ldsm_x4(uint32_t (&r)[4], const uint16_t* row) {
+  const uint32_t a = uint32_t(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+RRD_DEVICE void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+  const uint32_t a = uint32_t(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+// 2^x in one MUFU.EX2 (results below 2^-126 flush to 0: negligible beside the terms >= 2^-126 of the sums
+// and coefficients it feeds). Used by the 16-bit resident kernels only; the fp32 paths keep exp2f.
+RRD_DEVICE float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 // D = A * B + D for one m16n8k8 with tf32 inputs (registers hold cvt.rna.tf32 results).
 RRD_DEVICE void mma_tf32_1688(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -110,7 +147,7 @@ RRD_DEVICE void load4_as_float(const void* base, long long index, int dtype, flo
 }
 
 // ---- per-mode shared-memory element type -----------------------------------------------------------
-// SIMT and TF32 stage fp32 in shared memory; the 16-bit modes stage the mma input type (as raw bits).
+// The fp32 modes (3xTF32, TF32) stage fp32 in shared memory; the 16-bit modes stage the mma input type (raw bits).
 // Row padding (in elements) keeps the fragment loads free of bank conflicts: a row stride of 36 words
 // (fp32) or 20 / 36 words (16-bit, DK / BN wide) puts the 8 rows a load touches on distinct banks.
 // store4 writes 4 consecutive elements with one 16-byte (fp32) or 8-byte (16-bit) store; the callers keep
@@ -154,19 +191,39 @@ RRD_DEVICE uint32_t ld_pair(const uint16_t* p) {  // two consecutive 16-bit elem
 // softmax code that consumes acc is shared.
 template <int MODE, int KDIM> struct WarpTile;
 
+// x = hi + lo as two tf32 operands (the bits the tensor core reads): hi = x rounded to tf32, lo = the
+// remainder (exact in fp32) rounded to tf32, so hi + lo carries 22 significant bits of x.
+RRD_DEVICE float tf32_value(float x) { return bits_as_float(float_to_tf32(x) & 0xffffe000u); }
+RRD_DEVICE void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  const float h = tf32_value(x);
+  hi = float_to_bits_of(h);
+  lo = float_to_tf32(x - h) & 0xffffe000u;
+}
+
+// fp32 "highest": 3xTF32 on the tensor cores. A B = (A_hi + A_lo)(B_hi + B_lo) - A_lo B_lo, the last term
+// (2^-22 of the product) dropped: three m16n8k8 tf32 mma per step (the small terms first), each operand
+// split when its fragment is loaded.
 template <int KDIM> struct WarpTile<kSimtF32, KDIM> {
+  static_assert(KDIM % 8 == 0, "tf32 mma steps k by 8");
   static RRD_DEVICE void run(float (&acc)[8][4], const float* A, int lda, const float* B, int ldb) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll 2
-    for (int k = 0; k < KDIM; ++k) {
-      const float a_lo = A[g * lda + k], a_hi = A[(g + 8) * lda + k];
+#pragma unroll 1
+    for (int k0 = 0; k0 < KDIM; k0 += 8) {
+      // A (16 x 8, row): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4)
+      const float av[4] = {A[g * lda + k0 + t], A[(g + 8) * lda + k0 + t], A[g * lda + k0 + t + 4],
+                           A[(g + 8) * lda + k0 + t + 4]};
+      uint32_t ah[4], al[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) split_tf32(av[i], ah[i], al[i]);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const float b0 = B[(8 * j + 2 * t) * ldb + k], b1 = B[(8 * j + 2 * t + 1) * ldb + k];
-        acc[j][0] = fmaf(a_lo, b0, acc[j][0]);
-        acc[j][1] = fmaf(a_lo, b1, acc[j][1]);
-        acc[j][2] = fmaf(a_hi, b0, acc[j][2]);
-        acc[j][3] = fmaf(a_hi, b1, acc[j][3]);
+        const float* bn = B + (8 * j + g) * ldb + k0;
+        uint32_t bh[2], bl[2];
+        split_tf32(bn[t], bh[0], bl[0]);
+        split_tf32(bn[t + 4], bh[1], bl[1]);
+        mma_tf32_1688(acc[j], al, bh);
+        mma_tf32_1688(acc[j], ah, bl);
+        mma_tf32_1688(acc[j], ah, bh);
       }
     }
   }
@@ -195,6 +252,14 @@ template <int KDIM> struct WarpTile<kMmaTF32, KDIM> {
   }
 };
 
+// One m16n8k16 of the 16-bit mode MODE (a compile-time choice, not a run-time switch).
+template <int MODE> RRD_DEVICE void mma16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  static_assert(MODE == kMmaF16 || MODE == kMmaBF16, "16-bit modes only");
+  if (MODE == kMmaBF16)
+    mma_bf16_16816(d, a, b);
+  else
+    mma_f16_16816(d, a, b);
+}
 template <int MODE, int KDIM> struct WarpTile16 {
   static_assert(KDIM % 16 == 0, "f16/bf16 mma steps k by 16");
   static RRD_DEVICE void run(float (&acc)[8][4], const uint16_t* A, int lda, const uint16_t* B, int ldb) {
@@ -210,10 +275,7 @@ template <int MODE, int KDIM> struct WarpTile16 {
         // B (16 x 8, col): reg0 (k = 2t..2t+1, n = g), reg1 (k = 2t+8..2t+9, n = g)
         const uint16_t* bn = B + (8 * j + g) * ldb + k0;
         const uint32_t b[2] = {ld_pair(bn + 2 * t), ld_pair(bn + 2 * t + 8)};
-        if (MODE == kMmaBF16)
-          mma_bf16_16816(acc[j], a, b);
-        else
-          mma_f16_16816(acc[j], a, b);
+        mma16<MODE>(acc[j], a, b);
       }
     }
   }
@@ -322,11 +384,13 @@ RRD_DEVICE void merge_state(RowState& s, const RowState& o) {
   s.x = x;
 }
 
-// x as the mma of mode MODE sees it as an operand (fp32 SIMT: unchanged).
+// x as the mma of mode MODE sees it as an operand (3xTF32: hi + lo).
 RRD_DEVICE float as_operand(float x, int mode) {
   switch (mode) {
-    case kMmaTF32: {
-      return bits_as_float(float_to_tf32(x) & 0xffffe000u);  // the bits the tensor core reads
+    case kMmaTF32: return tf32_value(x);  // the bits the tensor core reads
+    case kSimtF32: {  // 3xTF32: hi + lo, as the products see it (exact in fp32)
+      const float h = tf32_value(x);
+      return h + tf32_value(x - h);
     }
     case kMmaF16: return f16_bits_to_float(float_to_f16_bits(x));
     case kMmaBF16: return bf16_bits_to_float(float_to_bf16_bits(x));

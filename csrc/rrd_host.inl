@@ -8,7 +8,7 @@
 #include <string>
 
 #include "rrd_api.h"
-#include "rrd_kernels.cuh"
+#include "rrd_resident.cuh"
 
 namespace rrd {
 
@@ -22,11 +22,13 @@ template <int MODE> constexpr SmemUse smem_use() {
   u.merge = kMergeSmemBytes;
   u.backward = backward_smem_bytes<MODE>();
   u.finish = kFinishSmemBytes;
+  if (MODE == kMmaF16 || MODE == kMmaBF16) u.forward_resident = u.backward_resident = resident_smem_bytes<MODE>();
   return u;
 }
 template <int MODE> constexpr bool fits_without_opt_in() {
   return smem_use<MODE>().forward <= kSmemWithoutOptIn && smem_use<MODE>().backward <= kSmemWithoutOptIn &&
-         smem_use<MODE>().finish <= kSmemWithoutOptIn;
+         smem_use<MODE>().finish <= kSmemWithoutOptIn && smem_use<MODE>().forward_resident <= kSmemWithoutOptIn &&
+         smem_use<MODE>().backward_resident <= kSmemWithoutOptIn;
 }
 static_assert(fits_without_opt_in<kSimtF32>() && fits_without_opt_in<kMmaTF32>() &&
                   fits_without_opt_in<kMmaF16>() && fits_without_opt_in<kMmaBF16>(),
@@ -44,15 +46,20 @@ SmemUse launch_smem(int mode) {
 
 inline long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
 
-// Split the bank so that (row blocks x splits x feature slices) gives about two blocks per SM: with a small
+// Split the bank so that (row blocks x splits x feature slices) gives at most two blocks per SM: with a small
 // batch (B = 64 is one row block) the bank splits alone fill the GPU (flash-decoding). Each split gets a
 // whole number of tiles and at least one, so every split sees >= 1 valid bank row.
 inline Plan make_plan(int B, int K, int D, int num_sms, bool backward) {
   Plan plan;
   const long long row_blocks = ceil_div(B, BM), tiles = ceil_div(K, BN);
-  plan.num_dslices = backward ? int(ceil_div(D, DV)) : 1;
+  // The resident backward (16-bit modes, D <= kResD) needs no feature slices; the chunked one (fp32 modes,
+  // D > kResD) launches ceil(D / DV) of them whatever the plan says (more blocks, same workspace).
+  plan.num_dslices = backward && D > kResD ? int(ceil_div(D, DV)) : 1;
   const long long target = 2LL * (num_sms > 0 ? num_sms : 1);
-  long long splits = ceil_div(target, row_blocks * plan.num_dslices);
+  // Rounded down: the resident kernels fit 2 blocks per SM (169-217 registers x 128 threads), so more blocks
+  // than 2 x SMs would start a second, mostly empty wave (B 4096: 64 row blocks x 4 splits = 256 blocks on
+  // 132 SMs, where rounding up gave 320).
+  long long splits = target / (row_blocks * plan.num_dslices);
   if (splits < 1) splits = 1;
   if (splits > tiles) splits = tiles;
   const long long tiles_per_split = ceil_div(tiles, splits);
@@ -124,13 +131,27 @@ template <class P, class A> void fill_common(P& p, const A& a) {
   p.vec_s = vector_loads_ok(a.student, a.ld_s, a.D, a.emb_dtype);
   p.vec_t = vector_loads_ok(a.teacher, a.ld_t, a.D, a.emb_dtype);
   p.vec_q = vector_loads_ok(a.bank, a.ld_q, a.D, a.bank_dtype);
+  p.vec_q16 = int(a.D % 8 == 0 && a.ld_q % 8 == 0 && a.bank % 16 == 0);
   p.num_splits = a.num_splits;
   p.chunk = a.chunk;
 }
 
+// The 16-bit modes with D <= kResD run the resident kernels (rrd_resident.cuh), everything else the chunked.
+template <int MODE> constexpr bool has_resident() { return MODE == kMmaF16 || MODE == kMmaBF16; }
+inline bool resident_d(int D) { return D <= kResD; }
+
 template <int MODE> std::string launch_forward(const ForwardParams& p, RRD_STREAM_T stream) {
   const dim3 grid(unsigned(ceil_div(p.B, BM)), unsigned(p.num_splits), 1);
-  RRD_LAUNCH(rrd_forward_kernel<MODE>, grid, dim3(kThreads, 1, 1), smem_use<MODE>().forward, stream, p);
+  if constexpr (has_resident<MODE>()) {
+    if (resident_d(p.D)) {
+      RRD_LAUNCH(rrd_forward_resident_kernel<MODE>, grid, dim3(kThreads, 1, 1), smem_use<MODE>().forward_resident,
+                 stream, p);
+    } else {
+      RRD_LAUNCH(rrd_forward_kernel<MODE>, grid, dim3(kThreads, 1, 1), smem_use<MODE>().forward, stream, p);
+    }
+  } else {
+    RRD_LAUNCH(rrd_forward_kernel<MODE>, grid, dim3(kThreads, 1, 1), smem_use<MODE>().forward, stream, p);
+  }
   RRD_LAUNCH(rrd_merge_kernel, dim3(unsigned(ceil_div(p.B, kThreads)), 1, 1), dim3(kThreads, 1, 1),
              smem_use<MODE>().merge, stream, p);
   return "";
@@ -138,7 +159,16 @@ template <int MODE> std::string launch_forward(const ForwardParams& p, RRD_STREA
 
 template <int MODE> std::string launch_backward(const BackwardParams& p, RRD_STREAM_T stream) {
   const dim3 grid(unsigned(ceil_div(p.B, BM)), unsigned(p.num_splits), unsigned(ceil_div(p.D, DV)));
-  RRD_LAUNCH(rrd_backward_kernel<MODE>, grid, dim3(kThreads, 1, 1), smem_use<MODE>().backward, stream, p);
+  if constexpr (has_resident<MODE>()) {
+    if (resident_d(p.D)) {
+      RRD_LAUNCH(rrd_backward_resident_kernel<MODE>, dim3(grid.x, grid.y, 1), dim3(kThreads, 1, 1),
+                 smem_use<MODE>().backward_resident, stream, p);
+    } else {
+      RRD_LAUNCH(rrd_backward_kernel<MODE>, grid, dim3(kThreads, 1, 1), smem_use<MODE>().backward, stream, p);
+    }
+  } else {
+    RRD_LAUNCH(rrd_backward_kernel<MODE>, grid, dim3(kThreads, 1, 1), smem_use<MODE>().backward, stream, p);
+  }
   RRD_LAUNCH(rrd_finish_kernel, dim3(unsigned(p.B), 1, 1), dim3(kThreads, 1, 1), smem_use<MODE>().finish,
              stream, p);
   return "";

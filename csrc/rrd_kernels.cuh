@@ -25,6 +25,8 @@ struct ForwardParams {
   int emb_dtype, bank_dtype;
   float scale_s, scale_t;  // log2(e) / tau
   int vec_s, vec_t, vec_q; // 1: 4-element vector loads are aligned (pointer, row stride, D multiples of 4)
+  int vec_q16;             // 1: the bank's rows are 16-byte aligned (pointer, row stride, D; the resident
+                           // kernels' cp.async)
   int num_splits, chunk;   // split y covers bank rows [y chunk, min(K, (y + 1) chunk)); chunk % BN == 0
   float* part;             // forward: [8][num_splits][B] partial states (m_a, n_a, m_b, n_b, w, v, x as
                            // float planes, then idx as an int32 plane)
@@ -45,6 +47,7 @@ struct BackwardParams {
   int emb_dtype, bank_dtype;
   float scale_s, scale_t;  // log2(e) / tau
   int vec_s, vec_t, vec_q;
+  int vec_q16;
   int num_splits, chunk;
   const float* lse_s;      // [B] from the forward: lse_a - lse_b (base 2)
   const float* lse_t;      // [B] from the forward: lse_b (base 2)
@@ -155,7 +158,7 @@ RRD_DEVICE void online_update(RowState& s, const float (&acc_s)[8][4], const flo
 #pragma unroll
     for (int c = 0; c < 2; ++c)
       if (col0 + 8 * j + c < K) {
-        const float a = acc_s[j][2 * h + c] * sa, b = acc_t[j][2 * h + c] * sb;
+        const float a = mul_rn(acc_s[j][2 * h + c], sa), b = mul_rn(acc_t[j][2 * h + c], sb);
         if (!(is_finite(a) && is_finite(b))) {
           bad = true;
           continue;
@@ -176,7 +179,7 @@ RRD_DEVICE void online_update(RowState& s, const float (&acc_s)[8][4], const flo
 #pragma unroll
     for (int c = 0; c < 2; ++c)
       if (col0 + 8 * j + c < K) {
-        const float a = acc_s[j][2 * h + c] * sa, b = acc_t[j][2 * h + c] * sb;
+        const float a = mul_rn(acc_s[j][2 * h + c], sa), b = mul_rn(acc_t[j][2 * h + c], sb);
         if (!(is_finite(a) && is_finite(b))) continue;
         const float ea = exp2f(a - mx_a), eb = exp2f(b - mx_b);
         if (a == mx_a) ca += 1.f; else na += ea;
@@ -199,6 +202,33 @@ RRD_DEVICE RowState shfl_xor_state(const RowState& s, int off) {
   o.x = __shfl_xor_sync(0xffffffffu, s.x, off);
   o.idx = __shfl_xor_sync(0xffffffffu, s.idx, off);
   return o;
+}
+
+// The lane's two running row states (rows row_lo, row_lo + 8) for its columns: the 4 lanes of a quad (same
+// g) saw disjoint columns of the same rows, so merge them by shuffles; lane t = 0 writes the split's partial
+// state to part[field][split][row] (field 7, the argmax, as int32 bits).
+RRD_DEVICE void store_partial_states(const ForwardParams& p, RowState (&st)[2], int row_lo, int split) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    merge_state(st[h], shfl_xor_state(st[h], 1));
+    merge_state(st[h], shfl_xor_state(st[h], 2));
+  }
+  if (threadIdx.x % 4 != 0) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row_lo + 8 * h;
+    if (row < p.B) {
+      const long long stride = (long long)p.num_splits * p.B, at = (long long)split * p.B + row;
+      p.part[0 * stride + at] = st[h].m_a;
+      p.part[1 * stride + at] = st[h].n_a;
+      p.part[2 * stride + at] = st[h].m_b;
+      p.part[3 * stride + at] = st[h].n_b;
+      p.part[4 * stride + at] = st[h].w;
+      p.part[5 * stride + at] = st[h].v;
+      p.part[6 * stride + at] = st[h].x;
+      reinterpret_cast<int*>(p.part + 7 * stride)[at] = st[h].idx;
+    }
+  }
 }
 
 template <int MODE> RRD_HOST_DEVICE constexpr int forward_smem_bytes() {
@@ -234,29 +264,7 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_kernel(ForwardParams p) 
     online_update(st[0], acc_s, acc_t, 0, sa[0], sb[0], n0 + 2 * t, p.K);
     online_update(st[1], acc_s, acc_t, 1, sa[1], sb[1], n0 + 2 * t, p.K);
   }
-  // The 4 lanes of a quad (same g) saw disjoint columns of the same rows: merge their states.
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    merge_state(st[h], shfl_xor_state(st[h], 1));
-    merge_state(st[h], shfl_xor_state(st[h], 2));
-  }
-  if (t == 0) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row0 + r_lo + 8 * h;
-      if (row < p.B) {
-        const long long stride = (long long)p.num_splits * p.B, at = (long long)split * p.B + row;
-        p.part[0 * stride + at] = st[h].m_a;
-        p.part[1 * stride + at] = st[h].n_a;
-        p.part[2 * stride + at] = st[h].m_b;
-        p.part[3 * stride + at] = st[h].n_b;
-        p.part[4 * stride + at] = st[h].w;
-        p.part[5 * stride + at] = st[h].v;
-        p.part[6 * stride + at] = st[h].x;
-        reinterpret_cast<int*>(p.part + 7 * stride)[at] = st[h].idx;
-      }
-    }
-  }
+  store_partial_states(p, st, row0 + r_lo, split);
 }
 
 // ---- merge: grid ceil(B / 128), 128 threads; one thread per row --------------------------------------

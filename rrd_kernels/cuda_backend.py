@@ -6,20 +6,22 @@ the tensors (so no call can crash the interpreter), makes copies where the kerne
 stride, allocates the outputs and workspaces, and passes data_ptr()s. Nothing here synchronises with the
 device. Importing this module always works; without the extension every call says why it cannot run.
 
-Kernels (csrc/rrd_kernels.cuh; math in docs/math.md, structure in docs/design.md, as the Triton backend):
+Kernels (csrc/rrd_resident.cuh for fp16 / bf16 at D <= 128: S and T held in registers, cp.async bank tiles,
+the backward without feature slices; csrc/rrd_kernels.cuh otherwise; math in docs/math.md, structure in
+docs/design.md and csrc/README.md, as the Triton backend):
     forward:  grid (row blocks of 64, bank splits) -> partial online dual-softmax state per (split, row),
               in the cancellation-free form of the Triton backend (max, count - 1, W, V, argmax)
     merge:    per row -> CE (or KL), base-2 lse_a - lse_b (in the lse_s slot, from the counts without
               cancellation) and the teacher's LSE lse_b, the student's argmax; a row meeting a non-finite
               logit gets NaN in all three float outputs and in its gradient
-    backward: grid (row blocks, bank splits, 64-feature slices) -> partial sum_k (q - p) Q_k (q - p as
+    backward: grid (row blocks, bank splits[, 64-feature slices]) -> partial sum_k (q - p) Q_k (q - p as
               p (2^delta - 1) where q and p are close) and
               sigma = sum_k (q - p) per split
     finish:   per row -> sum over splits, minus sigma Q_argmax (rounding guard), / tau_s, normalisation
               Jacobian, x upstream weight -> dL/dS
 Precision: bf16 / fp16 embeddings use mma.sync on tensor cores (m16n8k16, bank converted to the embedding
-dtype, fp32 accumulation); fp32 embeddings follow torch.get_float32_matmul_precision(): "highest" -> fp32 FMA,
-"high" / "medium" -> TF32 mma.sync (m16n8k8).
+dtype, fp32 accumulation); fp32 embeddings follow torch.get_float32_matmul_precision(): "highest" -> 3xTF32
+mma.sync (hi / lo operands, three m16n8k8 products), "high" / "medium" -> TF32 mma.sync (m16n8k8).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ except ImportError as exc:  # not built (no nvcc at install time, or RRD_SKIP_CU
 MAX_D = 512
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MODE_FP32_FMA, MODE_TF32_MMA, MODE_FP16_MMA, MODE_BF16_MMA = 0, 1, 2, 3
-_MODE_NAMES = {MODE_FP32_FMA: "fp32 FMA", MODE_TF32_MMA: "TF32 mma", MODE_FP16_MMA: "fp16 mma",
+_MODE_NAMES = {MODE_FP32_FMA: "3xTF32 mma", MODE_TF32_MMA: "TF32 mma", MODE_FP16_MMA: "fp16 mma",
                MODE_BF16_MMA: "bf16 mma"}
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 PLAN_SOURCE = CSRC / "launch_plan.cpp"
-HEADERS = ("rrd_common.cuh", "rrd_kernels.cuh", "rrd_host.inl", "rrd_gathered.cuh")
+HEADERS = ("rrd_common.cuh", "rrd_kernels.cuh", "rrd_resident.cuh", "rrd_host.inl", "rrd_gathered.cuh")
 
 # The precision mode (rrd_common.cuh's Mode) of an embedding dtype and fp32 matmul precision.
 MODES = {"bfloat16": 3, "float16": 2, ("float32", "high"): 1, ("float32", "highest"): 0}
@@ -77,6 +77,28 @@ STREAMING_LOOPS = [
     ("Q^T staging", "parent == 'bank' and wide_loads", "BN * DV // 4 // kThreads", ("STS", 4)),
     ("Q^T staging, element-wise", "parent == 'bank' and loads", "0", None),
 ]
+# The resident kernels (rrd_resident.cuh, fp16 / bf16, D <= kResD): S and T staged once per block, the bank
+# tiles by cp.async; the loop bodies hold the common path, the rare new-maximum path and the converting
+# fallback, all counted (an upper bound: csrc/README.md gives the common path's own count).
+RESIDENT_LOOPS = [
+    ("bank", "parent is None and products and children", "bank_tiles", None),
+    # the converting fallback of the bank tile (a bank not in the mode's dtype or not 16-byte aligned):
+    # never taken for the benchmark's inputs
+    ("bank conversion", "parent == 'bank' and loads and not wide_loads", "0", None),
+    # the backward: 4 sub-blocks of 16 bank rows per tile (both products of 16 rows, then c Q)
+    ("sub-blocks", "parent == 'bank' and products", "BN // 16", None),
+    # the peeled last tile (K % BN != 0, the last split only): its sub-block loop, once per program
+    ("tail sub-blocks", "parent is None and products and not children", "BN // 16", None),
+    ("row norms", "parent is None and not products and shuffles", "BM // kWarps", ("SHFL", 10)),
+    ("row norm features", "parent == 'row norms' and loads", "cdiv(D, 32)", ("LDG", 4)),
+    # stage_rows16: S and T once per block, 4 features per step (an 8-byte load, or 4 scalar ones)
+    ("row staging", "parent is None and wide_loads and not products", "BM * (kResD // 4) // kThreads",
+     ("LDG", 5)),
+    # the peeled tail's converting fallback (never for the benchmark's inputs)
+    ("tail conversion", "parent is None and loads and not wide_loads and not shuffles", "0", None),
+    # zero_feature_tail: columns [D, kResD) of both buffers, once per block (none at D = 128)
+    ("feature tail", "parent is None and not loads and not products", "2 * BN * (kResD - D) // kThreads", None),
+]
 # The gathered-memory kernels (rrd_gathered.cuh): one warp per (row, split); its column loop (the "bank"
 # role) walks the split's chunk kGroups columns a step (an 8-lane group per column: the memory rows'
 # 16-byte loads, the dot products, 3 shuffle-adds, the fold into the online state).
@@ -91,6 +113,10 @@ KERNELS = {
     # kind: symbol pattern, streaming (has a bank loop over BM x BN tiles), loop rules, HBM bytes
     "forward": dict(symbol="rrd_forward_kernel", streaming=True, loops=STREAMING_LOOPS,
                     hbm="2 * B * D * emb + K * D * bank + 4 * workspace"),
+    "forward resident": dict(symbol="rrd_forward_resident_kernel", streaming=True, loops=RESIDENT_LOOPS,
+                             hbm="2 * B * D * emb + K * D * bank + 4 * workspace"),
+    "backward resident": dict(symbol="rrd_backward_resident_kernel", streaming=True, loops=RESIDENT_LOOPS,
+                              hbm="2 * B * D * emb + K * D * bank + 3 * 4 * B + 4 * workspace"),
     "merge": dict(symbol="rrd_merge_kernel", streaming=False, loops=[
         ("splits", "True", "num_splits", ("LDG", 8))],  # 8 state planes per split
         hbm="4 * workspace + 4 * 4 * B"),
