@@ -217,6 +217,15 @@ inline int __shfl_xor_sync(unsigned /*mask*/, int v, int lane_mask) {
   return r;
 }
 
+inline int __any_sync(unsigned /*mask: the whole warp*/, int predicate) {
+  rrd_emu::my_slots()[0] = uint32_t(predicate != 0);
+  rrd_emu::warp_sync();
+  int any = 0;
+  for (int l = 0; l < 32; ++l) any |= int(rrd_emu::lane_slots(l)[0]);
+  rrd_emu::warp_sync();
+  return any;
+}
+
 namespace rrd {
 inline float bits_as_float(uint32_t x) { return rrd_emu::bits_to_float(x); }
 inline uint32_t float_to_bits_of(float x) { return rrd_emu::float_to_bits(x); }

@@ -7,7 +7,8 @@ GPU architecture we support, must fit that architecture. Needs nvcc only, no GPU
 What "every configuration we can launch" is here: the kernels take all sizes (B, K, D, strides, splits) at
 run time, so the compiled kernels are the whole set: rrd_forward_kernel and rrd_backward_kernel for each of
 the 4 precision modes, rrd_forward_resident_kernel and rrd_backward_resident_kernel for fp16 and bf16 (the
-launches' choice for D <= 128), rrd_merge_kernel and rrd_finish_kernel, and the gathered-memory kernels
+launches' choice for D <= 128), each twice: bank tiles by cp.async or by converting loads (the ASYNC template
+argument, chosen per call by rrd::bank_by_cp_async), rrd_merge_kernel and rrd_finish_kernel, and the gathered-memory kernels
 rrd_gathered_{forward,backward,finish}_kernel for each of the 3 memory dtypes (forward and backward twice:
 for D <= 128 and D <= 512), all launched with 128 threads
 and the dynamic shared memory of rrd::launch_smem / rrd::gathered_smem (rrd_host.inl,
@@ -45,7 +46,8 @@ HASHED = ["rrd_api.h", "rrd_common.cuh", "rrd_kernels.cuh", "rrd_resident.cuh", 
           "rrd_gathered.cuh", "rrd_gathered_host.inl", "rrd_cuda.cu", "binding.cpp"]
 ARCHS = ("sm_80", "sm_86", "sm_90")
 THREADS = 128
-KERNELS = 29  # FIFO: 4 forward + 4 backward (chunked), 2 + 2 resident (fp16, bf16), merge, finish; gathered,
+KERNELS = 33  # FIFO: 4 forward + 4 backward (chunked), 4 + 4 resident (fp16, bf16 x cp.async, converting),
+# merge, finish; gathered,
 # per memory dtype (3): forward and backward for D <= 128 and for D <= 512, finish
 MAX_STACK = 0  # bytes (the shared rule allows 256; these kernels have none and should stay so)
 REGS_PER_SM = 65536
@@ -144,14 +146,15 @@ def parse_ptxas(log: str) -> list[dict]:
 
 
 def kernel_key(mangled: str) -> str | None:
-    """'forward 0' .. 'backward 3', 'forward_resident 2' .. 'backward_resident 3', 'merge', 'finish',
+    """'forward 0' .. 'backward 3', 'forward_resident 2 async' .. 'backward_resident 3 convert', 'merge', 'finish',
     'gathered forward 0 16' .. 'gathered finish 2' from a mangled kernel name (None: not ours)."""
     m = re.search(r"rrd_gathered_(forward|backward|finish)_kernelILi(\d)E(?:Li(\d+)E)?", mangled)
     if m:
         return f"gathered {m.group(1)} {m.group(2)}" + (f" {m.group(3)}" if m.group(3) else "")
-    m = re.search(r"rrd_(forward|backward|forward_resident|backward_resident)_kernelILi(\d)E", mangled)
+    m = re.search(r"rrd_(forward|backward|forward_resident|backward_resident)_kernelILi(\d)E(?:Lb([01])E)?", mangled)
     if m:
-        return f"{m.group(1)} {m.group(2)}"
+        staging = {None: "", "1": " async", "0": " convert"}[m.group(3)]
+        return f"{m.group(1)} {m.group(2)}{staging}"
     m = re.search(r"rrd_(merge|finish)_kernel", mangled)
     return m.group(1) if m else None
 
@@ -175,7 +178,9 @@ def dynamic_smem(nvcc: str, workdir: str) -> dict[str, int]:
         elif line.strip():
             mode, fwd, merge, bwd, finish, fwd_res, bwd_res = map(int, line.split())
             smem[f"forward {mode}"], smem[f"backward {mode}"] = fwd, bwd
-            smem[f"forward_resident {mode}"], smem[f"backward_resident {mode}"] = fwd_res, bwd_res
+            for staging in ("async", "convert"):  # the same buffers either way
+                smem[f"forward_resident {mode} {staging}"] = fwd_res
+                smem[f"backward_resident {mode} {staging}"] = bwd_res
             smem["merge"], smem["finish"] = merge, finish  # the same for every mode
     return smem
 
@@ -225,18 +230,21 @@ def describe(key: str) -> str:
         _, kind, dtype, *slots = key.split()
         size = f", D<={GATHERED_SLOTS[int(slots[0])]}" if slots else ""
         return f"gathered {kind} ({MEMORY_DTYPES[int(dtype)]} mem{size})"
-    kind, _, mode = key.partition(" ")
-    return f"{kind} ({MODES[int(mode)]})" if mode else kind
+    kind, *rest = key.split()
+    if not rest:
+        return kind
+    staging = {"async": ", cp.async", "convert": ", converting"}.get(rest[1], "") if len(rest) > 1 else ""
+    return f"{kind} ({MODES[int(rest[0])]}{staging})"
 
 
 def render(rows: list[dict], header: list[str]) -> str:
     lines = [f"# {h}" for h in header] + ["#"]
     lines.append(f"# {'arch':<6} {'regs':>4} {'stack':>5} {'spill_st':>8} {'spill_ld':>8} {'smem_st':>7} "
-                 f"{'smem_dyn':>8} {'limit':>6}  {'kernel':<36} verdict")
+                 f"{'smem_dyn':>8} {'limit':>6}  {'kernel':<44} verdict")
     for r in rows:
         lines.append(f"  {r['arch']:<6} {r['registers']:>4} {r['stack']:>5} {r['spill_stores']:>8} "
                      f"{r['spill_loads']:>8} {r['static_smem']:>7} {r['dynamic_smem']:>8} {r['smem_limit']:>6}  "
-                     f"{describe(r['key']):<36} {r['verdict']}")
+                     f"{describe(r['key']):<44} {r['verdict']}")
     return "\n".join(lines) + "\n"
 
 

@@ -56,7 +56,7 @@ inline Plan make_plan(int B, int K, int D, int num_sms, bool backward) {
   // D > kResD) launches ceil(D / DV) of them whatever the plan says (more blocks, same workspace).
   plan.num_dslices = backward && D > kResD ? int(ceil_div(D, DV)) : 1;
   const long long target = 2LL * (num_sms > 0 ? num_sms : 1);
-  // Rounded down: the resident kernels fit 2 blocks per SM (169-217 registers x 128 threads), so more blocks
+  // Rounded down: the resident kernels fit 2 blocks per SM (166-239 registers x 128 threads), so more blocks
   // than 2 x SMs would start a second, mostly empty wave (B 4096: 64 row blocks x 4 splits = 256 blocks on
   // 132 SMs, where rounding up gave 320).
   long long splits = target / (row_blocks * plan.num_dslices);
@@ -144,8 +144,15 @@ template <int MODE> std::string launch_forward(const ForwardParams& p, RRD_STREA
   const dim3 grid(unsigned(ceil_div(p.B, BM)), unsigned(p.num_splits), 1);
   if constexpr (has_resident<MODE>()) {
     if (resident_d(p.D)) {
-      RRD_LAUNCH(rrd_forward_resident_kernel<MODE>, grid, dim3(kThreads, 1, 1), smem_use<MODE>().forward_resident,
-                 stream, p);
+      // Named pointers: a template argument list with a comma cannot be one macro argument.
+      const auto forward_resident_async = rrd_forward_resident_kernel<MODE, true>;
+      const auto forward_resident_convert = rrd_forward_resident_kernel<MODE, false>;
+      if (bank_by_cp_async<MODE>(p)) {
+        RRD_LAUNCH(forward_resident_async, grid, dim3(kThreads, 1, 1), smem_use<MODE>().forward_resident, stream, p);
+      } else {
+        RRD_LAUNCH(forward_resident_convert, grid, dim3(kThreads, 1, 1), smem_use<MODE>().forward_resident, stream,
+                   p);
+      }
     } else {
       RRD_LAUNCH(rrd_forward_kernel<MODE>, grid, dim3(kThreads, 1, 1), smem_use<MODE>().forward, stream, p);
     }
@@ -161,8 +168,15 @@ template <int MODE> std::string launch_backward(const BackwardParams& p, RRD_STR
   const dim3 grid(unsigned(ceil_div(p.B, BM)), unsigned(p.num_splits), unsigned(ceil_div(p.D, DV)));
   if constexpr (has_resident<MODE>()) {
     if (resident_d(p.D)) {
-      RRD_LAUNCH(rrd_backward_resident_kernel<MODE>, dim3(grid.x, grid.y, 1), dim3(kThreads, 1, 1),
-                 smem_use<MODE>().backward_resident, stream, p);
+      const auto backward_resident_async = rrd_backward_resident_kernel<MODE, true>;
+      const auto backward_resident_convert = rrd_backward_resident_kernel<MODE, false>;
+      if (bank_by_cp_async<MODE>(p)) {
+        RRD_LAUNCH(backward_resident_async, dim3(grid.x, grid.y, 1), dim3(kThreads, 1, 1),
+                   smem_use<MODE>().backward_resident, stream, p);
+      } else {
+        RRD_LAUNCH(backward_resident_convert, dim3(grid.x, grid.y, 1), dim3(kThreads, 1, 1),
+                   smem_use<MODE>().backward_resident, stream, p);
+      }
     } else {
       RRD_LAUNCH(rrd_backward_kernel<MODE>, grid, dim3(kThreads, 1, 1), smem_use<MODE>().backward, stream, p);
     }

@@ -12,21 +12,20 @@
 //     64 per lane) with the coefficients q - p fed to the second mma straight from the first one's
 //     accumulators (the C fragment of m16n8 is the A fragment of m16n8k16): no recompute per feature slice,
 //     no coefficient round trip through shared memory.
-// Loop nesting (what tools.cost_model counts): bank tile loop (BN = 64 rows per iteration) outermost; in
-// the forward, k-steps (16 features) x 4 ldmatrix x 4 mma inside it, then the online update of 2 x 16
-// logits per lane; in the backward, 4 sub-blocks of 16 bank rows, each with k-steps x (1 ldmatrix, 4 mma),
-// 8 coefficients per lane, then D / 16 x (1 ldmatrix.trans, 2 mma).
+// Loop nesting (what tools.cost_model counts): in the forward, a loop over the tiles that raise a running
+// maximum (its own body: resident_update, the rare path) around the bank tile loop (BN = 64 rows per
+// iteration: k-steps (16 features) x 4 ldmatrix x 4 mma, the maxima, a warp vote, the common update of
+// 2 x 16 logits per lane); in the backward, the bank tile loop outermost, with 4 sub-blocks of 16 bank
+// rows, each with k-steps x (1 ldmatrix, 4 mma), 8 coefficients per lane, then D / 16 x (1 ldmatrix.trans,
+// 2 mma).
 // Where the bank is not in the mode's dtype or not 16-byte aligned (pointer, row stride, D % 8) the tile is
-// staged by plain converting loads instead (a per-call branch, the same for every tile).
+// staged by plain converting loads instead: the kernels' ASYNC template argument, chosen per call on the
+// host, so neither instantiation's bank loop carries the other way of staging.
 #pragma once
 
 #include "rrd_kernels.cuh"
 
 namespace rrd {
-
-template <bool B> struct Bool {
-  static constexpr bool value = B;
-};
 
 template <int MODE> RRD_HOST_DEVICE constexpr int resident_smem_bytes() {
   // two bank-tile buffers of BN x kResLd 16-bit elements (the one-time S / T staging reuses them: BM == BN),
@@ -90,8 +89,10 @@ RRD_DEVICE void resident_rows(const P& p, uint16_t* buf, int row0, uint32_t (&fs
 }
 
 // How the bank tiles reach shared memory: by cp.async when the bank is in the mode's dtype and every row
-// is 16-byte aligned (pointer, row stride and D multiples of 8 elements), else by converting loads.
-template <int MODE, class P> RRD_DEVICE bool bank_by_cp_async(const P& p) {
+// is 16-byte aligned (pointer, row stride and D multiples of 8 elements), else by converting loads. Decided
+// on the host per call (the kernels' ASYNC template argument), so each instantiation's bank loop holds one
+// way of staging only.
+template <int MODE, class P> RRD_HOST_DEVICE bool bank_by_cp_async(const P& p) {
   return p.bank_dtype == (MODE == kMmaBF16 ? kBF16 : kF16) && p.vec_q16;
 }
 
@@ -144,40 +145,57 @@ RRD_DEVICE void convert_bank_tile(uint16_t* dst, const void* bank, long long ld,
   }
 }
 
-// The bank-tile pipeline shared by both resident kernels: full(tile, n0) runs for every whole tile of the
-// split, tail(tile, n0) after the loop for a last tile that reaches past K (only the last split's, when
-// K % BN != 0), each with the tile in shared memory between barriers; with cp.async the next tile's copy
-// is in flight meanwhile. The tail is peeled off the loop so the bank loop holds only the unmasked body.
-template <int MODE, class P, class Full, class Tail>
-RRD_DEVICE void for_each_bank_tile(const P& p, uint16_t* buf, int k_begin, int k_end, Full full, Tail tail) {
-  const bool async = bank_by_cp_async<MODE>(p);
-  BankCopier copier(p.bank, p.ld_q, k_begin, p.D);
-  if (async) {
-    zero_feature_tail(buf, p.D);
-    copier.issue(buf, p.K);
-    cp_async_commit();
+// The bank-tile pipeline shared by both resident kernels: arrive(n0, it) brings tile `it` (bank rows n0 ..)
+// into shared memory and makes it visible to every thread; with cp.async (ASYNC) the next tile's copy is
+// then in flight, else the tile was converted by plain loads. The caller ends each tile with a barrier
+// (every warp done with the buffer before the copy two tiles on overwrites it).
+template <int MODE, bool ASYNC> struct BankPipeline {
+  BankCopier copier;
+  uint16_t* buf;
+  const void* bank;
+  long long ld;
+  int K, D, dtype, k_end;
+  template <class P>
+  RRD_DEVICE BankPipeline(const P& p, uint16_t* buf_, int k_begin, int k_end_)
+      : copier(p.bank, p.ld_q, k_begin, p.D), buf(buf_), bank(p.bank), ld(p.ld_q), K(p.K), D(p.D),
+        dtype(p.bank_dtype), k_end(k_end_) {
+    if constexpr (ASYNC) {
+      zero_feature_tail(buf, D);
+      copier.issue(buf, K);
+      cp_async_commit();
+    }
   }
-  // Tile `it` (bank rows n0 ..) in shared memory and visible to every thread; the next one's copy issued.
-  const auto arrive = [&](int n0, int it) {
+  RRD_DEVICE const uint16_t* arrive(int n0, int it) {
     uint16_t* cur = buf + (it & 1) * BN * kResLd;
-    if (async) {
-      if (n0 + BN < k_end) copier.issue(buf + ((it + 1) & 1) * BN * kResLd, p.K);
+    if constexpr (ASYNC) {
+      if (n0 + BN < k_end) copier.issue(buf + ((it + 1) & 1) * BN * kResLd, K);
       cp_async_commit();   // (an empty group on the last tile keeps the wait count uniform)
       cp_async_wait<1>();  // this thread's copies of tile `it` have landed
     } else {
-      convert_bank_tile<MODE>(cur, p.bank, p.ld_q, p.bank_dtype, n0, p.K, p.D);
+      convert_bank_tile<MODE>(cur, bank, ld, dtype, n0, K, D);
     }
     __syncthreads();  // every thread's part of the tile is visible
     return cur;
-  };
-  const int k_full = k_begin + (k_end - k_begin) / BN * BN;  // whole tiles end here (k_end, or K's last tile)
+  }
+};
+
+// Whole tiles end here: k_end, or K's last tile when that reaches past K (only the last split's, when
+// K % BN != 0). That tile is peeled off the bank loops, so their bodies hold only the unmasked update.
+RRD_HOST_DEVICE inline int whole_tiles_end(int k_begin, int k_end) { return k_begin + (k_end - k_begin) / BN * BN; }
+
+// The backward's bank loop: full(tile, n0) for every whole tile of the split, tail(tile, n0) after it for
+// the masked last tile, each between the pipeline's barriers.
+template <int MODE, bool ASYNC, class P, class Full, class Tail>
+RRD_DEVICE void for_each_bank_tile(const P& p, uint16_t* buf, int k_begin, int k_end, Full full, Tail tail) {
+  BankPipeline<MODE, ASYNC> pipe(p, buf, k_begin, k_end);
+  const int k_full = whole_tiles_end(k_begin, k_end);
   int it = 0;
   for (int n0 = k_begin; n0 < k_full; n0 += BN, ++it) {
-    full(arrive(n0, it), n0);
-    __syncthreads();  // every warp is done with this buffer before the copy two tiles on overwrites it
+    full(pipe.arrive(n0, it), n0);
+    __syncthreads();
   }
   if (k_full < k_end) {
-    tail(arrive(k_full, it), k_full);
+    tail(pipe.arrive(k_full, it), k_full);
     __syncthreads();
   }
 }
@@ -236,20 +254,13 @@ RRD_DEVICE void resident_raise(RowState& s, const float (&acc_s)[8][4], const fl
   merge_state(s, RowState{mx_a, fmaf(0.f, w, na + ca), mx_b, nb + cb, w, v, x, col0 + arg});
 }
 
-// Online update of one row's state with this lane's 16 logits of the tile (half h: row g + 8 h). The maxima
-// come from the raw products (the scales are >= 0 and rounding is monotone, so fl(max(acc) s) is the max of
-// the rounded logits). MASKED (the last tile only): columns >= K are skipped.
-//
-// Common case (after the first tiles nearly every one): neither tile maximum exceeds the running one, and
-// the terms go straight into the running sums, relative to the running maxima. That is merge_state with
-// equal maxima term by term: an entry at the maximum has 2^0 = 1, exactly the 1 the count adds for it.
-// Otherwise a tile state is formed and merged (resident_raise). No per-element non-finite test: a NaN
-// logit makes its 2^(a - m) NaN and so the count; an inf one raises a maximum to inf (the rare path).
+// This lane's maxima of the raw products of one row (half h: row g + 8 h) over its 16 logits of the tile.
+// The maxima of the logits are fl(max(acc) s): the scales are >= 0 and rounding is monotone. MASKED (the
+// last tile only): columns >= K are skipped.
 template <bool MASKED>
-RRD_DEVICE void resident_update(RowState& s, const float (&acc_s)[8][4], const float (&acc_t)[8][4], int h,
-                                float sa, float sb, int col0, int K) {
-  if (MASKED && col0 >= K) return;  // none of this lane's columns is a bank row
-  float ra = -INFINITY, rb = -INFINITY;
+RRD_DEVICE void tile_maxima(float& ra, float& rb, const float (&acc_s)[8][4], const float (&acc_t)[8][4], int h,
+                            int col0, int K) {
+  ra = -INFINITY, rb = -INFINITY;
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -258,22 +269,46 @@ RRD_DEVICE void resident_update(RowState& s, const float (&acc_s)[8][4], const f
         ra = fmaxf(ra, acc_s[j][2 * h + c]);
         rb = fmaxf(rb, acc_t[j][2 * h + c]);
       }
+}
+
+// Whether this lane's logits of one row raise a running maximum (the rare path): a tile maximum above it,
+// a NaN maximum (every logit NaN) or, on the first tile, anything above -inf.
+RRD_DEVICE bool raises(const RowState& s, float mx_a, float mx_b) { return !(mx_a <= s.m_a && mx_b <= s.m_b); }
+
+// The common case (after the first tiles nearly every one): neither tile maximum exceeds the running one,
+// and the terms go straight into the running sums, relative to the running maxima. That is merge_state with
+// equal maxima term by term: an entry at the maximum has 2^0 = 1, exactly the 1 the count adds for it.
+template <bool MASKED>
+RRD_DEVICE void common_terms(RowState& s, const float (&acc_s)[8][4], const float (&acc_t)[8][4], int h,
+                             float sa, float sb, int col0, int K) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      if (!MASKED || col0 + 8 * j + c < K) {
+        // mul_rn: a logit rounded on its own (no fused multiply-add), so an entry at the max has da = 0
+        const float da = mul_rn(acc_s[j][2 * h + c], sa) - s.m_a, db = mul_rn(acc_t[j][2 * h + c], sb) - s.m_b;
+        const float ea = fast_exp2(da), eb = fast_exp2(db);
+        s.n_a += ea;
+        s.n_b += eb;
+        s.w = fmaf(eb, -da, s.w);
+        s.v = fmaf(eb, -db, s.v);
+        s.x += ea - eb;  // each term's rounding is ~1e-7 of 1, not of the counts
+      }
+}
+
+// Online update of one row's state with this lane's 16 logits of the tile: the common terms, or a tile
+// state formed and merged (resident_raise). No per-element non-finite test: a NaN logit makes its
+// 2^(a - m) NaN and so the count; an inf one raises a maximum to inf (the rare path).
+template <bool MASKED>
+RRD_DEVICE void resident_update(RowState& s, const float (&acc_s)[8][4], const float (&acc_t)[8][4], int h,
+                                float sa, float sb, int col0, int K) {
+  if (MASKED && col0 >= K) return;  // none of this lane's columns is a bank row
+  float ra, rb;
+  tile_maxima<MASKED>(ra, rb, acc_s, acc_t, h, col0, K);
   const float mx_a = mul_rn(ra, sa), mx_b = mul_rn(rb, sb);
-  if (mx_a <= s.m_a && mx_b <= s.m_b) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-        if (!MASKED || col0 + 8 * j + c < K) {
-          // mul_rn: a logit rounded on its own (no fused multiply-add), so an entry at the max has da = 0
-          const float da = mul_rn(acc_s[j][2 * h + c], sa) - s.m_a, db = mul_rn(acc_t[j][2 * h + c], sb) - s.m_b;
-          const float ea = fast_exp2(da), eb = fast_exp2(db);
-          s.n_a += ea;
-          s.n_b += eb;
-          s.w = fmaf(eb, -da, s.w);
-          s.v = fmaf(eb, -db, s.v);
-          s.x += ea - eb;  // each term's rounding is ~1e-7 of 1, not of the counts
-        }
+  if (!raises(s, mx_a, mx_b)) {
+    common_terms<MASKED>(s, acc_s, acc_t, h, sa, sb, col0, K);
     return;
   }
   resident_raise<MASKED>(s, acc_s, acc_t, h, sa, sb, mx_a, mx_b, col0, K);
@@ -290,7 +325,18 @@ RRD_DEVICE void lane_scales(const P& p, unsigned char* smem, int row0, int r_lo,
 }
 
 // ---- forward: grid (ceil(B / BM), num_splits), 128 threads, resident_smem_bytes -----------------------
-template <int MODE>
+// The bank loop is split in two so that its inner loop holds the common update only: per tile the products,
+// the barrier that frees the tile's buffer (the update reads registers only), and a warp vote (__any_sync)
+// on whether any lane raises one of its running maxima. If none does, every lane's resident_update would
+// take the common path, so the inner loop adds the common terms and goes on; else the warp leaves it with
+// the tile's products and the outer loop finishes that tile by resident_update, each lane choosing its own
+// path as always (as a divergent warp did in one loop). Bit for bit the same arithmetic as one loop calling
+// resident_update. Every warp still meets the same barriers in the same order (the tile's two, both at one
+// place in the inner loop; the rare path has none), only the update in between differs per warp.
+// How often the outer loop runs: once per tile where some lane of the warp raises one of its 4 maxima
+// (2 rows x a, b over its 16 columns of a tile): for logits in random order, with 128 record sequences per
+// warp, about sum_i 1 - (1 - 1/i)^128 tiles of n, i.e. ~0.8 x 128 + 128 ln(n / 128) (tools/cuda_cost.py).
+template <int MODE, bool ASYNC>
 __global__ void __launch_bounds__(kThreads) rrd_forward_resident_kernel(ForwardParams p) {
   RRD_DECLARE_SMEM(smem);
   uint16_t* buf = reinterpret_cast<uint16_t*>(smem);
@@ -305,8 +351,8 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_resident_kernel(ForwardP
   resident_rows(p, buf, row0, fs, ft);
   RowState st[2] = {empty_state(), empty_state()};
 
-  const auto tile_step = [&](const uint16_t* tile, int n0, auto masked) {
-    float acc_s[8][4], acc_t[8][4];
+  float acc_s[8][4], acc_t[8][4];  // the tile's products (C layout: n8 tile j of 8)
+  const auto products = [&](const uint16_t* tile) {
 #pragma unroll
     for (int jp = 0; jp < 4; ++jp) {
       float ps[2][4], pt[2][4];
@@ -319,13 +365,39 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_resident_kernel(ForwardP
         acc_t[2 * jp][i] = pt[0][i], acc_t[2 * jp + 1][i] = pt[1][i];
       }
     }
-    constexpr bool kMasked = decltype(masked)::value;
-    resident_update<kMasked>(st[0], acc_s, acc_t, 0, sa[0], sb[0], n0 + 2 * t, p.K);
-    resident_update<kMasked>(st[1], acc_s, acc_t, 1, sa[1], sb[1], n0 + 2 * t, p.K);
   };
-  for_each_bank_tile<MODE>(
-      p, buf, k_begin, k_end, [&](const uint16_t* tile, int n0) { tile_step(tile, n0, Bool<false>{}); },
-      [&](const uint16_t* tile, int n0) { tile_step(tile, n0, Bool<true>{}); });
+  BankPipeline<MODE, ASYNC> pipe(p, buf, k_begin, k_end);
+  const int k_full = whole_tiles_end(k_begin, k_end);
+  int it = 0, n0 = k_begin;
+  while (n0 < k_full) {  // once per tile that raises a maximum
+    bool raised;
+    do {  // the common tiles
+      products(pipe.arrive(n0, it));
+      bool mine = false;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float ra, rb;
+        tile_maxima<false>(ra, rb, acc_s, acc_t, h, n0 + 2 * t, p.K);
+        mine |= raises(st[h], mul_rn(ra, sa[h]), mul_rn(rb, sb[h]));
+      }
+      raised = __any_sync(0xffffffffu, mine) != 0;
+      __syncthreads();  // every warp is done with this buffer before the copy two tiles on overwrites it
+      if (!raised) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) common_terms<false>(st[h], acc_s, acc_t, h, sa[h], sb[h], n0 + 2 * t, p.K);
+      }
+      n0 += BN, ++it;
+    } while (!raised && n0 < k_full);
+    if (raised) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) resident_update<false>(st[h], acc_s, acc_t, h, sa[h], sb[h], n0 - BN + 2 * t, p.K);
+    }
+  }
+  if (k_full < k_end) {  // the masked last tile
+    products(pipe.arrive(k_full, it));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) resident_update<true>(st[h], acc_s, acc_t, h, sa[h], sb[h], k_full + 2 * t, p.K);
+  }
   store_partial_states(p, st, row0 + r_lo, split);
 }
 
@@ -393,7 +465,7 @@ RRD_DEVICE void backward_tile(float (&acc_g)[kResD / 8][4], float (&sig)[2], con
 // operand type, 2^-9 or 2^-12 of itself, far above the 2^-24 absolute error of the difference), rounded
 // once for both the product and sigma, and G[r][:] += c Q for all of D. Rows past B compute garbage c
 // that only ever reaches their own accumulators, which are never stored; columns past K get c = 0.
-template <int MODE>
+template <int MODE, bool ASYNC>
 __global__ void __launch_bounds__(kThreads) rrd_backward_resident_kernel(BackwardParams p) {
   RRD_DECLARE_SMEM(smem);
   uint16_t* buf = reinterpret_cast<uint16_t*>(smem);
@@ -419,7 +491,7 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_resident_kernel(Backwar
     for (int i = 0; i < 4; ++i) acc_g[j][i] = 0.f;
   float sig[2] = {0.f, 0.f};
 
-  for_each_bank_tile<MODE>(
+  for_each_bank_tile<MODE, ASYNC>(
       p, buf, k_begin, k_end,
       [&](const uint16_t* tile, int n0) { backward_tile<MODE, false>(acc_g, sig, fs, ft, tile, n0, p.K, sa, sb, la, lb); },
       [&](const uint16_t* tile, int n0) { backward_tile<MODE, true>(acc_g, sig, fs, ft, tile, n0, p.K, sa, sb, la, lb); });

@@ -201,7 +201,10 @@ def test_cuda_cli_json_has_the_fields_of_the_triton_path_and_the_host_codes_laun
     assert all(k["block"] == [c["kThreads"], 1, 1] and k["stack"] == 0 for k in r["kernels"])
     assert fwd["smem"] > 0 and bwd["smem"] > 0
     assert r["warp_instructions_per_pair"] == pytest.approx(sum(k["warp_instructions_per_pair"] for k in r["kernels"]))
-    assert fwd["warp_instructions_per_pair"] == pytest.approx(fwd["steady_warp_instructions_per_pair"], rel=0.01)
+    # the backward's bank loop is nearly all of it; the forward's adds the tiles that raise a maximum (the
+    # rare-tile loop around its bank loop, test_cuda_resident_forward_count_matches_a_count_of_its_sass)
+    assert bwd["warp_instructions_per_pair"] == pytest.approx(bwd["steady_warp_instructions_per_pair"], rel=0.02)
+    assert fwd["steady_warp_instructions_per_pair"] < fwd["warp_instructions_per_pair"]
     # the forward's two logit products and the backward's three (two recomputed, c Q) on tensor cores
     assert fwd["tensor_flop_per_pair"] == pytest.approx(2 * 2 * 128, rel=0.01)
     assert r["bank_products"] == pytest.approx(5, rel=0.01) and bwd["grid"][2] == 1  # no feature slices
@@ -229,28 +232,38 @@ def test_cuda_gathered_call_is_counted_from_its_own_launches():
 
 @needs_nvcc
 def test_cuda_resident_forward_count_matches_a_count_of_its_sass():
-    """The model's per-pair figure for the resident bf16 forward, redone by hand from the listing: its bank
-    loop (the one loop holding products and a nested loop) once per 64-row tile, minus the nested converting
-    fallback (never taken for a bf16, 16-byte aligned bank), x 4 warps / (64 x 64) pairs. This is the
-    whole loop body, rare path included (csrc/README.md counts the common path alone: 0.72)."""
+    """The model's figures for the resident bf16 forward (the cp.async instantiation, the one a bf16,
+    16-byte aligned bank runs), redone by hand from the listing. Its bank loop is split: an outer loop (the
+    one top-level loop holding products and a nested loop) whose own body finishes a tile that raises a
+    running maximum, around the inner bank loop (the common update only), which must hold no converting
+    fallback (no nested loop, no plain global loads). Per pair: the inner loop once per 64-row tile x 4 warps /
+    (64 x 64) pairs; the whole kernel adds the outer body once per tile where one of a warp's 128 running maxima
+    sets a record (sum_i 1 - (1 - 1/i)^128 over the program's tiles, for logits in random order)."""
     from tools import cuda_cost
     listings, _ = cuda_cost.machine_code("sm_90")
-    symbol = next(s for s in listings if "rrd_forward_resident_kernelILi3E" in s)
+    symbol = next(s for s in listings if "rrd_forward_resident_kernelILi3ELb1E" in s)
     instrs = sass.parse(listings[symbol])
     live = sass.live(instrs)
-    (bank,) = [lp for lp in sass.loops(instrs, live)
-               if lp.children and any(sass.mma_flops(i) for i in instrs if lp.contains(i.addr))]
-    (fallback,) = bank.children
-    assert not any(sass.mma_flops(i) for i in instrs if fallback.contains(i.addr))
 
-    def n(lp):
-        return sum(1 for i in instrs if lp.contains(i.addr) and i.addr in live)
+    def inside(lp):
+        return [i for i in instrs if lp.contains(i.addr) and i.addr in live]
 
-    hand = (n(bank) - n(fallback)) * 4 / (64 * 64)
+    (outer,) = [lp for lp in sass.loops(instrs, live)
+                if lp.children and any(sass.mma_flops(i) for i in inside(lp))]
+    (bank,) = outer.children
+    assert not bank.children and not any(i.op == "LDG" for i in inside(bank))
+    # 4 pairs of n8 tiles x 8 k-steps x (2 tiles x 2 products)
+    assert sum(1 for i in inside(bank) if sass.mma_flops(i)) == 4 * (128 // 16) * 4
+    hand = len(inside(bank)) * 4 / (64 * 64)
     r = _cuda_json("--arch", "sm_90", "--dtype", "bfloat16", "--D", "128", "--B", "4096", "--K", "262144")
     fwd = r["kernels"][0]
-    assert "forward_resident" in fwd["symbol"]
+    assert fwd["symbol"] == symbol
     assert fwd["steady_warp_instructions_per_pair"] == pytest.approx(hand, rel=1e-3)
+    tiles = 262144 // 64 // fwd["plan"]["num_splits"]
+    records = sum(1 - (1 - 1 / i) ** 128 for i in range(1, tiles + 1))
+    rare = (len(inside(outer)) - len(inside(bank))) * records / tiles * 4 / (64 * 64)
+    # the rest (once per block: S, T, scales, the states) is small at 1024 tiles per program
+    assert fwd["warp_instructions_per_pair"] == pytest.approx(hand + rare, rel=0.02)
 
 
 @needs_nvcc

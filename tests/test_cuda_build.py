@@ -184,13 +184,15 @@ def test_gate_flags_what_does_not_fit():
             slot = f"Li{slots[0]}E" if slots else ""
             name = f"_ZN3rrd{len(kind) + 20}rrd_gathered_{kind}_kernelILi{dtype}E{slot}EEvNS_14GatheredParamsE"
         elif name is None:
-            kind, mode = key.split()
-            name = f"_ZN3rrd{len(kind) + 11}rrd_{kind}_kernelILi{mode}EEEvNS_13ForwardParamsE"
+            kind, mode, *staging = key.split()
+            flag = f"Lb{int(staging[0] == 'async')}E" if staging else ""
+            name = f"_ZN3rrd{len(kind) + 11}rrd_{kind}_kernelILi{mode}E{flag}EEvNS_13ForwardParamsE"
         return {"name": name, "arch": arch, "registers": 100, "stack": 0, "spill_stores": 0, "spill_loads": 0,
                 "static_smem": 0, **over}
 
     keys = [f"{k} {m}" for k in ("forward", "backward") for m in range(4)] + ["merge", "finish"] + [
-        f"{k}_resident {m}" for k in ("forward", "backward") for m in (2, 3)]
+        f"{k}_resident {m} {staging}" for k in ("forward", "backward") for m in (2, 3)
+        for staging in ("async", "convert")]
     keys += [f"gathered finish {m}" for m in range(3)]
     keys += [f"gathered {k} {m} {slots}" for k in ("forward", "backward") for m in range(3)
              for slots in gate.GATHERED_SLOTS]

@@ -77,28 +77,54 @@ STREAMING_LOOPS = [
     ("Q^T staging", "parent == 'bank' and wide_loads", "BN * DV // 4 // kThreads", ("STS", 4)),
     ("Q^T staging, element-wise", "parent == 'bank' and loads", "0", None),
 ]
-# The resident kernels (rrd_resident.cuh, fp16 / bf16, D <= kResD): S and T staged once per block, the bank
-# tiles by cp.async; the loop bodies hold the common path, the rare new-maximum path and the converting
-# fallback, all counted (an upper bound: csrc/README.md gives the common path's own count).
-RESIDENT_LOOPS = [
-    ("bank", "parent is None and products and children", "bank_tiles", None),
-    # the converting fallback of the bank tile (a bank not in the mode's dtype or not 16-byte aligned):
-    # never taken for the benchmark's inputs
-    ("bank conversion", "parent == 'bank' and loads and not wide_loads", "0", None),
-    # the backward: 4 sub-blocks of 16 bank rows per tile (both products of 16 rows, then c Q)
-    ("sub-blocks", "parent == 'bank' and products", "BN // 16", None),
-    # the peeled last tile (K % BN != 0, the last split only): its sub-block loop, once per program
-    ("tail sub-blocks", "parent is None and products and not children", "BN // 16", None),
+# The resident kernels (rrd_resident.cuh, fp16 / bf16, D <= kResD): S and T staged once per block. Each
+# kernel comes twice (ASYNC): bank tiles by cp.async, or by converting loads where the bank is not in the
+# mode's dtype or not 16-byte aligned; the model's calls (bank_dtype = dtype, aligned: launch_plan.cpp) run
+# the cp.async one, whose bank loop holds no conversion. The conversion rules describe the other one.
+RESIDENT_SHARED_LOOPS = [
     ("row norms", "parent is None and not products and shuffles", "BM // kWarps", ("SHFL", 10)),
     ("row norm features", "parent == 'row norms' and loads", "cdiv(D, 32)", ("LDG", 4)),
     # stage_rows16: S and T once per block, 4 features per step (an 8-byte load, or 4 scalar ones)
     ("row staging", "parent is None and wide_loads and not products", "BM * (kResD // 4) // kThreads",
      ("LDG", 5)),
-    # the peeled tail's converting fallback (never for the benchmark's inputs)
-    ("tail conversion", "parent is None and loads and not wide_loads and not shuffles", "0", None),
+    # the peeled last tile's converting staging (the converting instantiation; once per program at most:
+    # the last split's programs only, so an upper bound)
+    ("tail conversion", "parent is None and loads and not wide_loads and not shuffles",
+     "BN * kResD // kThreads", ("STS", 1)),
     # zero_feature_tail: columns [D, kResD) of both buffers, once per block (none at D = 128)
     ("feature tail", "parent is None and not loads and not products", "2 * BN * (kResD - D) // kThreads", None),
 ]
+# convert_bank_tile: BN x kResD elements per tile, one 16-bit shared store each
+RESIDENT_CONVERSION = ("bank conversion", "parent == 'bank' and loads and not wide_loads", "BN * kResD // kThreads",
+                       ("STS", 1))
+# The forward's bank loop is split (rrd_forward_resident_kernel): the inner "bank" loop runs the tiles where
+# no lane of the warp raises one of its running maxima (the common update only); the outer loop's own body
+# finishes a tile where one does (resident_update, the rare path) and re-enters. Its trips: the expected
+# number of tiles, of a program's n, where at least one of the warp's 128 running maxima (32 lanes x 2 rows x
+# the a and b logits, each over the lane's 16 columns of a tile) sets a record, for logits in random order:
+# record_tiles(n, 128) = sum_i 1 - (1 - 1/i)^128 (~0.8 x 128 + 128 ln(n / 128); all of the first ~100 tiles).
+# Inputs whose maxima come early (a bank sorted by similarity) raise fewer; an ascending one, every tile.
+FORWARD_RESIDENT_LOOPS = [
+    ("rare tiles", "parent is None and products and children", "record_tiles(bank_tiles, 128)", None),
+    ("bank", "parent == 'rare tiles' and products", "bank_tiles / record_tiles(bank_tiles, 128)", None),
+    RESIDENT_CONVERSION,
+] + RESIDENT_SHARED_LOOPS
+BACKWARD_RESIDENT_LOOPS = [
+    ("bank", "parent is None and products and children", "bank_tiles", None),
+    RESIDENT_CONVERSION,
+    # 4 sub-blocks of 16 bank rows per tile (both products of 16 rows, then c Q)
+    ("sub-blocks", "parent == 'bank' and products", "BN // 16", None),
+    # the peeled last tile (K % BN != 0, the last split only): its sub-block loop, once per program
+    ("tail sub-blocks", "parent is None and products and not children", "BN // 16", None),
+] + RESIDENT_SHARED_LOOPS
+
+
+def record_tiles(n: float, sequences: int) -> float:
+    """Expected number of steps, of n, at which at least one of `sequences` independent sequences of
+    exchangeable values sets a new running maximum (step i does so for each with probability 1 / i)."""
+    return sum(1.0 - (1.0 - 1.0 / i) ** sequences for i in range(1, max(1, round(n)) + 1))
+
+
 # The gathered-memory kernels (rrd_gathered.cuh): one warp per (row, split); its column loop (the "bank"
 # role) walks the split's chunk kGroups columns a step (an 8-lane group per column: the memory rows'
 # 16-byte loads, the dot products, 3 shuffle-adds, the fold into the online state).
@@ -113,9 +139,9 @@ KERNELS = {
     # kind: symbol pattern, streaming (has a bank loop over BM x BN tiles), loop rules, HBM bytes
     "forward": dict(symbol="rrd_forward_kernel", streaming=True, loops=STREAMING_LOOPS,
                     hbm="2 * B * D * emb + K * D * bank + 4 * workspace"),
-    "forward resident": dict(symbol="rrd_forward_resident_kernel", streaming=True, loops=RESIDENT_LOOPS,
+    "forward resident": dict(symbol="rrd_forward_resident_kernel", streaming=True, loops=FORWARD_RESIDENT_LOOPS,
                              hbm="2 * B * D * emb + K * D * bank + 4 * workspace"),
-    "backward resident": dict(symbol="rrd_backward_resident_kernel", streaming=True, loops=RESIDENT_LOOPS,
+    "backward resident": dict(symbol="rrd_backward_resident_kernel", streaming=True, loops=BACKWARD_RESIDENT_LOOPS,
                               hbm="2 * B * D * emb + K * D * bank + 3 * 4 * B + 4 * workspace"),
     "merge": dict(symbol="rrd_merge_kernel", streaming=False, loops=[
         ("splits", "True", "num_splits", ("LDG", 8))],  # 8 state planes per split
@@ -331,7 +357,7 @@ def loop_trips(symbol: str, instrs, live, roots, names: dict) -> dict:
         role, _, trips_expr, marker = rule
         inside = [i for i in instrs if lp.contains(i.addr) and i.addr in live]
         flops = sum(sass.mma_flops(i) or (64 if i.op == "FFMA" else 0) for i in inside)
-        env = dict(names, cdiv=lambda a, b: -(-a // b),
+        env = dict(names, cdiv=lambda a, b: -(-a // b), record_tiles=record_tiles,
                    k_per_trip=max(1, flops // (2 * 16 * names["BN"])) if flops else 1)
         trips = eval(trips_expr, {"__builtins__": {}}, env)
         if marker is not None:
@@ -368,11 +394,13 @@ def count_launch(launch: Launch, listing: str, names: dict):
         return programs * math.prod(trips[id(lp)][1] for lp in chain(ins))
 
     totals = cost_model.accumulate(instrs, executions, warps)
-    bank = next((lp for lp in roots if trips[id(lp)][0] == "bank"), None) if kind["streaming"] else None
+    # (the resident forward's bank loop is nested in its rare-tile loop: searched at every depth)
+    bank = next((lp for lp in sass.all_loops(roots) if trips[id(lp)][0] == "bank"), None) if kind["streaming"] else None
     steady = None
     if bank is not None:
         # One trip of the bank loop per (row, bank row) pair of its BM x BN tile, for every feature slice.
-        per_trip = sum(math.prod(trips[id(lp)][1] for lp in chain(i) if lp is not bank)
+        # (the loops nested in it only: an enclosing loop, the resident forward's rare tiles, is not part of a trip)
+        per_trip = sum(math.prod(trips[id(lp)][1] for lp in chain(i)[:chain(i).index(bank)])
                        for i in instrs if i.addr in live and bank in chain(i))
         if "pairs_per_trip" in kind:  # one (row, split) per warp: a trip covers that many of its pairs
             steady = per_trip / eval(kind["pairs_per_trip"], {"__builtins__": {}}, dict(names))
