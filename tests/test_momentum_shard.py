@@ -269,6 +269,13 @@ def reference(seed, case, world, steps, samplers=None, state=None, init=None, fi
 # gradient, 1e-12 for memories and z, so any error of the merge or the ownership shows, far below the fp32
 # noise. Worst measured over 5 seeds (all cases, 2 and 3 ranks), as a fraction of these bounds: fp32 loss
 # 0.16, gradient 0.10, z 0.13; float64 loss 0.04, gradient 7e-5, z 3e-3; memories bit-equal (0) in both.
+# The fp32 gradient error of a rank is measured against the norm of the global batch's gradient (the
+# project's rule: the relative error of the tensor one process computes), not the rank's own: a rank whose
+# rows all sit near a saturated "faithful" softmax has a gradient 1e-3..1e-4 of the others' (a difference
+# of two nearly equal distributions), and its own relative error is rounding amplified by that
+# cancellation. Seed 15814908, 3 ranks, step 2: rank 1's gradient norm 2.2e-3 against 12 for rank 0, its
+# own relative error 2.5e-3 in fp32 (2.7e-12 in float64, exact), 5.3e-7 of the global norm. float64 keeps
+# the per-rank bound: there rounding is far below any error of ownership or merge.
 # Mutations that the bounds catch: the merge weights uniform, Z from the local sums only, the update
 # without the ownership mask, the gradient scaled by 1 + 1e-4, a "kl" entropy scaled by 1 + 1e-6.
 def tolerances(dtype):
@@ -287,8 +294,11 @@ def compare(mine, ref, world, dtype, steps):
     for step in range(steps):
         losses = torch.stack([m["loss"][step] for m in mine])
         assert rel_err(losses, ref["loss"][step]) <= tol["loss"], step
+        scale = ref["grad"][step].double().norm().item()  # the global batch's gradient, as one process sees it
         for r in range(world):
-            assert rel_err(mine[r]["grad"][step], ref["grad"][step][r]) <= tol["grad"], (step, r)
+            err = (mine[r]["grad"][step].double() - ref["grad"][step][r].double()).norm().item()
+            assert err / (scale if dtype == torch.float32 else ref["grad"][step][r].double().norm().item()) \
+                <= tol["grad"], (step, r)
             assert torch.equal(mine[r]["z"][step], mine[0]["z"][step])  # one z on every rank
             assert torch.equal(mine[r]["sampler"][step], mine[0]["sampler"][step])  # one sampler state
         for name in ("memory_s", "memory_t"):
