@@ -241,6 +241,12 @@ inline uint16_t float_to_f16_bits(float x) {
   memcpy(&r, &h, 2);
   return r;
 }
+inline uint32_t floats_to_bf16x2_bits(float lo, float hi) {
+  return uint32_t(float_to_bf16_bits(lo)) | (uint32_t(float_to_bf16_bits(hi)) << 16);
+}
+inline uint32_t floats_to_f16x2_bits(float lo, float hi) {
+  return uint32_t(float_to_f16_bits(lo)) | (uint32_t(float_to_f16_bits(hi)) << 16);
+}
 inline float mul_rn(float x, float y) { return x * y; }  // the host build does not contract
 inline uint32_t float_to_tf32(float x) {  // cvt.rna.tf32.f32: nearest, ties away from zero (finite inputs)
   return (rrd_emu::float_to_bits(x) + 0x1000u) & 0xffffe000u;
@@ -265,6 +271,7 @@ inline void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
     memset(smem_dst, 0, 16);
   }
 }
+inline void cp_async16_full(void* smem_dst, const void* gmem_src) { cp_async16(smem_dst, gmem_src, true); }
 inline void cp_async_commit() {}
 template <int N> inline void cp_async_wait() {}
 inline void ldsm_x4(uint32_t (&r)[4], const uint16_t* row) {

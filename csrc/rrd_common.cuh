@@ -58,6 +58,16 @@ RRD_DEVICE float bf16_bits_to_float(uint16_t x) { return __uint_as_float(uint32_
 RRD_DEVICE float f16_bits_to_float(uint16_t x) { return __half2float(__ushort_as_half(x)); }
 RRD_DEVICE uint16_t float_to_bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 RRD_DEVICE uint16_t float_to_f16_bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
+// Two floats as one 16-bit pair (lo in the low half), rounded to nearest: one packing conversion (F2FP)
+// instead of two conversions and a permute.
+RRD_DEVICE uint32_t floats_to_bf16x2_bits(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+RRD_DEVICE uint32_t floats_to_f16x2_bits(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
 // x * y rounded, never fused into a following add (nvcc contracts a * b + c by default).
 RRD_DEVICE float mul_rn(float x, float y) { return __fmul_rn(x, y); }
 RRD_DEVICE uint32_t float_to_tf32(float x) {
@@ -86,6 +96,10 @@ RRD_DEVICE void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
   const uint32_t dst = uint32_t(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(valid ? 16 : 0)
                : "memory");
+}
+RRD_DEVICE void cp_async16_full(void* smem_dst, const void* gmem_src) {  // a chunk known to be inside the bank
+  const uint32_t dst = uint32_t(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
 }
 RRD_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> RRD_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }

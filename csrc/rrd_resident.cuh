@@ -5,19 +5,20 @@
 //     registers as mma A fragments for the whole bank loop (8 k-steps x 4 registers each at D = 128);
 //   * bank tiles of BN = 64 rows x D go global -> shared by 16-byte cp.async, double-buffered (the copy of
 //     tile i + 1 overlaps the products of tile i); rows past K are zero-filled by the copy itself (src size
-//     0), so bounds cost one predicate per 16-byte chunk and only on the last tile;
+//     0), so bounds cost one predicate per 16-byte chunk and only on the last tile (its copy issued apart);
 //   * B fragments come from the row-major tile by ldmatrix (x4: two n8 x k16 fragments per instruction;
 //     the backward's second product reads the same tile transposed with ldmatrix.trans, no second copy);
 //   * the backward accumulates the full-D gradient of its 16 rows per warp in registers (16 x 128 fp32 =
 //     64 per lane) with the coefficients q - p fed to the second mma straight from the first one's
 //     accumulators (the C fragment of m16n8 is the A fragment of m16n8k16): no recompute per feature slice,
-//     no coefficient round trip through shared memory.
+//     no coefficient round trip through shared memory; sigma (the rounding guard's row sums of c as the
+//     product sees it) is one more mma of the same A fragment against ones.
 // Loop nesting (what tools.cost_model counts): in the forward, a loop over the tiles that raise a running
 // maximum (its own body: resident_update, the rare path) around the bank tile loop (BN = 64 rows per
 // iteration: k-steps (16 features) x 4 ldmatrix x 4 mma, the maxima, a warp vote, the common update of
 // 2 x 16 logits per lane); in the backward, the bank tile loop outermost, with 4 sub-blocks of 16 bank
-// rows, each with k-steps x (1 ldmatrix, 4 mma), 8 coefficients per lane, then D / 16 x (1 ldmatrix.trans,
-// 2 mma).
+// rows, each with k-steps x (1 ldmatrix, 4 mma), 8 coefficients per lane, 1 mma for sigma, then D / 16 x
+// (1 ldmatrix.trans, 2 mma).
 // Where the bank is not in the mode's dtype or not 16-byte aligned (pointer, row stride, D % 8) the tile is
 // staged by plain converting loads instead: the kernels' ASYNC template argument, chosen per call on the
 // host, so neither instantiation's bank loop carries the other way of staging.
@@ -104,31 +105,44 @@ RRD_DEVICE void zero_feature_tail(uint16_t* buf, int D) {
 
 // The cp.async copies of one bank tile, features [0, D): thread i copies the 16-byte chunk i % 16 of rows
 // i / 16 + 8 s (s < 8) of every tile. A fixed chunk column per thread, so the chunk test is made once; the
-// source pointer advances by a tile per call, and rows past K (the last tile only) are zero-filled.
+// source pointer advances by a tile per call. The whole tiles' copies (issue_full) test nothing else; only
+// the last tile's (issue_masked: the split's first tile, or K's partial last one) zero-fill rows past K.
 struct BankCopier {
   const uint16_t* base; // the bank (a valid address for the zero-filling copies, which read nothing)
   const uint16_t* src;  // this thread's first chunk in the next tile
   long long step;       // 8 rows, in elements
   int row;              // the bank row of that chunk
+  int dst_off;          // that chunk's place in a tile buffer
   bool active;          // the thread's chunk column is inside D
   RRD_DEVICE BankCopier(const void* bank, long long ld, int n0, int D) {
     const int c = threadIdx.x % 16, r0 = threadIdx.x / 16;
     active = 8 * c < D;
     row = n0 + r0;
     step = 8 * ld;
+    dst_off = r0 * kResLd + 8 * c;
     base = static_cast<const uint16_t*>(bank);
     src = base + row * ld + 8 * c;
   }
-  RRD_DEVICE void issue(uint16_t* dst, int K) {
+  RRD_DEVICE void issue_full(uint16_t* dst) {
     if (active) {
-      uint16_t* d = dst + (threadIdx.x / 16) * kResLd + 8 * (threadIdx.x % 16);
+      const uint16_t* q = src;
+#pragma unroll
+      for (int s = 0; s < BN / 8; ++s, q += step) cp_async16_full(dst + dst_off + 8 * s * kResLd, q);
+    }
+    advance();
+  }
+  RRD_DEVICE void issue_masked(uint16_t* dst, int K) {
+    if (active) {
       const uint16_t* q = src;
 #pragma unroll
       for (int s = 0; s < BN / 8; ++s, q += step) {
         const bool valid = row + 8 * s < K;
-        cp_async16(d + 8 * s * kResLd, valid ? q : base, valid);
+        cp_async16(dst + dst_off + 8 * s * kResLd, valid ? q : base, valid);
       }
     }
+    advance();
+  }
+  RRD_DEVICE void advance() {
     src += BN / 8 * step;
     row += BN;
   }
@@ -145,36 +159,51 @@ RRD_DEVICE void convert_bank_tile(uint16_t* dst, const void* bank, long long ld,
   }
 }
 
-// The bank-tile pipeline shared by both resident kernels: arrive(n0, it) brings tile `it` (bank rows n0 ..)
-// into shared memory and makes it visible to every thread; with cp.async (ASYNC) the next tile's copy is
-// then in flight, else the tile was converted by plain loads. The caller ends each tile with a barrier
-// (every warp done with the buffer before the copy two tiles on overwrites it).
+// The bank-tile pipeline shared by both resident kernels: arrive(n0, it) brings whole tile `it` (bank rows
+// n0 .. n0 + BN - 1, all < K) into shared memory and makes it visible to every thread; with cp.async
+// (ASYNC) the next whole tile's copy is then in flight, else the tile was converted by plain loads.
+// arrive_tail(n0, it) does the same for K's partial last tile, whose copy (masked) it issues itself unless
+// that tile is the split's first: so the whole tiles' copies carry no bounds test, and the last tile's
+// copy does not overlap a product (once per program). The caller ends each tile with a barrier (every warp
+// done with the buffer before the copy two tiles on overwrites it).
 template <int MODE, bool ASYNC> struct BankPipeline {
   BankCopier copier;
   uint16_t* buf;
   const void* bank;
   long long ld;
-  int K, D, dtype, k_end;
+  int K, D, dtype, k_begin, k_full;
   template <class P>
-  RRD_DEVICE BankPipeline(const P& p, uint16_t* buf_, int k_begin, int k_end_)
-      : copier(p.bank, p.ld_q, k_begin, p.D), buf(buf_), bank(p.bank), ld(p.ld_q), K(p.K), D(p.D),
-        dtype(p.bank_dtype), k_end(k_end_) {
+  RRD_DEVICE BankPipeline(const P& p, uint16_t* buf_, int k_begin_, int k_full_)
+      : copier(p.bank, p.ld_q, k_begin_, p.D), buf(buf_), bank(p.bank), ld(p.ld_q), K(p.K), D(p.D),
+        dtype(p.bank_dtype), k_begin(k_begin_), k_full(k_full_) {
     if constexpr (ASYNC) {
       zero_feature_tail(buf, D);
-      copier.issue(buf, K);
+      copier.issue_masked(buf, K);  // the first tile: whole or K's partial one
       cp_async_commit();
     }
   }
   RRD_DEVICE const uint16_t* arrive(int n0, int it) {
     uint16_t* cur = buf + (it & 1) * BN * kResLd;
     if constexpr (ASYNC) {
-      if (n0 + BN < k_end) copier.issue(buf + ((it + 1) & 1) * BN * kResLd, K);
-      cp_async_commit();   // (an empty group on the last tile keeps the wait count uniform)
+      if (n0 + BN < k_full) copier.issue_full(buf + ((it + 1) & 1) * BN * kResLd);
+      cp_async_commit();   // (an empty group on the last whole tile keeps the wait count uniform)
       cp_async_wait<1>();  // this thread's copies of tile `it` have landed
     } else {
       convert_bank_tile<MODE>(cur, bank, ld, dtype, n0, K, D);
     }
     __syncthreads();  // every thread's part of the tile is visible
+    return cur;
+  }
+  RRD_DEVICE const uint16_t* arrive_tail(int n0, int it) {
+    uint16_t* cur = buf + (it & 1) * BN * kResLd;
+    if constexpr (ASYNC) {
+      if (n0 > k_begin) copier.issue_masked(cur, K);  // (its buffer's last reader, tile it - 2, is done)
+      cp_async_commit();
+      cp_async_wait<0>();
+    } else {
+      convert_bank_tile<MODE>(cur, bank, ld, dtype, n0, K, D);
+    }
+    __syncthreads();
     return cur;
   }
 };
@@ -187,15 +216,15 @@ RRD_HOST_DEVICE inline int whole_tiles_end(int k_begin, int k_end) { return k_be
 // the masked last tile, each between the pipeline's barriers.
 template <int MODE, bool ASYNC, class P, class Full, class Tail>
 RRD_DEVICE void for_each_bank_tile(const P& p, uint16_t* buf, int k_begin, int k_end, Full full, Tail tail) {
-  BankPipeline<MODE, ASYNC> pipe(p, buf, k_begin, k_end);
   const int k_full = whole_tiles_end(k_begin, k_end);
+  BankPipeline<MODE, ASYNC> pipe(p, buf, k_begin, k_full);
   int it = 0;
   for (int n0 = k_begin; n0 < k_full; n0 += BN, ++it) {
     full(pipe.arrive(n0, it), n0);
     __syncthreads();
   }
   if (k_full < k_end) {
-    tail(pipe.arrive(k_full, it), k_full);
+    tail(pipe.arrive_tail(k_full, it), k_full);
     __syncthreads();
   }
 }
@@ -277,7 +306,7 @@ RRD_DEVICE bool raises(const RowState& s, float mx_a, float mx_b) { return !(mx_
 
 // The common case (after the first tiles nearly every one): neither tile maximum exceeds the running one,
 // and the terms go straight into the running sums, relative to the running maxima. That is merge_state with
-// equal maxima term by term: an entry at the maximum has 2^0 = 1, exactly the 1 the count adds for it.
+// equal maxima term by term: an entry at the maximum has 2^0 = 1, the 1 the count adds for it.
 template <bool MASKED>
 RRD_DEVICE void common_terms(RowState& s, const float (&acc_s)[8][4], const float (&acc_t)[8][4], int h,
                              float sa, float sb, int col0, int K) {
@@ -286,8 +315,11 @@ RRD_DEVICE void common_terms(RowState& s, const float (&acc_s)[8][4], const floa
 #pragma unroll
     for (int c = 0; c < 2; ++c)
       if (!MASKED || col0 + 8 * j + c < K) {
-        // mul_rn: a logit rounded on its own (no fused multiply-add), so an entry at the max has da = 0
-        const float da = mul_rn(acc_s[j][2 * h + c], sa) - s.m_a, db = mul_rn(acc_t[j][2 * h + c], sb) - s.m_b;
+        // One fused multiply-add: da = acc sa - m rounded once. An entry tied with the running maximum
+        // (fl(acc sa) == m, in a later tile than the maximum's) then has |da| <= ulp(m) / 2 rather than 0, and
+        // adds 1 + O(2^-24 |m|) for its 1: the same error as any logit's own rounding (each is fl(acc sa)).
+        // The maximum itself is left out of the count exactly: it was found on the rare path (mul_rn).
+        const float da = fmaf(acc_s[j][2 * h + c], sa, -s.m_a), db = fmaf(acc_t[j][2 * h + c], sb, -s.m_b);
         const float ea = fast_exp2(da), eb = fast_exp2(db);
         s.n_a += ea;
         s.n_b += eb;
@@ -329,10 +361,11 @@ RRD_DEVICE void lane_scales(const P& p, unsigned char* smem, int row0, int r_lo,
 // the barrier that frees the tile's buffer (the update reads registers only), and a warp vote (__any_sync)
 // on whether any lane raises one of its running maxima. If none does, every lane's resident_update would
 // take the common path, so the inner loop adds the common terms and goes on; else the warp leaves it with
-// the tile's products and the outer loop finishes that tile by resident_update, each lane choosing its own
-// path as always (as a divergent warp did in one loop). Bit for bit the same arithmetic as one loop calling
-// resident_update. Every warp still meets the same barriers in the same order (the tile's two, both at one
-// place in the inner loop; the rare path has none), only the update in between differs per warp.
+// the tile's products and the outer loop finishes that tile: every lane forms the tile's own state and
+// merges it (resident_raise), whether or not its own maxima rose. That is exact for either (merge_state is
+// the general fold), and the warp runs one path: a divergent warp would run the common terms and the tile
+// state one after the other. Every warp still meets the same barriers in the same order (the tile's two,
+// both at one place in the inner loop; the rare path has none), only the update in between differs per warp.
 // How often the outer loop runs: once per tile where some lane of the warp raises one of its 4 maxima
 // (2 rows x a, b over its 16 columns of a tile): for logits in random order, with 128 record sequences per
 // warp, about sum_i 1 - (1 - 1/i)^128 tiles of n, i.e. ~0.8 x 128 + 128 ln(n / 128) (tools/cuda_cost.py).
@@ -366,8 +399,8 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_resident_kernel(ForwardP
       }
     }
   };
-  BankPipeline<MODE, ASYNC> pipe(p, buf, k_begin, k_end);
   const int k_full = whole_tiles_end(k_begin, k_end);
+  BankPipeline<MODE, ASYNC> pipe(p, buf, k_begin, k_full);
   int it = 0, n0 = k_begin;
   while (n0 < k_full) {  // once per tile that raises a maximum
     bool raised;
@@ -388,34 +421,41 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_resident_kernel(ForwardP
       }
       n0 += BN, ++it;
     } while (!raised && n0 < k_full);
-    if (raised) {
+    if (raised) {  // every lane forms the tile's state and merges it: one path for the whole warp
 #pragma unroll
-      for (int h = 0; h < 2; ++h) resident_update<false>(st[h], acc_s, acc_t, h, sa[h], sb[h], n0 - BN + 2 * t, p.K);
+      for (int h = 0; h < 2; ++h) {
+        float ra, rb;
+        tile_maxima<false>(ra, rb, acc_s, acc_t, h, n0 - BN + 2 * t, p.K);
+        resident_raise<false>(st[h], acc_s, acc_t, h, sa[h], sb[h], mul_rn(ra, sa[h]), mul_rn(rb, sb[h]),
+                              n0 - BN + 2 * t, p.K);
+      }
     }
   }
   if (k_full < k_end) {  // the masked last tile
-    products(pipe.arrive(k_full, it));
+    products(pipe.arrive_tail(k_full, it));
 #pragma unroll
     for (int h = 0; h < 2; ++h) resident_update<true>(st[h], acc_s, acc_t, h, sa[h], sb[h], k_full + 2 * t, p.K);
   }
   store_partial_states(p, st, row0 + r_lo, split);
 }
 
-// Two fp32 values as the mode's 16-bit pair (low index in the low half), and what the mma reads of them.
-template <int MODE> RRD_DEVICE uint32_t pack16(float lo, float hi, float& lo_r, float& hi_r) {
-  const uint16_t a = ModeTraits<MODE>::from_float(lo), b = ModeTraits<MODE>::from_float(hi);
-  lo_r = MODE == kMmaBF16 ? bf16_bits_to_float(a) : f16_bits_to_float(a);
-  hi_r = MODE == kMmaBF16 ? bf16_bits_to_float(b) : f16_bits_to_float(b);
-  return uint32_t(a) | (uint32_t(b) << 16);
+// Two fp32 values as the mode's 16-bit pair (low index in the low half), rounded to nearest.
+template <int MODE> RRD_DEVICE uint32_t pack16(float lo, float hi) {
+  return MODE == kMmaBF16 ? floats_to_bf16x2_bits(lo, hi) : floats_to_f16x2_bits(lo, hi);
 }
+// The m16n8k16 B fragment of a 16 x 8 matrix of ones in the mode's type: c times it sums c's rows.
+template <int MODE> RRD_HOST_DEVICE constexpr uint32_t ones16x2() { return MODE == kMmaBF16 ? 0x3f803f80u : 0x3c003c00u; }
 
 // One bank tile of the resident backward for this warp's 16 rows: per sub-block of 16 bank rows the two
 // logit products, the coefficients c = q - p (C layout: tile jj, rows g + 8 (i >> 1), bank row
 // 16 sbk + 8 jj + 2 t + (i & 1)), packed as the A fragment of one m16n8k16 over these 16 bank rows (reg0 =
 // tile 0 row g, reg1 = tile 0 row g + 8, reg2 = tile 1 row g, reg3 = tile 1 row g + 8), rounded once for
-// the product and sigma; then G += c Q_sub over all of D. MASKED (the last tile): c = 0 past K.
+// the product and sigma; then G += c Q_sub over all of D, and sigma += c 1 (one more mma against ones:
+// the row sums of the operand exactly as the product sees it, in every column of the quad's C fragment,
+// for 1 mma instead of 8 conversions back, 8 adds and the quad's shuffles). MASKED (the last tile): c = 0
+// past K.
 template <int MODE, bool MASKED>
-RRD_DEVICE void backward_tile(float (&acc_g)[kResD / 8][4], float (&sig)[2], const uint32_t (&fs)[kResD / 16][4],
+RRD_DEVICE void backward_tile(float (&acc_g)[kResD / 8][4], float (&sig)[4], const uint32_t (&fs)[kResD / 16][4],
                               const uint32_t (&ft)[kResD / 16][4], const uint16_t* tile, int n0, int K,
                               const float (&sa)[2], const float (&sb)[2], const float (&la)[2],
                               const float (&lb)[2]) {
@@ -436,14 +476,13 @@ RRD_DEVICE void backward_tile(float (&acc_g)[kResD / 8][4], float (&sig)[2], con
         if (MASKED && n0 + 16 * sbk + 8 * jj + 2 * t + (i & 1) >= K) c[jj][i] = 0.f;
       }
     uint32_t a[4];
-    float r[2][4];
 #pragma unroll
     for (int jj = 0; jj < 2; ++jj) {
-      a[2 * jj] = pack16<MODE>(c[jj][0], c[jj][1], r[jj][0], r[jj][1]);
-      a[2 * jj + 1] = pack16<MODE>(c[jj][2], c[jj][3], r[jj][2], r[jj][3]);
-      sig[0] += r[jj][0] + r[jj][1];
-      sig[1] += r[jj][2] + r[jj][3];
+      a[2 * jj] = pack16<MODE>(c[jj][0], c[jj][1]);
+      a[2 * jj + 1] = pack16<MODE>(c[jj][2], c[jj][3]);
     }
+    constexpr uint32_t kOnes[2] = {ones16x2<MODE>(), ones16x2<MODE>()};
+    mma16<MODE>(sig, a, kOnes);
     // G += c Q_sub: B fragments (k = bank row, n = feature) by ldmatrix.trans of the row-major tile,
     // matrices rows 16 sbk + 8 ((l / 8) % 2) + l % 8, features 16 jp + 8 (l / 16).
     const uint16_t* row = tile + (16 * sbk + 8 * ((lane / 8) % 2) + lane % 8) * kResLd + 8 * (lane / 16);
@@ -489,7 +528,7 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_resident_kernel(Backwar
   for (int j = 0; j < kResD / 8; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc_g[j][i] = 0.f;
-  float sig[2] = {0.f, 0.f};
+  float sig[4] = {0.f, 0.f, 0.f, 0.f};  // C fragment of c 1: rows g (sig[0], sig[1]), g + 8 (sig[2], sig[3])
 
   for_each_bank_tile<MODE, ASYNC>(
       p, buf, k_begin, k_end,
@@ -504,10 +543,8 @@ __global__ void __launch_bounds__(kThreads) rrd_backward_resident_kernel(Backwar
     }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    sig[h] += __shfl_xor_sync(0xffffffffu, sig[h], 1);
-    sig[h] += __shfl_xor_sync(0xffffffffu, sig[h], 2);
-    const int row = row0 + r_lo + 8 * h;
-    if (t == 0 && row < p.B) p.sigpart[(long long)split * p.B + row] = sig[h];
+    const int row = row0 + r_lo + 8 * h;  // (every lane of the quad holds the row's whole sum)
+    if (t == 0 && row < p.B) p.sigpart[(long long)split * p.B + row] = sig[2 * h];
   }
 }
 

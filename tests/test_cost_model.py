@@ -205,9 +205,12 @@ def test_cuda_cli_json_has_the_fields_of_the_triton_path_and_the_host_codes_laun
     # rare-tile loop around its bank loop, test_cuda_resident_forward_count_matches_a_count_of_its_sass)
     assert bwd["warp_instructions_per_pair"] == pytest.approx(bwd["steady_warp_instructions_per_pair"], rel=0.02)
     assert fwd["steady_warp_instructions_per_pair"] < fwd["warp_instructions_per_pair"]
-    # the forward's two logit products and the backward's three (two recomputed, c Q) on tensor cores
+    # the forward's two logit products and the backward's three (two recomputed, c Q) on tensor cores, and
+    # the backward's sigma: c against an n8 block of ones per 16 bank rows, 1 / 16 of a product at D 128
+    # (no bank operand: the row sums of c as the c Q product sees it)
     assert fwd["tensor_flop_per_pair"] == pytest.approx(2 * 2 * 128, rel=0.01)
-    assert r["bank_products"] == pytest.approx(5, rel=0.01) and bwd["grid"][2] == 1  # no feature slices
+    assert bwd["tensor_flop_per_pair"] == pytest.approx((3 + 8 / 128) * 2 * 128, rel=0.01)
+    assert r["bank_products"] == pytest.approx(5 + 1 / 16, rel=0.01) and bwd["grid"][2] == 1  # no feature slices
     assert r["predicted_ms"] == max(r["bounds_ms"].values()) > 0
 
 
