@@ -14,7 +14,7 @@
 //     no coefficient round trip through shared memory; sigma (the rounding guard's row sums of c as the
 //     product sees it) is one more mma of the same A fragment against ones.
 // Loop nesting (what tools.cost_model counts): in the forward, a loop over the tiles that raise a running
-// maximum (its own body: resident_update, the rare path) around the bank tile loop (BN = 64 rows per
+// maximum (its own body: resident_raise, the rare path) around the bank tile loop (BN = 64 rows per
 // iteration: k-steps (16 features) x 4 ldmatrix x 4 mma, the maxima, a warp vote, the common update of
 // 2 x 16 logits per lane); in the backward, the bank tile loop outermost, with 4 sub-blocks of 16 bank
 // rows, each with k-steps x (1 ldmatrix, 4 mma), 8 coefficients per lane, 1 mma for sigma, then D / 16 x
@@ -105,8 +105,8 @@ RRD_DEVICE void zero_feature_tail(uint16_t* buf, int D) {
 
 // The cp.async copies of one bank tile, features [0, D): thread i copies the 16-byte chunk i % 16 of rows
 // i / 16 + 8 s (s < 8) of every tile. A fixed chunk column per thread, so the chunk test is made once; the
-// source pointer advances by a tile per call. The whole tiles' copies (issue_full) test nothing else; only
-// the last tile's (issue_masked: the split's first tile, or K's partial last one) zero-fill rows past K.
+// source pointer advances by a tile per call. The whole tiles' copies (issue<false>) test nothing else;
+// only the last tile's (issue<true>: the split's first tile, or K's partial last one) zero-fill rows past K.
 struct BankCopier {
   const uint16_t* base; // the bank (a valid address for the zero-filling copies, which read nothing)
   const uint16_t* src;  // this thread's first chunk in the next tile
@@ -123,26 +123,19 @@ struct BankCopier {
     base = static_cast<const uint16_t*>(bank);
     src = base + row * ld + 8 * c;
   }
-  RRD_DEVICE void issue_full(uint16_t* dst) {
-    if (active) {
-      const uint16_t* q = src;
-#pragma unroll
-      for (int s = 0; s < BN / 8; ++s, q += step) cp_async16_full(dst + dst_off + 8 * s * kResLd, q);
-    }
-    advance();
-  }
-  RRD_DEVICE void issue_masked(uint16_t* dst, int K) {
+  template <bool MASKED> RRD_DEVICE void issue(uint16_t* dst, int K) {
     if (active) {
       const uint16_t* q = src;
 #pragma unroll
       for (int s = 0; s < BN / 8; ++s, q += step) {
-        const bool valid = row + 8 * s < K;
-        cp_async16(dst + dst_off + 8 * s * kResLd, valid ? q : base, valid);
+        if constexpr (MASKED) {
+          const bool valid = row + 8 * s < K;
+          cp_async16(dst + dst_off + 8 * s * kResLd, valid ? q : base, valid);
+        } else {
+          cp_async16_full(dst + dst_off + 8 * s * kResLd, q);
+        }
       }
     }
-    advance();
-  }
-  RRD_DEVICE void advance() {
     src += BN / 8 * step;
     row += BN;
   }
@@ -178,14 +171,14 @@ template <int MODE, bool ASYNC> struct BankPipeline {
         dtype(p.bank_dtype), k_begin(k_begin_), k_full(k_full_) {
     if constexpr (ASYNC) {
       zero_feature_tail(buf, D);
-      copier.issue_masked(buf, K);  // the first tile: whole or K's partial one
+      copier.issue<true>(buf, K);  // the first tile: whole or K's partial one
       cp_async_commit();
     }
   }
   RRD_DEVICE const uint16_t* arrive(int n0, int it) {
     uint16_t* cur = buf + (it & 1) * BN * kResLd;
     if constexpr (ASYNC) {
-      if (n0 + BN < k_full) copier.issue_full(buf + ((it + 1) & 1) * BN * kResLd);
+      if (n0 + BN < k_full) copier.issue<false>(buf + ((it + 1) & 1) * BN * kResLd, K);
       cp_async_commit();   // (an empty group on the last whole tile keeps the wait count uniform)
       cp_async_wait<1>();  // this thread's copies of tile `it` have landed
     } else {
@@ -197,7 +190,7 @@ template <int MODE, bool ASYNC> struct BankPipeline {
   RRD_DEVICE const uint16_t* arrive_tail(int n0, int it) {
     uint16_t* cur = buf + (it & 1) * BN * kResLd;
     if constexpr (ASYNC) {
-      if (n0 > k_begin) copier.issue_masked(cur, K);  // (its buffer's last reader, tile it - 2, is done)
+      if (n0 > k_begin) copier.issue<true>(cur, K);  // (its buffer's last reader, tile it - 2, is done)
       cp_async_commit();
       cp_async_wait<0>();
     } else {
@@ -402,6 +395,7 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_resident_kernel(ForwardP
   const int k_full = whole_tiles_end(k_begin, k_end);
   BankPipeline<MODE, ASYNC> pipe(p, buf, k_begin, k_full);
   int it = 0, n0 = k_begin;
+  float mx_a[2], mx_b[2];  // the tile's maxima of this lane's logits, per row half (the vote's, kept for the rare path)
   while (n0 < k_full) {  // once per tile that raises a maximum
     bool raised;
     do {  // the common tiles
@@ -411,7 +405,8 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_resident_kernel(ForwardP
       for (int h = 0; h < 2; ++h) {
         float ra, rb;
         tile_maxima<false>(ra, rb, acc_s, acc_t, h, n0 + 2 * t, p.K);
-        mine |= raises(st[h], mul_rn(ra, sa[h]), mul_rn(rb, sb[h]));
+        mx_a[h] = mul_rn(ra, sa[h]), mx_b[h] = mul_rn(rb, sb[h]);
+        mine |= raises(st[h], mx_a[h], mx_b[h]);
       }
       raised = __any_sync(0xffffffffu, mine) != 0;
       __syncthreads();  // every warp is done with this buffer before the copy two tiles on overwrites it
@@ -423,12 +418,8 @@ __global__ void __launch_bounds__(kThreads) rrd_forward_resident_kernel(ForwardP
     } while (!raised && n0 < k_full);
     if (raised) {  // every lane forms the tile's state and merges it: one path for the whole warp
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float ra, rb;
-        tile_maxima<false>(ra, rb, acc_s, acc_t, h, n0 - BN + 2 * t, p.K);
-        resident_raise<false>(st[h], acc_s, acc_t, h, sa[h], sb[h], mul_rn(ra, sa[h]), mul_rn(rb, sb[h]),
-                              n0 - BN + 2 * t, p.K);
-      }
+      for (int h = 0; h < 2; ++h)
+        resident_raise<false>(st[h], acc_s, acc_t, h, sa[h], sb[h], mx_a[h], mx_b[h], n0 - BN + 2 * t, p.K);
     }
   }
   if (k_full < k_end) {  // the masked last tile
