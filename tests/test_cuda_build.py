@@ -7,7 +7,7 @@
 * Without a GPU or without the extension: `import rrd_kernels` works and backend="cuda" raises a clear
   RuntimeError.
 * The kernels: csrc/emulate.cpp compiles the very kernel source with the host C++ compiler, every CUDA
-  thread an OS thread and mma.sync computed from the PTX ISA fragment layouts, and the results are compared
+  thread a fiber and mma.sync computed from the PTX ISA fragment layouts, and the results are compared
   with the float64 reference (needs only a C++20 compiler, no nvcc).
 """
 from __future__ import annotations

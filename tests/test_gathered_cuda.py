@@ -1,5 +1,5 @@
 """The CUDA C++ gathered-memory kernels (csrc/rrd_gathered.cuh) in host emulation (csrc/emulate.cpp: the same
-kernel source, every CUDA thread an OS thread; tests/test_cuda_build.py builds it) against the float64
+kernel source, every CUDA thread a fiber; tests/test_cuda_build.py builds it) against the float64
 statement of the gathered loss (rrd_kernels.gathered.gathered_reference): loss rows and the student's
 gradient, fp32 / fp16 / bf16 memories, odd shapes (B = 1, K + 1 and D neither powers of two nor multiples of
 4 or 8: the scalar path), both load paths, split columns, duplicate indices, tau 0.005 to 100, both
