@@ -5,7 +5,7 @@
 // The same source compiles two ways:
 //   * by nvcc for the GPU (the default), and
 //   * by a plain host C++ compiler with RRD_EMULATE defined (csrc/emulate.cpp), where every CUDA thread
-//     is an OS thread, __syncthreads/__shfl_xor_sync are barriers, and mma.sync is computed from the
+//     is a fiber (emulate.h), __syncthreads/__shfl_xor_sync are barriers, and mma.sync is computed from the
 //     fragment layouts of the PTX ISA. That lets tests run the kernels' real indexing and masking code on a
 //     machine without a GPU. Only this prelude differs between the two builds.
 #pragma once
