@@ -222,7 +222,8 @@ EXTRAS = {
     "bench": BENCH,
     # The tests run the Triton kernels in triton's CPU interpreter, which fails with numpy >= 2.3 in
     # triton 3.6 (the version the GPU machines run); the pin applies to the test environment only.
-    "test": ["pytest>=7", "triton>=3.2; platform_system == 'Linux'", "numpy<2.3",
+    # pytest-xdist: the README's test command spreads the suite over the machine's cores (-n auto).
+    "test": ["pytest>=7", "pytest-xdist>=3", "triton>=3.2; platform_system == 'Linux'", "numpy<2.3",
              *sorted(set(TRAIN + BENCH))],
 }
 
