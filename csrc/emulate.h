@@ -143,6 +143,7 @@ struct Scheduler {
   Context host;  // the launching code, resumed when every fiber of the block has finished
   int current = 0;
   int live = 0;
+  long long idle = 0;  // switches by waiters since a thread last arrived at a barrier or finished
   const std::function<void()>* body = nullptr;
 };
 
@@ -157,18 +158,24 @@ inline void switch_to(int next) {
   swap(s.fibers[prev].ctx, s.fibers[next].ctx);
 }
 
-// Let the other fibers run; returns when this one is scheduled again. A waiter with no other live fiber
-// can never be released: a barrier some threads skip (a kernel bug), reported rather than hung.
+[[noreturn]] inline void deadlock() {
+  fprintf(stderr, "rrd emulation: every live thread of block (%u, %u, %u) waits at a barrier that cannot "
+          "complete (a barrier some threads skip: a kernel bug)\n", t_blockidx.x, t_blockidx.y, t_blockidx.z);
+  abort();
+}
+
+// A waiter lets the other fibers run; returns when it is scheduled again. Round robin passes every fiber
+// once before any comes back, so when more switches than twice the fibers go by with no thread arriving
+// anywhere or finishing, every live one is waiting: a barrier some threads skip, reported rather than hung.
 inline void yield() {
   Scheduler& s = *t_sched;
   const int n = int(s.fibers.size());
+  if (++s.idle > 2LL * n) deadlock();
   for (int step = 1; step < n; ++step) {
     const int j = (s.current + step) % n;
     if (!s.fibers[j].done) return switch_to(j);
   }
-  fprintf(stderr, "rrd emulation: thread %d waits at a barrier no other thread of its block will reach\n",
-          s.current);
-  abort();
+  deadlock();
 }
 
 // The last thread to arrive runs complete() (the exchange's work for every participant, while all of them
@@ -179,6 +186,7 @@ struct Barrier {
   template <class Complete>
   void arrive_and_wait(Complete&& complete) {
     const unsigned gen = generation;
+    t_sched->idle = 0;
     if (++arrived == count) {
       complete();
       arrived = 0;
@@ -220,6 +228,7 @@ inline void fiber_entry() {
   Scheduler& s = *t_sched;
   (*s.body)();
   s.fibers[s.current].done = true;
+  s.idle = 0;
   if (--s.live == 0) swap(s.fibers[s.current].ctx, s.host);  // never resumed
   yield();
   abort();  // unreachable: a finished fiber is never scheduled

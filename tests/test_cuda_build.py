@@ -451,6 +451,60 @@ def test_emulated_row_offsets_past_2_31_elements(emu, extra):
         assert torch.equal(a, b)
 
 
+# The harness itself: a kernel missing a barrier must fail under it, not pass by a lucky interleaving.
+HARNESS_PROBE = r"""
+#include "emulate.h"
+#include <stdio.h>
+#include <stdlib.h>
+int main(int argc, char** argv) {
+  const int mode = atoi(argv[1]);  // 0: barrier present, 1: barrier missing, 2: a thread skips it
+  float out[64];
+  rrd_emu::launch(dim3(2, 1, 1), dim3(64, 1, 1), 64 * sizeof(float), [&] {
+    RRD_DECLARE_SMEM(smem);
+    float* buf = reinterpret_cast<float*>(smem);
+    const int i = int(threadIdx.x);
+    buf[i] = float(i + 64 * int(blockIdx.x));
+    if (mode == 0 || (mode == 2 && i != 5)) __syncthreads();
+    float v = buf[(i + 1) % 64];
+    for (int m = 1; m < 32; m <<= 1) v += __shfl_xor_sync(0xffffffffu, v, m);  // the warp's sum
+    out[i] = v;
+  });
+  for (int i = 0; i < 64; ++i) printf("%g\n", out[i]);
+  return 0;
+}
+"""
+
+
+@pytest.mark.slow  # a host compile
+def test_emulation_exposes_a_missing_barrier(tmp_path):
+    """The fibers run each thread to its next barrier: without the __syncthreads thread 0 reads its neighbour's
+    slot before anyone wrote it (the NaN poison of fresh shared memory), and a barrier one thread skips stops
+    the run with a message instead of hanging; with the barrier the block's values are exact."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the host emulation")
+    src, exe = tmp_path / "probe.cpp", tmp_path / "probe"
+    src.write_text(HARNESS_PROBE)
+    out = subprocess.run([cxx, "-std=c++20", "-O1", "-I", CSRC, "-o", str(exe), str(src)], capture_output=True,
+                         text=True)
+    if out.returncode != 0 and "_Float16" in out.stderr:
+        pytest.skip("host compiler lacks _Float16")
+    assert out.returncode == 0, out.stderr[-4000:]
+
+    def run(mode):
+        return subprocess.run([str(exe), str(mode)], capture_output=True, text=True, timeout=60)
+
+    good = run(0)
+    assert good.returncode == 0, good.stderr
+    # block 1 ran last: each warp's sum of its neighbours' values, 65..96 and 97..127 + 64
+    assert [float(x) for x in good.stdout.split()] == [2576.0] * 32 + [3536.0] * 32
+    missing = run(1)
+    assert missing.returncode == 0, missing.stderr
+    assert any(x == "nan" or x == "-nan" for x in missing.stdout.split()), missing.stdout
+    skipped = run(2)
+    assert skipped.returncode != 0 and "cannot complete" in skipped.stderr, skipped.stderr
+
+
 # ---- the Python glue (cuda_backend.py -> op -> autograd -> torch.compile) over the emulated kernels -----
 
 
