@@ -243,8 +243,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
   sched.fibers = std::vector<Fiber>(size_t(nthreads));
   for (auto& f : sched.fibers) f.stack.reset(new char[kStack]);
   sched.body = &body;
-  Scheduler* const outer = t_sched;
-  t_sched = &sched;
+  t_sched = &sched;  // (a kernel launches no kernel: launches never nest)
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -261,7 +260,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
         swap(sched.host, sched.fibers[0].ctx);
         t_block = nullptr;
       }
-  t_sched = outer;
+  t_sched = nullptr;
 }
 
 // ---- warp exchanges ---------------------------------------------------------------------------------------

@@ -247,18 +247,23 @@ def test_binding_errors_are_exceptions():
 # ---- the kernels in host emulation (needs a C++20 compiler) ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def host_compile(*args):
+    """The host C++ compiler ($CXX, else c++ or g++) in C++20 on args; skips the test where there is none or
+    it lacks _Float16 (what the emulation needs), fails on any other compile error."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler for the host emulation")
-    so = str(tmp_path_factory.mktemp("emu") / "rrd_emu.so")
-    cmd = [cxx, "-std=c++20", "-O2", "-fno-strict-aliasing", "-pthread", "-shared", "-fPIC", "-Wall",
-           "-Wno-unknown-pragmas", "-o", so, os.path.join(CSRC, "emulate.cpp")]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run([cxx, "-std=c++20", *args], capture_output=True, text=True)
     if out.returncode != 0 and "_Float16" in out.stderr:
         pytest.skip("host compiler lacks _Float16")
     assert out.returncode == 0, out.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    so = str(tmp_path_factory.mktemp("emu") / "rrd_emu.so")
+    host_compile("-O2", "-fno-strict-aliasing", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
+                 "-o", so, os.path.join(CSRC, "emulate.cpp"))
     lib = ctypes.CDLL(so)
     lib.rrd_emu_forward.restype = ctypes.c_char_p
     lib.rrd_emu_backward.restype = ctypes.c_char_p
@@ -480,16 +485,9 @@ def test_emulation_exposes_a_missing_barrier(tmp_path):
     """The fibers run each thread to its next barrier: without the __syncthreads thread 0 reads its neighbour's
     slot before anyone wrote it (the NaN poison of fresh shared memory), and a barrier one thread skips stops
     the run with a message instead of hanging; with the barrier the block's values are exact."""
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the host emulation")
     src, exe = tmp_path / "probe.cpp", tmp_path / "probe"
     src.write_text(HARNESS_PROBE)
-    out = subprocess.run([cxx, "-std=c++20", "-O1", "-I", CSRC, "-o", str(exe), str(src)], capture_output=True,
-                         text=True)
-    if out.returncode != 0 and "_Float16" in out.stderr:
-        pytest.skip("host compiler lacks _Float16")
-    assert out.returncode == 0, out.stderr[-4000:]
+    host_compile("-O1", "-I", CSRC, "-o", str(exe), str(src))
 
     def run(mode):
         return subprocess.run([str(exe), str(mode)], capture_output=True, text=True, timeout=60)
