@@ -178,16 +178,23 @@ def test_family_needs_capability_and_shared_memory():
 
 
 def test_blackwell_families_take_the_plans_they_borrow():
-    """The same Tiles objects (a retune of sm_90 or sm_86 applies to sm_100 or sm_120 too), except sm_90's fp16
-    planes ("ieee"), which do not fit sm_100's tensor memory (plans.py)."""
-    from rrd_kernels.triton_kernels.plans import RESIDENT, TILES
+    """The same Tiles objects (a retune of sm_90 or sm_86 applies to sm_100 or sm_120 too), except on sm_100
+    the chunked half tiles (64-feature chunks: sm_90's spill there at D 512), sm_90's fp16 planes ("ieee"),
+    which do not fit its tensor memory, and the resident D-512 half tiles, whose forward spills there
+    (plans.py)."""
+    from rrd_kernels.triton_kernels.plans import _HALF_SM100, _RESIDENT_HALF_512, RESIDENT, TILES
 
-    assert TILES["sm_100"] is TILES["sm_90"] and TILES["sm_120"] is TILES["sm_86"]
+    assert TILES["sm_120"] is TILES["sm_86"] and set(TILES["sm_100"]) == set(TILES["sm_90"])
+    for mode, tiles in TILES["sm_100"].items():
+        assert tiles is (_HALF_SM100 if mode.startswith("half") else TILES["sm_90"][mode]), mode
     assert RESIDENT["sm_120"] is RESIDENT["sm_86"]
     assert "ieee" in RESIDENT["sm_90"] and "ieee" not in RESIDENT["sm_100"]
-    assert {m: RESIDENT["sm_100"][m] for m in RESIDENT["sm_100"]} == {
-        m: t for m, t in RESIDENT["sm_90"].items() if m != "ieee"}
-    assert all(RESIDENT["sm_100"][m] is RESIDENT["sm_90"][m] for m in RESIDENT["sm_100"])
+    assert set(RESIDENT["sm_100"]) == set(RESIDENT["sm_90"]) - {"ieee"}
+    for mode, entries in RESIDENT["sm_100"].items():
+        sm90 = RESIDENT["sm_90"][mode]
+        assert entries == tuple(r for r in sm90 if r is not _RESIDENT_HALF_512), mode
+        assert all(a is b for a, b in zip(entries, sm90)), mode
+    assert _RESIDENT_HALF_512 in RESIDENT["sm_90"]["half"] and _RESIDENT_HALF_512 in RESIDENT["sm_90"]["half_fp32_bank"]
 
 
 def test_unsupported_refuses_what_does_not_compile_and_devices_without_a_family(monkeypatch):

@@ -235,17 +235,43 @@ def test_sm90_walked_planes_hold_fp32_bounds(gen, monkeypatch, B, K, D):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's choice of GPU tiles")
-@pytest.mark.parametrize("D,resident", [(200, True), (300, False)])
-def test_sm90_half_size_classes_match_float64(gen, monkeypatch, D, resident):
-    """sm_90's fp16/bf16 plans by size class of D: the resident D-256 tiles (D 200 pads to 256) and, past them,
-    the chunked kernels (D 300), both against float64 with a ragged B, K and split."""
+@pytest.mark.parametrize("D,dtype,bank_dtype,slices", [
+    (200, torch.bfloat16, torch.bfloat16, 1), (300, torch.bfloat16, torch.bfloat16, 0),
+    (512, torch.bfloat16, torch.bfloat16, 2), (448, torch.float16, torch.float32, 2)])
+def test_sm90_half_size_classes_match_float64(gen, monkeypatch, D, dtype, bank_dtype, slices):
+    """sm_90's fp16/bf16 plans by size class of D: the resident D-256 tiles (D 200 pads to 256), the resident
+    D-512 tiles with their backward in two output slices (D 512; D 448, padded, with an fp32 bank), and the
+    chunked kernels (slices 0: D 300, rows not 16-aligned), against float64 with a ragged B, K and split,
+    CE and KL."""
     from rrd_kernels.triton_kernels import make_plan
 
     monkeypatch.setenv("RRD_TRITON_ARCH", "sm_90")
-    assert make_plan(33, 300, D, torch.bfloat16, bank_dtype=torch.bfloat16).resident == resident
-    s, t, q = make_inputs(33, 300, D, gen, dtype=torch.bfloat16)
+    plan = make_plan(33, 300, D, dtype, bank_dtype=bank_dtype)
+    assert plan.resident == (slices > 0) and (not plan.resident or plan.n_dslices == slices)
+    s, t, q = make_inputs(33, 300, D, gen, dtype=dtype)
+    q = q.to(bank_dtype)  # (an fp32 bank of 16-bit values: the operands as given, the same bounds)
     w = torch.rand(33, generator=gen)
-    rows, grad = run_kernels(s, t, q, 0.04, 0.1, False, w, 3)
-    ref_rows, ref_grad = reference_rows_and_grad(s, t, q, 0.04, 0.1, False, w)
-    # As in test_gpu_family_tiles_match_float64: exact bf16 products, fp32 sums; the gradient rounded to bf16.
+    for kl in (False, True):
+        rows, grad = run_kernels(s, t, q, 0.04, 0.1, kl, w, 3)
+        ref_rows, ref_grad = reference_rows_and_grad(s, t, q, 0.04, 0.1, kl, w)
+        # As in test_gpu_family_tiles_match_float64: exact 16-bit products, fp32 sums; the gradient rounded
+        # to bf16 twice (measured 2.2-2.5e-3 at D 512 over three seeds; fp16 3e-4).
+        assert rel_err(rows, ref_rows) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-2, kl
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's choice of GPU tiles")
+def test_sm90_unaligned_rows_leave_the_d512_tiles(gen, monkeypatch):
+    """The resident D-512 tiles serve 16-aligned rows only (plans.py: others spill there): a 512-wide view with
+    a row stride of 520 takes the chunked kernels, with the same result as its contiguous copy."""
+    from rrd_kernels.triton_kernels import launch
+
+    monkeypatch.setenv("RRD_TRITON_ARCH", "sm_90")
+    s, t, q = make_inputs(9, 70, 520, gen, dtype=torch.bfloat16)
+    s, t = s[:, :512], t[:, :512]
+    q = q[:, :512]
+    assert not launch.plan_for(s, t, q).resident
+    assert launch.plan_for(s.contiguous(), t.contiguous(), q.contiguous()).resident
+    w = torch.rand(9, generator=gen)
+    rows, grad = run_kernels(s, t, q, 0.04, 0.1, True, w, 2)
+    ref_rows, ref_grad = run_kernels(s.contiguous(), t.contiguous(), q.contiguous(), 0.04, 0.1, True, w, 2)
     assert rel_err(rows, ref_rows) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-2

@@ -62,8 +62,9 @@ MODES = [
 ]
 BANK_DTYPES = ["float32", "bfloat16", "float16"]
 # D: divisible by 16, not divisible, and 1 (unit strides), on the resident kernels (D <= 128 where the plan has
-# them); 256 and 300 on the chunked kernels (aligned and not).
-SHAPES = [128, 100, 1, 256, 300]
+# them); 256 and 300 (aligned and not) on the resident D-256 tiles or the chunked kernels, and 512 on sm_90's
+# resident D-512 tiles (aligned rows only: D 300 stays chunked there), the chunked kernels elsewhere.
+SHAPES = [128, 100, 1, 256, 300, 512]
 
 
 def _cases():
@@ -168,7 +169,7 @@ def run_arch(arch_name: str, try_refused: bool = False) -> list[dict]:
         from rrd_kernels.triton_kernels.gathered import gathered_rows_and_grad
 
         for bank_dtype in BANK_DTYPES:
-            for D in SHAPES + [512]:
+            for D in SHAPES:
                 bdt = getattr(torch, bank_dtype)
                 s = torch.randn(B, D, generator=gen)
                 memory = torch.randn(K, D, generator=gen).to(bdt)

@@ -93,17 +93,25 @@ def _fp32_precision() -> str:
 
 
 def make_plan(B: int, K: int, D: int, student_dtype: torch.dtype, limits: DeviceLimits | None = None,
-              n_splits: int | None = None, bank_dtype: torch.dtype = torch.float32) -> Plan:
+              n_splits: int | None = None, bank_dtype: torch.dtype = torch.float32,
+              aligned: bool | None = None) -> Plan:
     """The plan a call with these sizes and dtypes gets on the current device (or `limits`)."""
     mode = mode_of(student_dtype == torch.float32, _fp32_precision(), bank_dtype.itemsize)
-    return _make_plan(B, K, D, limits or current_limits(), mode, n_splits)
+    return _make_plan(B, K, D, limits or current_limits(), mode, n_splits, aligned)
+
+
+def plan_for(student, teacher, bank, n_splits=None) -> Plan:
+    """make_plan for these (row-major) operands: their sizes, dtypes and whether their rows are 16-aligned."""
+    D = student.shape[1]
+    aligned = D % 16 == 0 and all(x.stride(0) % 16 == 0 for x in (student, teacher, bank))
+    return make_plan(student.shape[0], bank.shape[0], D, student.dtype, n_splits=n_splits, bank_dtype=bank.dtype,
+                     aligned=aligned)
 
 
 def forward(student, teacher, bank, tau_s, tau_t, kl, n_splits=None):
     student, teacher, bank = _row_major(student), _row_major(teacher), _row_major(bank)
     with _on(student.device):
-        plan = make_plan(student.shape[0], bank.shape[0], student.shape[1], student.dtype, n_splits=n_splits,
-                         bank_dtype=bank.dtype)
+        plan = plan_for(student, teacher, bank, n_splits)
         part, part_idx = forward_states(student, teacher, bank, tau_s, tau_t, plan, kl=kl)
         # The contract's lse_s slot carries lse_s - lse_t (base 2): see backward.py for why.
         return merge_states(part, part_idx, kl)
@@ -170,8 +178,7 @@ def merge_states(part, part_idx, kl):
 def backward(grad_rows, student, teacher, bank, lse_s, lse_t, ref, tau_s, tau_t, n_splits=None):
     student, teacher, bank = _row_major(student), _row_major(teacher), _row_major(bank)
     with _on(student.device):
-        plan = make_plan(student.shape[0], bank.shape[0], student.shape[1], student.dtype, n_splits=n_splits,
-                         bank_dtype=bank.dtype)
+        plan = plan_for(student, teacher, bank, n_splits)
         part, part_sigma = backward_sums(student, teacher, bank, lse_s, lse_t, tau_s, tau_t, plan)
         return backward_finish(part, part_sigma, bank, ref, student, grad_rows, tau_s)
 
@@ -188,15 +195,17 @@ def backward_sums(student, teacher, bank, lse_diff, lse_t, tau_s, tau_t, plan: P
         # The planes are made again rather than kept from the forward: two passes over the bank's bytes,
         # against holding a bank-sized buffer for as long as autograd keeps the graph.
         ops, strides, extra = _resident_operands(student, teacher, bank, tau_s, tau_t, plan)
-        rrd_bwd_resident_kernel[(triton.cdiv(B, t.bwd_rows), plan.n_splits)](
-            *ops, lse_diff, lse_t, part, part_sigma,
-            B, K, D, *strides,
-            LOG2E / tau_s, LOG2E / tau_t,
-            plan.tiles_per_split * t.bwd_split, *extra,
-            OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
-            BLOCK_B=t.bwd_rows, BLOCK_K=t.block_k // t.bwd_split, D_PAD=t.block_dk, EVEN_D=D == t.block_dk,
-            PLANES=plan.planes, BLOCK_DK=t.walk_dk or t.block_dk, num_warps=t.bwd_warps, num_stages=t.bwd_stages,
-        )
+        for v in range(plan.n_dslices):  # D 512: one launch per output slice (resident.py says why)
+            rrd_bwd_resident_kernel[(triton.cdiv(B, t.bwd_rows), plan.n_splits)](
+                *ops, lse_diff, lse_t, part, part_sigma,
+                B, K, D, *strides,
+                LOG2E / tau_s, LOG2E / tau_t,
+                plan.tiles_per_split * t.bwd_split, *extra,
+                OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
+                BLOCK_B=t.bwd_rows, BLOCK_K=t.block_k // t.bwd_split, D_PAD=t.block_dk, EVEN_D=D == t.block_dk,
+                PLANES=plan.planes, BLOCK_DK=t.walk_dk or t.block_dk, BLOCK_DV=plan.block_dv, SLICE=v,
+                num_warps=t.bwd_warps, num_stages=t.bwd_stages,
+            )
         return part, part_sigma
     rrd_bwd_kernel[(plan.n_row_blocks, plan.n_splits, plan.n_dslices)](
         student, teacher, bank, lse_diff, lse_t, part, part_sigma,

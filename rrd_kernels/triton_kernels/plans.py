@@ -38,6 +38,7 @@ class Tiles:
     bwd_split: int = 1  # the backward walks bank tiles of block_k / bwd_split rows (same split boundaries)
     bwd_block_b: int = 0  # rows per backward program (0: block_b)
     walk_dk: int = 0  # resident planes only: features per product step when the planes are walked (0: all D)
+    aligned_only: bool = False  # resident only: serves D and row strides that are multiples of 16 (make_plan)
 
     @property
     def bwd_rows(self) -> int:
@@ -79,15 +80,24 @@ TILES = {
     "interpreter": {mode: _INTERPRETER for mode in MODES},
 }
 # Resident plans (resident.py): S and T of a row block and a whole bank tile held at once. Each entry serves
-# D_PAD (D rounded up to a power of two) up to its block_dk (= block_dv); the first that fits is taken, and a
-# D beyond them all uses the chunked kernels above. The resident kernels read block_b, block_k, the warps,
-# the stages and the bwd_ fields.
+# D_PAD (D rounded up to a power of two) up to its block_dk; the first that fits is taken, and a D beyond them
+# all uses the chunked kernels above. The resident kernels read block_b, block_k, the warps, the stages, the
+# bwd_ fields and block_dv: the backward's output features per program (below D_PAD only at D 512, where
+# each slice recomputes the logit products: resident.py, rrd_bwd_resident_kernel).
 # The forward keeps two logit tiles and little else: 128 bank rows per tile halve its per-row work; the
 # backward also holds the [block_b, D] accumulator and the coefficients, so its tiles are half as wide.
 _RESIDENT_HALF = Tiles(128, 128, 128, 128, 8, 2, 8, 2, bwd_split=2)
 _RESIDENT_HALF_FP32_BANK = Tiles(128, 128, 128, 128, 8, 3, 8, 2, bwd_split=2)  # two stages spill at D 100
 # D 256: a 64 x 256 fp32 accumulator per warpgroup; the backward fits without spills in one stage only.
 _RESIDENT_HALF_256 = Tiles(64, 64, 256, 256, 4, 2, 4, 1, bwd_split=2)
+# D 512: the row block's S and T (128 KiB) leave room for one stage of a 64-row bank tile; the backward's
+# [64, 512] accumulator would be 256 registers per thread, so it runs as two 256-feature output slices
+# (7 bank products per forward + backward instead of 5; docs/design.md section 7).
+# Each slice's program holds the row block and the bank tile as two feature halves, so the c Q operand is a
+# half already loaded. At 255 registers per thread this is the edge: 32-row bank tiles in the backward spill
+# with 16-bit banks of the other dtype (8-24 B), two backward stages spill, and rows that are not 16-aligned
+# (D 300: loaded element by element) spill everywhere, so those D take the chunked kernels (aligned_only).
+_RESIDENT_HALF_512 = Tiles(64, 32, 512, 256, 4, 2, 4, 1, bwd_split=2, aligned_only=True)
 # The interpreter takes the resident kernels up to D 128 (every test shape but the GPU-family ones, which
 # follow their family's plans and so also reach the chunked kernels).
 _INTERPRETER_RESIDENT = Tiles(64, 64, 128, 128, 4, 1, 4, 1)
@@ -108,7 +118,8 @@ _RESIDENT_PLANES = Tiles(128, 128, 128, 128, 8, 1, 8, 1, bwd_split=2)
 # section 7 has the variants and their counts).
 _RESIDENT_PLANES_256 = Tiles(128, 128, 256, 256, 8, 2, 8, 1, bwd_split=4, walk_dk=64)
 RESIDENT = {
-    "sm_90": {"half": (_RESIDENT_HALF, _RESIDENT_HALF_256), "half_fp32_bank": (_RESIDENT_HALF_FP32_BANK, _RESIDENT_HALF_256),
+    "sm_90": {"half": (_RESIDENT_HALF, _RESIDENT_HALF_256, _RESIDENT_HALF_512),
+              "half_fp32_bank": (_RESIDENT_HALF_FP32_BANK, _RESIDENT_HALF_256, _RESIDENT_HALF_512),
               "tf32": (_RESIDENT_TF32,), "tf32_16bit_bank": (_RESIDENT_TF32,),
               "ieee": (_RESIDENT_PLANES, _RESIDENT_PLANES_256)},
     "sm_80": {"half": (_RESIDENT_HALF_MMA_SYNC,), "half_fp32_bank": (_RESIDENT_HALF_MMA_SYNC,)},
@@ -116,13 +127,18 @@ RESIDENT = {
     "interpreter": {mode: (_INTERPRETER_RESIDENT,) for mode in MODES},
 }
 # Blackwell takes the plans (chunked and resident) of the family it shares a tensor-core path with, as the same
-# objects, so a retune there applies here too (and the gate compiles it for both): sm_100 (B200) the
+# Tiles objects, so a retune there applies here too (and the gate compiles it for both): sm_100 (B200) the
 # datacenter sm_90 plans, sm_120 (RTX 50xx, mma.sync like Ampere/Ada) the sm_86 plans. Not tuned for
-# Blackwell itself.
-TILES["sm_100"], RESIDENT["sm_100"] = TILES["sm_90"], dict(RESIDENT["sm_90"])
-# Except the fp16 planes ("ieee"): on sm_100 their six 128 x 128 fp32 accumulators need 768 columns of tensor
-# memory, which has 512 (triton 3.6 refuses the launch), so fp32 "highest" stays chunked there.
-del RESIDENT["sm_100"]["ieee"]
+# Blackwell itself, except where the gate found sm_100 compiling sm_90's tiles badly:
+# - the chunked half tiles, which sm_100 takes at D 257-512 (the resident ones serve less): at D 512 the sm_90
+#   forward spills 16 B there (its 8 warps held to 128 registers); with 64-feature chunks it does not;
+# - the fp16 planes ("ieee"): their six 128 x 128 fp32 accumulators need 768 columns of tensor memory, which
+#   has 512 (triton 3.6 refuses the launch), so fp32 "highest" stays chunked there;
+# - the resident D-512 half tiles, whose forward spills 8-16 B there.
+_HALF_SM100 = Tiles(64, 64, 64, 128, 8, 2, 8, 2)
+TILES["sm_100"] = dict(TILES["sm_90"], half=_HALF_SM100, half_fp32_bank=_HALF_SM100)
+RESIDENT["sm_100"] = {mode: tuple(r for r in entries if r is not _RESIDENT_HALF_512)
+                      for mode, entries in RESIDENT["sm_90"].items() if mode != "ieee"}
 TILES["sm_120"], RESIDENT["sm_120"] = TILES["sm_86"], RESIDENT["sm_86"]
 FINISH = FinishTiles(16, 32, 4)
 MERGE_BLOCK_B = 128
@@ -281,14 +297,20 @@ class Plan:
         return self.n_dslices * self.block_dv
 
 
-def make_plan(B: int, K: int, D: int, limits: DeviceLimits, mode: str, n_splits: int | None = None) -> Plan:
+def make_plan(B: int, K: int, D: int, limits: DeviceLimits, mode: str, n_splits: int | None = None,
+              aligned: bool | None = None) -> Plan:
     """Tiles for the device and the split of the bank. ``n_splits`` forces a split count (tests, the sharded
-    bank); by default the bank is split until about two programs per multiprocessor are in flight."""
+    bank); by default the bank is split until about two programs per multiprocessor are in flight.
+    ``aligned``: D and the operands' row strides are multiples of 16 elements (what Triton specialises on;
+    None: D alone decides), which aligned_only entries need."""
     tiles = tiles_for(limits, mode)
     d_pad = max(16, triton.next_power_of_2(D))
-    resident = next((r for r in RESIDENT.get(family(limits), {}).get(mode, ()) if d_pad <= r.block_dk), None)
+    if aligned is None:
+        aligned = D % 16 == 0
+    resident = next((r for r in RESIDENT.get(family(limits), {}).get(mode, ())
+                     if d_pad <= r.block_dk and (aligned or not r.aligned_only)), None)
     if resident is not None:
-        tiles = replace(resident, block_dk=d_pad, block_dv=d_pad)
+        tiles = replace(resident, block_dk=d_pad, block_dv=min(resident.block_dv, d_pad))
     n_row_blocks = triton.cdiv(B, tiles.block_b)
     n_tiles = triton.cdiv(K, tiles.block_k)
     if n_splits is None:

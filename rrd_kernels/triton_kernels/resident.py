@@ -43,10 +43,11 @@ def resident_rows(X, stride, rows, B, D, scale, OP_DTYPE: tl.constexpr, UPCAST: 
 
 
 @triton.jit
-def bank_tile(Q, stride_q, ks, K, D, OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr, D_PAD: tl.constexpr,
+def bank_tile(Q, stride_q, ks, d0, K, D, OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr, WIDTH: tl.constexpr,
               EVEN_D: tl.constexpr, MASKED: tl.constexpr):
-    """Bank rows ks, all features: [BLOCK_K, D_PAD] operands, 0 past K (MASKED tiles) and past D."""
-    cols = tl.arange(0, D_PAD)
+    """Bank rows ks, features d0 .. d0 + WIDTH: [BLOCK_K, WIDTH] operands, 0 past K (MASKED tiles) and past D
+    (EVEN_D: D is a multiple of WIDTH, so no feature is masked)."""
+    cols = d0 + tl.arange(0, WIDTH)
     ptrs = Q + ks.to(tl.int64)[:, None] * stride_q + cols[None, :]
     if MASKED:
         q = tl.load(ptrs, mask=(ks[:, None] < K) & (cols[None, :] < D), other=0.0)
@@ -148,19 +149,48 @@ def _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, rows, ks, B, K, D, OP_DT
         q = Q  # the backward loads the whole tile for its c Q product itself, after c
         q_lo = Q_LO
     elif PLANES:
-        q = bank_tile(Q, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, MASKED)
-        q_lo = bank_tile(Q_LO, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, MASKED)
+        q = bank_tile(Q, D_PAD, ks, 0, K, D_PAD, tl.float16, UPCAST, D_PAD, True, MASKED)
+        q_lo = bank_tile(Q_LO, D_PAD, ks, 0, K, D_PAD, tl.float16, UPCAST, D_PAD, True, MASKED)
         q_t = tl.trans(q)
         q_lo_t = tl.trans(q_lo)
         a = dot3_acc(s, s_lo, q_t, q_lo_t, zero, UPCAST)
         b = dot3_acc(t, t_lo, q_t, q_lo_t, zero, UPCAST)
     else:
-        q = bank_tile(Q, stride_q, ks, K, D, OP_DTYPE, UPCAST, D_PAD, EVEN_D, MASKED)
+        q = bank_tile(Q, stride_q, ks, 0, K, D, OP_DTYPE, UPCAST, D_PAD, EVEN_D, MASKED)
         q_lo = q
         q_t = tl.trans(q)
         a = dot_acc(s, q_t, zero, OP_DTYPE, PRECISION, UPCAST)
         b = dot_acc(t, q_t, zero, OP_DTYPE, PRECISION, UPCAST)
     return a, b, q, q_lo
+
+
+@triton.jit
+def resident_halves(X, stride, rows, B, D, scale, OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                    HALF: tl.constexpr):
+    """(x0, x1, c): resident_rows' operands as two [BLOCK_B, HALF] halves (features 0 .. HALF and HALF ..
+    2 HALF), the factor from the whole row."""
+    x0 = load_rows_chunk(X, stride, rows, tl.arange(0, HALF), B, D)
+    x1 = load_rows_chunk(X, stride, rows, HALF + tl.arange(0, HALF), B, D)
+    y0 = x0.to(tl.float32)
+    y1 = x1.to(tl.float32)
+    factor = scale / tl.maximum(tl.sqrt(tl.sum(y0 * y0, axis=1) + tl.sum(y1 * y1, axis=1)), NORM_EPS)
+    return as_operand(x0, OP_DTYPE, UPCAST), as_operand(x1, OP_DTYPE, UPCAST), factor
+
+
+@triton.jit
+def _halved_products(s0, s1, t0, t1, Q, stride_q, ks, K, D, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                     UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr,
+                     EVEN_D: tl.constexpr, MASKED: tl.constexpr):
+    """(a, b, q0, q1): _tile_products' logits with the row block and the bank tile held as feature halves, and
+    the tile's halves, either of which is the c Q operand of an output slice (no second load)."""
+    q0 = bank_tile(Q, stride_q, ks, 0, K, D, OP_DTYPE, UPCAST, HALF, EVEN_D, MASKED)
+    q1 = bank_tile(Q, stride_q, ks, HALF, K, D, OP_DTYPE, UPCAST, HALF, EVEN_D, MASKED)
+    zero = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
+    a = dot_acc(s0, tl.trans(q0), zero, OP_DTYPE, PRECISION, UPCAST)
+    a = dot_acc(s1, tl.trans(q1), a, OP_DTYPE, PRECISION, UPCAST)
+    b = dot_acc(t0, tl.trans(q0), zero, OP_DTYPE, PRECISION, UPCAST)
+    b = dot_acc(t1, tl.trans(q1), b, OP_DTYPE, PRECISION, UPCAST)
+    return a, b, q0, q1
 
 
 @triton.jit
@@ -334,6 +364,30 @@ def _accumulate(c, q, q_lo, acc, c_exp, OP_DTYPE: tl.constexpr, PRECISION: tl.co
         return dot_acc(as_operand(c, OP_DTYPE, UPCAST), q, acc, OP_DTYPE, PRECISION, UPCAST), c_exp
 
 
+@triton.jit
+def _bwd_tile(s, s2, t, t2, Q, Q_LO, stride_q, rows, ks, B, K, D, c_a, c_b, lse_a, lse_b, lse_diff, acc, sigma,
+              c_exp, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
+              BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+              PLANES: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, SLICE: tl.constexpr,
+              SIGMA_PER_TILE: tl.constexpr):
+    """One bank tile of rrd_bwd_resident_kernel: (acc, sigma, c_exp) after bank rows ks."""
+    if BLOCK_DV < D_PAD:
+        a, b, q0, q1 = _halved_products(s, s2, t, t2, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST,
+                                        BLOCK_B, BLOCK_K, BLOCK_DV, EVEN_D, MASKED)
+        q = q0 if SLICE == 0 else q1
+        q_lo = q
+    else:
+        a, b, q, q_lo = _tile_products(s, s2, t, t2, Q, Q_LO, stride_q, rows, ks, B, K, D, OP_DTYPE, PRECISION,
+                                       UPCAST, BLOCK_B, BLOCK_K, D_PAD, EVEN_D, MASKED, PLANES, BLOCK_DK)
+    c = _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, (ks < K)[None, :], MASKED)
+    sigma += tl.sum(c, axis=1, keep_dims=True) if SIGMA_PER_TILE else c
+    if PLANES and BLOCK_DK < D_PAD:
+        q = bank_tile(Q, D_PAD, ks, 0, K, D_PAD, tl.float16, UPCAST, D_PAD, True, MASKED)
+        q_lo = bank_tile(Q_LO, D_PAD, ks, 0, K, D_PAD, tl.float16, UPCAST, D_PAD, True, MASKED)
+    acc, c_exp = _accumulate(c, q, q_lo, acc, c_exp, OP_DTYPE, PRECISION, UPCAST, PLANES)
+    return acc, sigma, c_exp
+
+
 @triton.jit(do_not_specialize=["B", "K", "tiles_per_split"])
 def rrd_bwd_resident_kernel(
     S, T, Q, LSE_DIFF, LSE_T, PART, PART_SIGMA,
@@ -343,12 +397,17 @@ def rrd_bwd_resident_kernel(
     S_LO, T_LO, Q_LO, C_S, C_T, Q_UNSCALE,  # PLANES only, as the forward's
     OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
-    PLANES: tl.constexpr, BLOCK_DK: tl.constexpr,
+    PLANES: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, SLICE: tl.constexpr,
 ):
-    """Grid (row blocks, splits): sum_k c_ik Q_k over one chunk of the bank, all features at once, into PART
-    [n_splits, B, D_PAD], and sigma_i = sum_k c_ik into PART_SIGMA [n_splits, B]; the finish kernel
-    (backward.py) is shared with the chunked path. Each bank tile is loaded once and feeds the two logit
-    products and the c Q product.
+    """Grid (row blocks, splits): sum_k c_ik Q_k over one chunk of the bank into PART [n_splits, B, D_PAD],
+    and sigma_i = sum_k c_ik into PART_SIGMA [n_splits, B]; the finish kernel (backward.py) is shared with the
+    chunked path. Each bank tile is loaded once and feeds the two logit products and the c Q product.
+
+    BLOCK_DV < D_PAD (D 512, whose [BLOCK_B, 512] fp32 accumulator would not fit one warpgroup's registers):
+    D_PAD = 2 BLOCK_DV, and a launch sums the features of output slice SLICE (0 or 1) only, so each slice
+    forms c from the two full-width logit products again. The row block and each bank tile are held as two
+    feature halves (resident_halves, _halved_products), the c Q operand being the slice's half: no second
+    load, and no [BLOCK_K, D_PAD] tile staged beside a sliced copy (what spilled). Slice 0 stores sigma.
 
     sigma sums c in fp32, before c is rounded to a 16-bit product operand (as TF32 products round their fp32
     operands inside the MMA): where the guard matters (both softmaxes sharp on one row) every c_ik is tiny or
@@ -359,45 +418,40 @@ def rrd_bwd_resident_kernel(
     scaled back to bank units (exactly: powers of two) before they are stored."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    s, s_lo, t, t_lo, c_a, c_b = _row_block(S, T, S_LO, T_LO, C_S, C_T, stride_s, stride_t, rows, B, D, scale_a,
+    # s2, t2: the lo planes (PLANES), the upper feature halves (BLOCK_DV < D_PAD), else unused.
+    if BLOCK_DV < D_PAD:
+        s, s2, c_a = resident_halves(S, stride_s, rows, B, D, scale_a, OP_DTYPE, UPCAST, BLOCK_DV)
+        t, t2, c_b = resident_halves(T, stride_t, rows, B, D, scale_b, OP_DTYPE, UPCAST, BLOCK_DV)
+    else:
+        s, s2, t, t2, c_a, c_b = _row_block(S, T, S_LO, T_LO, C_S, C_T, stride_s, stride_t, rows, B, D, scale_a,
                                             scale_b, OP_DTYPE, UPCAST, D_PAD, PLANES, BLOCK_DK)
     k_begin, k_end = split_range(K, tiles_per_split, BLOCK_K)
     k_full = k_begin + (k_end - k_begin) // BLOCK_K * BLOCK_K
     lse_diff = tl.load(LSE_DIFF + rows, mask=row_mask, other=0.0)  # lse_a - lse_b, base 2
     lse_b = tl.load(LSE_T + rows, mask=row_mask, other=0.0)
     lse_a = lse_diff + lse_b
-    cols = tl.arange(0, D_PAD)
-    acc = tl.zeros([BLOCK_B, D_PAD], tl.float32)
-    # sigma summed over the tiles' columns once, at the end; with PLANES (whose accumulator and operands fill
-    # the registers at D 256) per tile, one register per row.
-    sigma = tl.zeros([BLOCK_B, 1 if PLANES else BLOCK_K], tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_DV], tl.float32)
+    # sigma summed over the tiles' columns once, at the end; where the accumulator and operands fill the
+    # registers (PLANES at D 256, the sliced D 512) per tile, one register per row.
+    SIGMA_PER_TILE: tl.constexpr = PLANES or BLOCK_DV < D_PAD
+    sigma = tl.zeros([BLOCK_B, 1 if SIGMA_PER_TILE else BLOCK_K], tl.float32)
     c_exp = tl.full([BLOCK_B], 126, tl.int32)  # PLANES: the rows' scales of c (_accumulate)
     for k0 in range(k_begin, k_full, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a, b, q, q_lo = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, rows, ks, B, K, D, OP_DTYPE,
-                                       PRECISION, UPCAST, BLOCK_B, BLOCK_K, D_PAD, EVEN_D, False, PLANES,
-                                       BLOCK_DK)
-        c = _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, None, False)
-        sigma += tl.sum(c, axis=1, keep_dims=True) if PLANES else c
-        if PLANES and BLOCK_DK < D_PAD:
-            q = bank_tile(Q, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, False)
-            q_lo = bank_tile(Q_LO, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, False)
-        acc, c_exp = _accumulate(c, q, q_lo, acc, c_exp, OP_DTYPE, PRECISION, UPCAST, PLANES)
+        acc, sigma, c_exp = _bwd_tile(s, s2, t, t2, Q, Q_LO, stride_q, rows, k0 + tl.arange(0, BLOCK_K), B, K, D,
+                                      c_a, c_b, lse_a, lse_b, lse_diff, acc, sigma, c_exp, OP_DTYPE, PRECISION,
+                                      UPCAST, BLOCK_B, BLOCK_K, D_PAD, EVEN_D, False, PLANES, BLOCK_DK, BLOCK_DV,
+                                      SLICE, SIGMA_PER_TILE)
     if k_full < k_end:
-        ks = k_full + tl.arange(0, BLOCK_K)
-        a, b, q, q_lo = _tile_products(s, s_lo, t, t_lo, Q, Q_LO, stride_q, rows, ks, B, K, D, OP_DTYPE,
-                                       PRECISION, UPCAST, BLOCK_B, BLOCK_K, D_PAD, EVEN_D, True, PLANES,
-                                       BLOCK_DK)
-        c = _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, (ks < K)[None, :], True)
-        sigma += tl.sum(c, axis=1, keep_dims=True) if PLANES else c
-        if PLANES and BLOCK_DK < D_PAD:
-            q = bank_tile(Q, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, True)
-            q_lo = bank_tile(Q_LO, D_PAD, ks, K, D_PAD, tl.float16, UPCAST, D_PAD, True, True)
-        acc, c_exp = _accumulate(c, q, q_lo, acc, c_exp, OP_DTYPE, PRECISION, UPCAST, PLANES)
+        acc, sigma, c_exp = _bwd_tile(s, s2, t, t2, Q, Q_LO, stride_q, rows, k_full + tl.arange(0, BLOCK_K), B, K,
+                                      D, c_a, c_b, lse_a, lse_b, lse_diff, acc, sigma, c_exp, OP_DTYPE, PRECISION,
+                                      UPCAST, BLOCK_B, BLOCK_K, D_PAD, EVEN_D, True, PLANES, BLOCK_DK, BLOCK_DV,
+                                      SLICE, SIGMA_PER_TILE)
     if PLANES:
         acc = acc * (pow2(-c_exp) * tl.load(Q_UNSCALE))[:, None]
 
     split = tl.program_id(1)
+    cols = SLICE * BLOCK_DV + tl.arange(0, BLOCK_DV)
     out = PART + (split * B + rows.to(tl.int64)[:, None]) * D_PAD + cols[None, :]
     tl.store(out, acc, mask=row_mask[:, None])
-    tl.store(PART_SIGMA + split * B + rows, tl.sum(sigma, axis=1), mask=row_mask)
+    if SLICE == 0:
+        tl.store(PART_SIGMA + split * B + rows, tl.sum(sigma, axis=1), mask=row_mask)

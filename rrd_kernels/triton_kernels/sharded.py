@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .forward import N_STATE
-from .launch import _on, _row_major, backward_finish as _finish, backward_sums, forward_states, make_plan
+from .launch import _on, _row_major, backward_finish as _finish, backward_sums, forward_states, plan_for
 from .launch import merge_states as _merge
 
 PLANES = N_STATE
@@ -53,9 +53,7 @@ def _merge_splits(part: torch.Tensor, part_idx: torch.Tensor):
 def _prepared(student, teacher, shard, n_splits):
     """Row-major operands and the launch plan for N all-gathered rows against this shard."""
     student, teacher, shard = _row_major(student), _row_major(teacher), _row_major(shard)
-    N, D = student.shape
-    return student, teacher, shard, make_plan(N, shard.shape[0], D, student.dtype, n_splits=n_splits,
-                                           bank_dtype=shard.dtype)
+    return student, teacher, shard, plan_for(student, teacher, shard, n_splits)
 
 
 def forward_partial(student, teacher, shard, tau_s, tau_t, k_offset, n_splits=None):
