@@ -30,7 +30,8 @@ class Tiles:
     block_b: int  # rows of S/T per program
     block_k: int  # bank rows per step
     block_dk: int  # features per product step (the chunk walked over D)
-    block_dv: int  # at most this many output features per backward program (grid axis 2; see make_plan)
+    block_dv: int  # at most this many output features per backward program (see make_plan): the chunked
+    # kernels slice over grid axis 2, the resident backward launches once per slice (D 512 only)
     fwd_warps: int
     fwd_stages: int
     bwd_warps: int
