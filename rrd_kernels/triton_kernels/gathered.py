@@ -102,8 +102,8 @@ def rrd_gathered_bwd_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a, b, rows_t, _, valid = _gather_dots(s, t, MS, MT, IDX, stride_m, stride_idx, i, ks, k_end, D, D_PAD)
-        c = tl.reshape(_coefficients(a[None, :], b[None, :], c_a, c_b, lse_a, lse_b, lse_diff, valid[None, :], True),
-                       [BLOCK_K])
+        c = tl.reshape(_coefficients(a[None, :], b[None, :], c_a[:, None], c_b[:, None], lse_a[:, None],
+                                     lse_b[:, None], lse_diff[:, None], valid[None, :], True), [BLOCK_K])
         sigma += tl.sum(c, axis=0)
         acc += tl.sum(c[:, None] * rows_t, axis=0)
     split = tl.program_id(1)

@@ -333,12 +333,14 @@ def exp2m1_near0(x):
 @triton.jit
 def _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, valid, MASKED: tl.constexpr):
     """c = q - p for one tile of raw products (docs/math.md section 5): p (2^delta - 1) where the two are
-    within 2^(1/2) of each other, the plain difference elsewhere; 0 on padded bank rows."""
-    a2 = a * c_a[:, None]
-    b2 = b * c_b[:, None]
-    p = tl.exp2(b2 - lse_b[:, None])
-    q = tl.exp2(a2 - lse_a[:, None])
-    delta = (a2 - b2) - lse_diff[:, None]
+    within 2^(1/2) of each other, the plain difference elsewhere; 0 on padded bank rows. The per-row c_a, c_b,
+    lse_a, lse_b, lse_diff come shaped to broadcast against the tile (rows on axis 0, or on axis 1 for the
+    transposed tiles of planes_backward.py)."""
+    # Each a c_a - lse and b c_b - lse is one fused multiply-add (the product unrounded), delta two: so
+    # (a c_a - lse_diff) - b c_b rounds twice where (a c_a - b c_b) - lse_diff rounded four times.
+    p = tl.exp2(b * c_b - lse_b)
+    q = tl.exp2(a * c_a - lse_a)
+    delta = (a * c_a - lse_diff) - b * c_b
     c = tl.where(tl.abs(delta) <= 0.5, p * exp2m1_near0(delta), q - p)
     if MASKED:
         c = tl.where(valid, c, 0.0)
@@ -379,7 +381,8 @@ def _bwd_tile(s, s2, t, t2, Q, Q_LO, stride_q, rows, ks, B, K, D, c_a, c_b, lse_
     else:
         a, b, q, q_lo = _tile_products(s, s2, t, t2, Q, Q_LO, stride_q, rows, ks, B, K, D, OP_DTYPE, PRECISION,
                                        UPCAST, BLOCK_B, BLOCK_K, D_PAD, EVEN_D, MASKED, PLANES, BLOCK_DK)
-    c = _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, (ks < K)[None, :], MASKED)
+    c = _coefficients(a, b, c_a[:, None], c_b[:, None], lse_a[:, None], lse_b[:, None], lse_diff[:, None],
+                      (ks < K)[None, :], MASKED)
     sigma += tl.sum(c, axis=1, keep_dims=True) if SIGMA_PER_TILE else c
     if PLANES and BLOCK_DK < D_PAD:
         q = bank_tile(Q, D_PAD, ks, 0, K, D_PAD, tl.float16, UPCAST, D_PAD, True, MASKED)
