@@ -11,7 +11,8 @@ warps and arguments are recorded instead of run. Each kernel's SASS (cuobjdump -
   the features, cdiv(D, BLOCK_DK) times; everything else runs once per program (its own loops over D
   cdiv(D, BLOCK_DK) times). Kernels without a bank loop (argmax, merge, finish) run per row: a loop there
   holding another walks the feature chunks, a loop inside one walks the splits, and a lone loop is counted
-  max(n_splits, cdiv(D, BLOCK_DK), BLOCK_K) times, an upper bound (O(B) work, a few % of the call at most).
+  max(n_splits, cdiv(D, BLOCK_DK)) times, an upper bound (O(B) work, a few % of the call at most), except
+  the argmax kernel's, which walks cdiv(D_PAD, BLOCK_DK) feature chunks (its splits are one vector).
 - warp-instructions: every SASS instruction one warp issues; MUFU lanes: MUFU warp-instructions x 32;
   tensor FLOPs: HMMA/HGMMA shapes (an HGMMA issue is a quarter of its warpgroup's 64 x N x K product);
   L2 bytes: global loads, stores and async copies x 32 lanes (an upper bound: masked lanes are counted);
@@ -189,11 +190,14 @@ def _count_kernel(compiled, grid, values, B, K, D):
     block_k = values.get("BLOCK_K")
     block_dk = values.get("BLOCK_DK") or D
     d_trips = max(1, math.ceil(D / block_dk))
-    # A per-row kernel's loops walk the splits, the feature chunks or (rrd_argmax_kernel) one tile's rows. A
-    # loop holding another walks the features (the finish kernel's chunks, each summing the splits); a loop
-    # inside one walks the splits; a lone loop is counted with the largest of the three: an upper bound.
+    # A per-row kernel's loops walk the splits or the feature chunks. A loop holding another walks the
+    # features (the finish kernel's chunks, each summing the splits); a loop inside one walks the splits; a
+    # lone loop is counted with the larger of the two (an upper bound), but the argmax kernel's walks the
+    # features.
     splits = values.get("n_splits") or grid[1]
     lone_trips = max(splits, d_trips, 1 if streaming else (block_k or 1))
+    if "SPLITS" in values:  # rrd_argmax_kernel: its splits are one vector; its one loop walks D_PAD
+        lone_trips = math.ceil(values["D_PAD"] / block_dk)
 
     def row_trips(lp) -> int:
         if lp.children:

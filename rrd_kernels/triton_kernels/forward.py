@@ -65,38 +65,38 @@ def rrd_fwd_kernel(
 @triton.jit(do_not_specialize=["B", "K", "n_splits"])
 def rrd_argmax_kernel(
     S, Q, PART, PART_IDX, B, K, D, stride_s, stride_q, n_splits,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    """For each row: the split with the largest student maximum, and in the tile PART_IDX names there the
-    bank row with the largest s_i . Q_k, written to PART_IDX for every split (so any merge of the splits, or
-    of bank shards, carries it). The forward only recorded the tile: one index per row and tile instead of
-    an index reduction over every element.
+    """One program per row: the split with the largest student maximum (the first such), and in the tile
+    PART_IDX names there the bank row with the largest s_i . Q_k (the first such), written to PART_IDX for
+    every split (so any merge of the splits, or of bank shards, carries it). The forward only recorded the
+    tile: one index per row and tile instead of an index reduction over every element. SPLITS: n_splits
+    rounded up to a power of two, so the splits are one vector, not a loop.
 
-    The logits here are fp32 dot products of the raw rows, not the tensor-core products of the forward, so
-    two rows within rounding of each other may be ordered differently: then neither is a sharp maximum
-    (each has probability <= 1/2), where the backward's guard is off (ref = -1) or helps either way."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask = rows < B
-    best = tl.load(PART + rows, mask=row_mask, other=0.0)
-    tile = tl.load(PART_IDX + rows, mask=row_mask, other=0)
-    for j in range(1, n_splits):
-        m_j = tl.load(PART + j * B + rows, mask=row_mask, other=0.0)
-        tile_j = tl.load(PART_IDX + j * B + rows, mask=row_mask, other=0)
-        tile = tl.where(m_j > best, tile_j, tile)
-        best = tl.maximum(best, m_j)
-    cols = tl.arange(0, D_PAD)
-    s = load_rows_chunk(S, stride_s, rows, cols, B, D).to(tl.float32)
-    top = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    arg = tile
-    for j in range(BLOCK_K):
-        k = tile + j
-        q = load_rows_chunk(Q, stride_q, k, cols, K, D).to(tl.float32)
-        dot = tl.sum(s * q, axis=1)
-        better = (dot > top) & (k < K)
-        arg = tl.where(better, k, arg)
-        top = tl.where(better, dot, top)
-    for j in range(n_splits):
-        tl.store(PART_IDX + j * B + rows, arg, mask=row_mask)
+    The tile's products are accumulated elementwise over chunks of BLOCK_DK features ([BLOCK_K, BLOCK_DK]
+    fp32) and summed over the features once, so each bank element costs one fused
+    multiply-add. The logits here are fp32 dot products of the raw rows, not the tensor-core products of the
+    forward, so two rows within rounding of each other may be ordered differently: then neither is a sharp
+    maximum (each has probability <= 1/2), where the backward's guard is off (ref = -1) or helps either way.
+    NaN products are never the maximum; a tile with no finite product keeps its first row."""
+    i = tl.program_id(0)
+    splits = tl.arange(0, SPLITS)
+    in_split = splits < n_splits
+    m = tl.load(PART + splits * B + i, mask=in_split, other=float("-inf"))
+    m = tl.where(m == m, m, float("-inf"))
+    tiles = tl.load(PART_IDX + splits * B + i, mask=in_split, other=0)
+    tile = tl.sum(tl.where(splits == tl.argmax(m, axis=0), tiles, 0), axis=0)
+    ks = tile + tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_K, BLOCK_DK], tl.float32)
+    s_row = S + i.to(tl.int64) * stride_s
+    for d0 in range(0, D_PAD, BLOCK_DK):  # a loop, not unrolled: unrolled, ptxas issues every chunk's loads at once
+        cols = d0 + tl.arange(0, BLOCK_DK)
+        s = tl.load(s_row + cols, mask=cols < D, other=0.0).to(tl.float32)
+        acc += s[None, :] * load_rows_chunk(Q, stride_q, ks, cols, K, D).to(tl.float32)
+    dot = tl.sum(acc, axis=1)
+    dot = tl.where((ks < K) & (dot == dot), dot, float("-inf"))
+    arg = tile + tl.argmax(dot, axis=0)
+    tl.store(PART_IDX + splits * B + i, tl.zeros([SPLITS], tl.int32) + arg, mask=in_split)
 
 
 @triton.jit(do_not_specialize=["B", "n_splits", "kl"])

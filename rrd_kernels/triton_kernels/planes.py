@@ -20,7 +20,7 @@ from .plans import interpreting
 
 TOP = tl.constexpr(14)  # the largest |x 2^e| lies in [2^TOP, 2^(TOP + 1)): below fp16's largest, 65504
 FACTOR_FLOOR = 1e-24  # LOW x FACTOR_FLOOR = -1e6 (see split_rows)
-# Rows per program of the split kernels: 4096 fp32 values per 4 warps, as the argmax kernel.
+# Rows per program of the split kernels: 4096 fp32 values per 4 warps.
 SPLIT_ELEMENTS = 4096
 
 
