@@ -210,22 +210,25 @@ def test_gpu_family_tiles_match_float64(gen, monkeypatch, family, dtype, precisi
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's choice of GPU tiles")
-@pytest.mark.parametrize("B,K,D", [(130, 300, 200), (3, 129, 256)])
-def test_sm90_walked_planes_hold_fp32_bounds(gen, monkeypatch, B, K, D):
-    """fp32 "highest" on sm_90 at D 129-256: the planes walked in feature chunks (plans.py), held to the fp32
-    grid's bounds at every temperature pair, CE and KL, with two row
-    blocks (one partial), a partial last bank tile and a split bank, or a one-tile split."""
+@pytest.mark.parametrize("B,K,D,n_splits", [(130, 300, 200, 3), (3, 129, 256, 3), (70, 1000, 256, None)])
+def test_sm90_walked_planes_hold_fp32_bounds(gen, monkeypatch, B, K, D, n_splits):
+    """fp32 "highest" on sm_90 at D 129-256: the planes walked in feature chunks by the forward, the
+    transposed backward (planes_backward.py, 32-row blocks), held to the fp32 grid's bounds at every
+    temperature pair, CE and KL, with row blocks of both passes partial, a partial last bank tile and a
+    split bank, or a one-tile split; with the default split (None) the backward splits the bank its own way."""
     from rrd_kernels.triton_kernels import make_plan
 
     monkeypatch.setenv("RRD_TRITON_ARCH", "sm_90")
     s, t, q = make_inputs(B, K, D, gen)
     w = torch.rand(B, generator=gen)
     with _highest_precision():
-        plan = make_plan(B, K, D, torch.float32)
-        assert plan.planes and plan.tiles.walk_dk
+        plan = make_plan(B, K, D, torch.float32, n_splits=n_splits)
+        assert plan.planes and plan.tiles.walk_dk and plan.tiles.bwd_transposed
+        if n_splits is None:
+            assert plan.bwd_n_splits != plan.n_splits
         for tau_s, tau_t in TEMPERATURES:
             for kl in (False, True):
-                rows, grad = run_kernels(s, t, q, tau_s, tau_t, kl, w, 3)
+                rows, grad = run_kernels(s, t, q, tau_s, tau_t, kl, w, n_splits)
                 ref_rows, ref_grad = reference_rows_and_grad(s, t, q, tau_s, tau_t, kl, w)
                 case = f"D={D} tau=({tau_s},{tau_t}) kl={kl}"
                 loss_floor, grad_floor = float64_floors(s, tau_s, tau_t, w)
@@ -275,3 +278,25 @@ def test_sm90_unaligned_rows_leave_the_d512_tiles(gen, monkeypatch):
     rows, grad = run_kernels(s, t, q, 0.04, 0.1, True, w, 2)
     ref_rows, ref_grad = run_kernels(s.contiguous(), t.contiguous(), q.contiguous(), 0.04, 0.1, True, w, 2)
     assert rel_err(rows, ref_rows) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-2
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's tiles")
+@pytest.mark.parametrize("family", ["interpreter", "sm_90"])
+def test_argmax_kernel_takes_the_first_of_equal_rows(gen, monkeypatch, family):
+    """rrd_argmax_kernel: each row's largest s . Q_k within the tile the forward recorded, the first of two
+    bank rows with equal products (a row duplicated), written to every split; D not a multiple of its
+    feature chunk, the rows' tiles in different splits."""
+    from rrd_kernels.triton_kernels import launch
+
+    monkeypatch.setenv("RRD_TRITON_ARCH", family)
+    B, K, D = 5, 700, 200
+    s, t, q = make_inputs(B, K, D, gen)
+    best = [3, 140, 333, 520, 698]
+    for i, k in enumerate(best):
+        q[k] = s[i] / s[i].norm()
+        q[k + 1] = q[k]
+    with _highest_precision(), launch._on(s.device):
+        plan = launch.plan_for(s, t, q, n_splits=3)
+        _, part_idx = launch.forward_states(s, t, q, 0.05, 0.1, plan)
+    assert part_idx.shape[0] == plan.n_splits > 1
+    assert all(part_idx[j].tolist() == best for j in range(plan.n_splits))

@@ -17,9 +17,10 @@ from .common import LOG2E
 from .forward import N_STATE, rrd_argmax_kernel, rrd_fwd_kernel, rrd_merge_kernel
 from .gathered import rrd_gathered_bwd_kernel, rrd_gathered_fwd_kernel
 from .planes import rrd_split_bank_kernel, rrd_split_rows_kernel, split_bank, split_rows
+from .planes_backward import rrd_bwd_planes_kernel
 from .resident import rrd_bwd_resident_kernel, rrd_fwd_resident_kernel
 from .plans import (FINISH, MERGE_BLOCK_B, DeviceLimits, Plan, current_limits, family, interpreting,
-                    argmax_rows, mode_of, unsupported)
+                    argmax_chunk, mode_of, unsupported)
 from .plans import make_plan as _make_plan
 
 MAX_D = 512
@@ -56,8 +57,8 @@ def why_unusable(device, dtype, bank_dtype, B, K, D) -> str | None:
 
 
 _KERNELS = (rrd_split_bank_kernel, rrd_split_rows_kernel, rrd_fwd_kernel, rrd_fwd_resident_kernel, rrd_argmax_kernel,
-            rrd_merge_kernel, rrd_bwd_kernel, rrd_bwd_resident_kernel, rrd_bwd_finish_kernel, rrd_gathered_fwd_kernel,
-            rrd_gathered_bwd_kernel)
+            rrd_merge_kernel, rrd_bwd_kernel, rrd_bwd_resident_kernel, rrd_bwd_planes_kernel, rrd_bwd_finish_kernel,
+            rrd_gathered_fwd_kernel, rrd_gathered_bwd_kernel)
 _compiled_for = [None]  # the Triton driver the kernels' caches were filled under
 
 
@@ -155,9 +156,10 @@ def forward_states(student, teacher, bank, tau_s, tau_t, plan: Plan, kl=True):
     else:
         rrd_fwd_kernel[(plan.n_row_blocks, plan.n_splits)](*args, BLOCK_DK=t.block_dk, **common)
     d_pad = triton.next_power_of_2(D)
-    rrd_argmax_kernel[(triton.cdiv(B, argmax_rows(d_pad)),)](
+    rrd_argmax_kernel[(B,)](
         student, bank, part, part_idx, B, K, D, student.stride(0), bank.stride(0), plan.n_splits,
-        BLOCK_B=argmax_rows(d_pad), BLOCK_K=t.block_k, D_PAD=d_pad,
+        SPLITS=triton.next_power_of_2(plan.n_splits), BLOCK_K=t.block_k, BLOCK_DK=argmax_chunk(t.block_k, d_pad),
+        D_PAD=d_pad, num_warps=4, num_stages=1,
     )
     return part, part_idx
 
@@ -189,18 +191,25 @@ def backward_sums(student, teacher, bank, lse_diff, lse_t, tau_s, tau_t, plan: P
     B, D = student.shape
     K = bank.shape[0]
     t = plan.tiles
-    part = torch.empty((plan.n_splits, B, plan.d_pad), device=student.device, dtype=torch.float32)
-    part_sigma = torch.empty((plan.n_splits, B), device=student.device, dtype=torch.float32)
+    part = torch.empty((plan.bwd_n_splits, B, plan.d_pad), device=student.device, dtype=torch.float32)
+    part_sigma = torch.empty((plan.bwd_n_splits, B), device=student.device, dtype=torch.float32)
     if plan.resident:
         # The planes are made again rather than kept from the forward: two passes over the bank's bytes,
         # against holding a bank-sized buffer for as long as autograd keeps the graph.
         ops, strides, extra = _resident_operands(student, teacher, bank, tau_s, tau_t, plan)
+        if t.bwd_transposed:
+            rrd_bwd_planes_kernel[(triton.cdiv(B, t.bwd_rows), plan.bwd_n_splits)](
+                *ops, lse_diff, lse_t, part, part_sigma, B, K, plan.bwd_split_tiles, *extra,
+                UPCAST=interpreting(), BLOCK_B=t.bwd_rows, BLOCK_K=t.block_k // t.bwd_split, D_PAD=t.block_dk,
+                num_warps=t.bwd_warps, num_stages=t.bwd_stages,
+            )
+            return part, part_sigma
         for v in range(plan.n_dslices):  # D 512: one launch per output slice (resident.py says why)
-            rrd_bwd_resident_kernel[(triton.cdiv(B, t.bwd_rows), plan.n_splits)](
+            rrd_bwd_resident_kernel[(triton.cdiv(B, t.bwd_rows), plan.bwd_n_splits)](
                 *ops, lse_diff, lse_t, part, part_sigma,
                 B, K, D, *strides,
                 LOG2E / tau_s, LOG2E / tau_t,
-                plan.tiles_per_split * t.bwd_split, *extra,
+                plan.bwd_split_tiles, *extra,
                 OP_DTYPE=_op_dtype(student), PRECISION=_fp32_precision(), UPCAST=interpreting(),
                 BLOCK_B=t.bwd_rows, BLOCK_K=t.block_k // t.bwd_split, D_PAD=t.block_dk, EVEN_D=D == t.block_dk,
                 PLANES=plan.planes, BLOCK_DK=t.walk_dk or t.block_dk, BLOCK_DV=plan.block_dv, SLICE=v,

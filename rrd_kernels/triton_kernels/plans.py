@@ -40,6 +40,7 @@ class Tiles:
     bwd_block_b: int = 0  # rows per backward program (0: block_b)
     walk_dk: int = 0  # resident planes only: features per product step when the planes are walked (0: all D)
     aligned_only: bool = False  # resident only: serves D and row strides that are multiples of 16 (make_plan)
+    bwd_transposed: bool = False  # resident planes only: the backward is planes_backward.py's, products transposed
 
     @property
     def bwd_rows(self) -> int:
@@ -113,11 +114,12 @@ _RESIDENT_TF32 = Tiles(64, 32, 128, 128, 4, 2, 4, 2)  # 64 x 64 forward tiles sp
 # plans' operands, so one stage.
 _RESIDENT_PLANES = Tiles(128, 128, 128, 128, 8, 1, 8, 1, bwd_split=2)
 # D 256: a row block's four planes (128 KiB per 64 rows) leave no room for 128-row blocks, and 64-row blocks
-# spill in the backward, so the planes are walked in 64-feature chunks, re-read per bank tile (walk_dk,
-# resident.py _walked_products). The backward holds all 256 output features (128 registers per thread), so
-# its bank tiles are 32 rows and its chunk loop one stage; 64-row tiles or two stages spill (docs/design.md
-# section 7 has the variants and their counts).
-_RESIDENT_PLANES_256 = Tiles(128, 128, 256, 256, 8, 2, 8, 1, bwd_split=4, walk_dk=64)
+# spill in the backward, so the forward walks the planes in 64-feature chunks, re-read per bank tile (walk_dk,
+# resident.py _walked_products). The backward is transposed (bwd_transposed, planes_backward.py): 32-row
+# blocks whose planes stay resident, 64-row bank tiles (bwd_split 2) in two stages on one warpgroup, and a
+# split of the bank of its own (make_plan). docs/design.md section 7 has the variants and their counts.
+_RESIDENT_PLANES_256 = Tiles(128, 128, 256, 256, 8, 2, 4, 2, bwd_split=2, bwd_block_b=32, walk_dk=64,
+                             bwd_transposed=True)
 RESIDENT = {
     "sm_90": {"half": (_RESIDENT_HALF, _RESIDENT_HALF_256, _RESIDENT_HALF_512),
               "half_fp32_bank": (_RESIDENT_HALF_FP32_BANK, _RESIDENT_HALF_256, _RESIDENT_HALF_512),
@@ -143,13 +145,13 @@ RESIDENT["sm_100"] = {mode: tuple(r for r in entries if r is not _RESIDENT_HALF_
 TILES["sm_120"], RESIDENT["sm_120"] = TILES["sm_86"], RESIDENT["sm_86"]
 FINISH = FinishTiles(16, 32, 4)
 MERGE_BLOCK_B = 128
-# Rows per program of rrd_argmax_kernel: it holds 2 x rows x D_PAD fp32 values (a row block and one bank row
-# each) in 4 warps' registers, 8 K values.
+# Features per step of rrd_argmax_kernel: its [block_k, chunk] fp32 products are 4096 values per 4 warps (8192
+# spill with unaligned rows, loaded element by element, on sm_80).
 ARGMAX_ELEMENTS = 4096
 
 
-def argmax_rows(d_pad: int) -> int:
-    return max(1, min(16, ARGMAX_ELEMENTS // d_pad))
+def argmax_chunk(block_k: int, d_pad: int) -> int:
+    return max(1, min(d_pad, ARGMAX_ELEMENTS // block_k))
 
 
 # The families: (name, compute capabilities [lo, hi), shared memory per block at least), first match wins.
@@ -292,6 +294,17 @@ class Plan:
     block_dv: int  # output features per backward program
     resident: bool = False  # resident.py's kernels (block_dk = block_dv = D_PAD), else the chunked ones
     planes: bool = False  # resident fp32 at "highest": operands as fp16 planes (planes.py)
+    bwd_splits: int = 0  # the backward's own split of the bank (0: n_splits), bwd_tiles_per_split tiles of
+    bwd_tiles_per_split: int = 0  # block_k / bwd_split rows each (make_plan)
+
+    @property
+    def bwd_n_splits(self) -> int:
+        return self.bwd_splits or self.n_splits
+
+    @property
+    def bwd_split_tiles(self) -> int:
+        """Backward bank tiles (block_k / bwd_split rows) per split of the backward."""
+        return self.bwd_tiles_per_split or self.tiles_per_split * self.tiles.bwd_split
 
     @property
     def d_pad(self) -> int:
@@ -305,6 +318,7 @@ def make_plan(B: int, K: int, D: int, limits: DeviceLimits, mode: str, n_splits:
     ``aligned``: D and the operands' row strides are multiples of 16 elements (what Triton specialises on;
     None: D alone decides), which aligned_only entries need."""
     tiles = tiles_for(limits, mode)
+    forced = n_splits
     d_pad = max(16, triton.next_power_of_2(D))
     if aligned is None:
         aligned = D % 16 == 0
@@ -322,5 +336,16 @@ def make_plan(B: int, K: int, D: int, limits: DeviceLimits, mode: str, n_splits:
     # Each output slice of the backward recomputes both logit products over its bank chunk, so the fewer
     # slices the better: one slice as wide as D (to the next power of two) up to the tile's block_dv.
     block_dv = min(tiles.block_dv, d_pad)
+    # The transposed planes backward (planes_backward.py) takes one multiprocessor per program (its shared
+    # memory) and 32-row blocks: split by the forward's count, its programs would be 4x as many, each with a
+    # prologue (the row block's planes) and an epilogue (a [D, 32] partial sum, which the finish kernel reads
+    # again) over fewer tiles. It splits the bank for about two programs per multiprocessor of its own.
+    bwd_splits = bwd_tiles = 0
+    if resident is not None and tiles.bwd_transposed and forced is None:
+        n_bwd_tiles = triton.cdiv(K, tiles.block_k // tiles.bwd_split)
+        want = max(1, (2 * limits.sm_count) // triton.cdiv(B, tiles.bwd_rows))
+        bwd_tiles = triton.cdiv(n_bwd_tiles, min(want, n_bwd_tiles))
+        bwd_splits = triton.cdiv(n_bwd_tiles, bwd_tiles)
     return Plan(tiles, n_row_blocks, n_splits, tiles_per_split, triton.cdiv(D, block_dv), block_dv,
-                resident=resident is not None, planes=resident is not None and mode == "ieee")
+                resident=resident is not None, planes=resident is not None and mode == "ieee",
+                bwd_splits=bwd_splits, bwd_tiles_per_split=bwd_tiles)
