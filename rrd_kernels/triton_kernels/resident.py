@@ -336,11 +336,15 @@ def _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, valid, MASKED: tl.cons
     within 2^(1/2) of each other, the plain difference elsewhere; 0 on padded bank rows. The per-row c_a, c_b,
     lse_a, lse_b, lse_diff come shaped to broadcast against the tile (rows on axis 0, or on axis 1 for the
     transposed tiles of planes_backward.py)."""
-    # Each a c_a - lse and b c_b - lse is one fused multiply-add (the product unrounded), delta two: so
-    # (a c_a - lse_diff) - b c_b rounds twice where (a c_a - b c_b) - lse_diff rounded four times.
-    p = tl.exp2(b * c_b - lse_b)
-    q = tl.exp2(a * c_a - lse_a)
-    delta = (a * c_a - lse_diff) - b * c_b
+    a2 = a * c_a
+    b2 = b * c_b
+    p = tl.exp2(b2 - lse_b)
+    q = tl.exp2(a2 - lse_a)
+    # (a2 - b2) - lse_diff, in this order: with one bank row (or any row whose maxima are its only
+    # entries) lse_diff is exactly a2 - b2, so delta and c are exactly 0. (a2 - lse_diff) - b2, two fused
+    # multiply-adds, would save an instruction per element but round that 0 away (a gradient of 1e-13
+    # where it is 0).
+    delta = (a2 - b2) - lse_diff
     c = tl.where(tl.abs(delta) <= 0.5, p * exp2m1_near0(delta), q - p)
     if MASKED:
         c = tl.where(valid, c, 0.0)
