@@ -195,7 +195,7 @@ def _count_kernel(compiled, grid, values, B, K, D):
     # lone loop is counted with the larger of the two (an upper bound), but the argmax kernel's walks the
     # features.
     splits = values.get("n_splits") or grid[1]
-    lone_trips = max(splits, d_trips, 1 if streaming else (block_k or 1))
+    lone_trips = max(splits, d_trips)
     if "SPLITS" in values:  # rrd_argmax_kernel: its splits are one vector; its one loop walks D_PAD
         lone_trips = math.ceil(values["D_PAD"] / block_dk)
 
