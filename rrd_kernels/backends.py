@@ -11,7 +11,8 @@ A kernel backend is a module with three functions (the contract the op in ops.py
         backend's backward: lse_s, lse_t, per-row log-sum-exp of the student and teacher logits (float32,
         base at the backend's choice; Triton: base 2), and ref, an int32 bank-row index per row (the
         student's argmax; the backward subtracts sigma_i Q_ref to cancel rounding, and any valid index is
-        algebraically exact).
+        algebraically exact). lse_t may carry R values per row as [R B], the LSEs first, where the module
+        sets LSE_T_ROWS = R (Triton: 2, the second a bound on every |q_ik - p_ik| of the row).
     backward(grad_rows, student, teacher, bank, lse_s, lse_t, ref, tau_s, tau_t) -> grad_student
         dL/dS for upstream per-row weights grad_rows (may be an expanded, stride-0 view), in student's dtype.
 

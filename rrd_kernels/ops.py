@@ -21,7 +21,9 @@ def rrd_forward(
 @rrd_forward.register_fake
 def _(student, teacher, bank, tau_s, tau_t, kl, backend):
     rows = student.new_empty(student.shape[0], dtype=torch.float32)
-    return rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows, dtype=torch.int32)
+    # A backend may keep more than one value per row in the lse_t slot (Triton: a coefficient bound too).
+    lse_t = rows.new_empty(getattr(kernel_module(backend), "LSE_T_ROWS", 1) * rows.shape[0])
+    return rows, torch.empty_like(rows), lse_t, torch.empty_like(rows, dtype=torch.int32)
 
 
 @torch.library.custom_op("rrd_kernels::rrd_backward", mutates_args=())

@@ -99,7 +99,8 @@ class _ShardedRRD(torch.autograd.Function):
         recv_idx = all_to_all_rows(idx.view(W, B))
         rows, lse_s, lse_t, ref = pieces.merge_states(recv, recv_idx, kl)
         if ctx.needs_input_grad[0]:
-            lse_all = all_gather_rows(torch.stack([lse_s, lse_t], dim=1))
+            # lse_t may hold several values per row (a [R B] slot, backends.py): gathered as R columns.
+            lse_all = all_gather_rows(torch.cat([lse_s[:, None], lse_t.view(-1, B).T], dim=1))
             ref_all = all_gather_rows(ref)
             ctx.save_for_backward(s_all, t_all, shard, lse_all, ref_all)
             ctx.layout, ctx.pieces, ctx.tau_s, ctx.tau_t = layout, pieces, tau_s, tau_t
@@ -110,7 +111,8 @@ class _ShardedRRD(torch.autograd.Function):
         s_all, t_all, shard, lse_all, ref_all = ctx.saved_tensors
         layout, pieces = ctx.layout, ctx.pieces
         B = grad_rows.shape[0]
-        acc, sigma = pieces.backward_partial(s_all, t_all, shard, lse_all[:, 0], lse_all[:, 1], ctx.tau_s, ctx.tau_t)
+        lse_t = lse_all[:, 1:].T.reshape(-1)  # [R N], the slot's layout again
+        acc, sigma = pieces.backward_partial(s_all, t_all, shard, lse_all[:, 0], lse_t, ctx.tau_s, ctx.tau_t)
         # The rounding guard needs each row's global reference row; its owner adds it, the others add 0.
         local = ref_all.to(torch.int64) - layout.lo
         owned = (local >= 0) & (local < layout.size)

@@ -2,6 +2,6 @@
 
 Importing this package needs triton; rrd_kernels imports it lazily, so the package works without it.
 """
-from .launch import backward, forward, make_plan, why_unusable
+from .launch import LSE_T_ROWS, backward, forward, make_plan, why_unusable
 
-__all__ = ["forward", "backward", "why_unusable", "make_plan"]
+__all__ = ["forward", "backward", "why_unusable", "make_plan", "LSE_T_ROWS"]

@@ -9,7 +9,7 @@ so is its gradient: never an exception, never a silently finite answer.
 import triton
 import triton.language as tl
 
-from .common import LN2, load_rows_chunk, log2_1p, logit_scales, logit_tiles, split_range
+from .common import LN2, log2_1p, logit_scales, logit_tiles, split_range
 from .online_state import empty_state, merge_state, store_state, tile_count
 
 N_STATE = 6  # float planes of the split state: m_a, n_a, m_b, n_b, W, V (the argmax has its own buffer)
@@ -66,6 +66,7 @@ def rrd_fwd_kernel(
 def rrd_argmax_kernel(
     S, Q, PART, PART_IDX, B, K, D, stride_s, stride_q, n_splits,
     SPLITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr, D_PAD: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     """One program per row: the split with the largest student maximum (the first such), and in the tile
     PART_IDX names there the bank row with the largest s_i . Q_k (the first such), written to PART_IDX for
@@ -78,7 +79,10 @@ def rrd_argmax_kernel(
     multiply-add. The logits here are fp32 dot products of the raw rows, not the tensor-core products of the
     forward, so two rows within rounding of each other may be ordered differently: then neither is a sharp
     maximum (each has probability <= 1/2), where the backward's guard is off (ref = -1) or helps either way.
-    NaN products are never the maximum; a tile with no finite product keeps its first row."""
+    NaN products are never the maximum; a tile with no finite product keeps its first row.
+
+    The tile's rows past K read row K - 1 instead (their products are masked after the sum), so only a D
+    that is not a multiple of BLOCK_DK (EVEN_D false) masks loads: the features past D."""
     i = tl.program_id(0)
     splits = tl.arange(0, SPLITS)
     in_split = splits < n_splits
@@ -88,11 +92,22 @@ def rrd_argmax_kernel(
     tile = tl.sum(tl.where(splits == tl.argmax(m, axis=0), tiles, 0), axis=0)
     ks = tile + tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_DK], tl.float32)
-    s_row = S + i.to(tl.int64) * stride_s
-    for d0 in range(0, D_PAD, BLOCK_DK):  # a loop, not unrolled: unrolled, ptxas issues every chunk's loads at once
-        cols = d0 + tl.arange(0, BLOCK_DK)
-        s = tl.load(s_row + cols, mask=cols < D, other=0.0).to(tl.float32)
-        acc += s[None, :] * load_rows_chunk(Q, stride_q, ks, cols, K, D).to(tl.float32)
+    cols = tl.arange(0, BLOCK_DK)
+    s_ptrs = S + i.to(tl.int64) * stride_s + cols
+    q_ptrs = Q + tl.minimum(ks, K - 1).to(tl.int64)[:, None] * stride_q + cols[None, :]
+    # D, not D_PAD: a bound known only at run time keeps this a loop (unrolled, ptxas issues every chunk's
+    # loads at once), and the pointers advance by one add per chunk.
+    for d0 in range(0, D, BLOCK_DK):
+        if EVEN_D:
+            s = tl.load(s_ptrs)
+            q = tl.load(q_ptrs)
+        else:
+            in_d = d0 + cols < D
+            s = tl.load(s_ptrs, mask=in_d, other=0.0)
+            q = tl.load(q_ptrs, mask=in_d[None, :], other=0.0)
+        acc += s.to(tl.float32)[None, :] * q.to(tl.float32)
+        s_ptrs += BLOCK_DK
+        q_ptrs += BLOCK_DK
     dot = tl.sum(acc, axis=1)
     dot = tl.where((ks < K) & (dot == dot), dot, float("-inf"))
     arg = tile + tl.argmax(dot, axis=0)
@@ -102,8 +117,10 @@ def rrd_argmax_kernel(
 @triton.jit(do_not_specialize=["B", "n_splits", "kl"])
 def rrd_merge_kernel(PART, PART_IDX, ROWS, LSE_DIFF, LSE_T, REF, B, n_splits, kl, BLOCK_B: tl.constexpr):
     """Folds the n_splits partial states of each row and finishes it: the per-row loss (CE, or KL when kl),
-    and what the backward needs (base 2): lse_a - lse_b, computed without cancellation (see below), lse_b,
-    and the student's argmax row (or -1, see below)."""
+    and what the backward needs (base 2): lse_a - lse_b, computed without cancellation (see below), and in
+    LSE_T [2 B] lse_b followed by C_TOP = 1 / (1 + min(n_a, n_b)), the row's largest probability under
+    either softmax and so a bound on every |q_ik - p_ik| (the planes backward scales c by it); and the
+    student's argmax row (or -1, see below)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = rows < B
     plane = n_splits * B
@@ -134,6 +151,7 @@ def rrd_merge_kernel(PART, PART_IDX, ROWS, LSE_DIFF, LSE_T, REF, B, n_splits, kl
     lse_diff = (m_a - m_b) - log2_1p((n_b - n_a) / (1.0 + n_a))
     tl.store(LSE_DIFF + rows, lse_diff, mask=mask)
     tl.store(LSE_T + rows, m_b + log_z_b, mask=mask)
+    tl.store(LSE_T + B + rows, 1.0 / (1.0 + tl.minimum(n_a, n_b)), mask=mask)
     # The backward's rounding guard (backward.py) helps where the student's softmax is sharp (its top
     # probability 1 / (1 + n_a) >= 1/2): errors then sit at the argmax. Where it is flatter they are spread
     # like q itself and subtracting sigma Q_ref would add error: ref = -1 switches the guard off.

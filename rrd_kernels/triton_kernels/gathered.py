@@ -96,14 +96,13 @@ def rrd_gathered_bwd_kernel(
     k_begin, k_end = split_range(K, tiles_per_split, BLOCK_K)
     lse_diff = tl.load(LSE_DIFF + i + tl.zeros([1], tl.int32))
     lse_b = tl.load(LSE_T + i + tl.zeros([1], tl.int32))
-    lse_a = lse_diff + lse_b
     acc = tl.zeros([D_PAD], tl.float32)
     sigma = tl.zeros([1], tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a, b, rows_t, _, valid = _gather_dots(s, t, MS, MT, IDX, stride_m, stride_idx, i, ks, k_end, D, D_PAD)
-        c = tl.reshape(_coefficients(a[None, :], b[None, :], c_a[:, None], c_b[:, None], lse_a[:, None],
-                                     lse_b[:, None], lse_diff[:, None], valid[None, :], True), [BLOCK_K])
+        c = tl.reshape(_coefficients(a[None, :], b[None, :], c_a[:, None], c_b[:, None], lse_b[:, None],
+                                     lse_diff[:, None], valid[None, :], True), [BLOCK_K])
         sigma += tl.sum(c, axis=0)
         acc += tl.sum(c[:, None] * rows_t, axis=0)
     split = tl.program_id(1)
@@ -142,7 +141,7 @@ def gathered_rows_and_grad(student, teacher, memory_s, memory_t, index, tau_s, t
     ("similarity" scores), and each row's gradient with respect to its raw student row (the upstream weight
     1). index: B x (K+1) int64, every value in range (the caller clamps)."""
     from .forward import N_STATE, rrd_merge_kernel
-    from .launch import MERGE_BLOCK_B, _on, backward_finish, current_limits
+    from .launch import LSE_T_ROWS, MERGE_BLOCK_B, _on, backward_finish, current_limits
 
     B, D = student.shape
     K = index.shape[1]
@@ -158,7 +157,7 @@ def gathered_rows_and_grad(student, teacher, memory_s, memory_t, index, tau_s, t
                   LOG2E / tau_s, LOG2E / tau_t, tiles_per_split)
         rrd_gathered_fwd_kernel[(B, splits)](student, teacher, memory_s, memory_t, index, part, part_idx, *common,
                                              BLOCK_K=block_k, D_PAD=d_pad, KL=bool(kl), num_warps=WARPS, num_stages=1)
-        rows, lse_diff, lse_t = torch.empty(B, **f32), torch.empty(B, **f32), torch.empty(B, **f32)
+        rows, lse_diff, lse_t = torch.empty(B, **f32), torch.empty(B, **f32), torch.empty(LSE_T_ROWS * B, **f32)
         ref = torch.empty(B, device=student.device, dtype=torch.int32)
         rrd_merge_kernel[(triton.cdiv(B, MERGE_BLOCK_B),)](part, part_idx, rows, lse_diff, lse_t, ref, B, splits,
                                                            int(bool(kl)), BLOCK_B=MERGE_BLOCK_B)

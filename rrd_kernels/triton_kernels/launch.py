@@ -24,6 +24,8 @@ from .plans import (FINISH, MERGE_BLOCK_B, DeviceLimits, Plan, current_limits, f
 from .plans import make_plan as _make_plan
 
 MAX_D = 512
+# The contract's lse_t slot holds LSE_T_ROWS values per row (ops.py's fake and sharded_loss.py read it).
+LSE_T_ROWS = 2
 EMBED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -156,20 +158,22 @@ def forward_states(student, teacher, bank, tau_s, tau_t, plan: Plan, kl=True):
     else:
         rrd_fwd_kernel[(plan.n_row_blocks, plan.n_splits)](*args, BLOCK_DK=t.block_dk, **common)
     d_pad = triton.next_power_of_2(D)
+    chunk = argmax_chunk(t.block_k, d_pad)
     rrd_argmax_kernel[(B,)](
         student, bank, part, part_idx, B, K, D, student.stride(0), bank.stride(0), plan.n_splits,
-        SPLITS=triton.next_power_of_2(plan.n_splits), BLOCK_K=t.block_k, BLOCK_DK=argmax_chunk(t.block_k, d_pad),
-        D_PAD=d_pad, num_warps=4, num_stages=1,
+        SPLITS=triton.next_power_of_2(plan.n_splits), BLOCK_K=t.block_k, BLOCK_DK=chunk, D_PAD=d_pad,
+        EVEN_D=D % chunk == 0, num_warps=4, num_stages=1,
     )
     return part, part_idx
 
 
 def merge_states(part, part_idx, kl):
     """Fold [N_STATE, n, B] partial states (splits of a bank, or shards of it on other ranks) into
-    (rows, lse_s - lse_t, lse_t, ref) of the backend contract."""
+    (rows, lse_s - lse_t, lse_t, ref) of the backend contract; the lse_t slot is [LSE_T_ROWS B]: lse_t, then
+    the bound on |q - p| per row that the planes backward scales its coefficients by (rrd_merge_kernel)."""
     n, B = part_idx.shape
     f32 = dict(device=part.device, dtype=torch.float32)
-    rows, lse_diff, lse_t = torch.empty(B, **f32), torch.empty(B, **f32), torch.empty(B, **f32)
+    rows, lse_diff, lse_t = torch.empty(B, **f32), torch.empty(B, **f32), torch.empty(LSE_T_ROWS * B, **f32)
     ref = torch.empty(B, device=part.device, dtype=torch.int32)
     rrd_merge_kernel[(triton.cdiv(B, MERGE_BLOCK_B),)](
         part, part_idx, rows, lse_diff, lse_t, ref, B, n, int(bool(kl)), BLOCK_B=MERGE_BLOCK_B

@@ -41,6 +41,7 @@ class Tiles:
     walk_dk: int = 0  # resident planes only: features per product step when the planes are walked (0: all D)
     aligned_only: bool = False  # resident only: serves D and row strides that are multiples of 16 (make_plan)
     bwd_transposed: bool = False  # resident planes only: the backward is planes_backward.py's, products transposed
+    programs_per_sm: int = 2  # programs the splits of the bank aim to keep in flight per multiprocessor
 
     @property
     def bwd_rows(self) -> int:
@@ -118,8 +119,10 @@ _RESIDENT_PLANES = Tiles(128, 128, 128, 128, 8, 1, 8, 1, bwd_split=2)
 # resident.py _walked_products). The backward is transposed (bwd_transposed, planes_backward.py): 32-row
 # blocks whose planes stay resident, 64-row bank tiles (bwd_split 2) in two stages on one warpgroup, and a
 # split of the bank of its own (make_plan). docs/design.md section 7 has the variants and their counts.
+# Its programs take a multiprocessor each (their shared memory), so the splits aim at one per multiprocessor:
+# two would be a second wave, each program with its prologue and epilogue over half the tiles.
 _RESIDENT_PLANES_256 = Tiles(128, 128, 256, 256, 8, 2, 4, 2, bwd_split=2, bwd_block_b=32, walk_dk=64,
-                             bwd_transposed=True)
+                             bwd_transposed=True, programs_per_sm=1)
 RESIDENT = {
     "sm_90": {"half": (_RESIDENT_HALF, _RESIDENT_HALF_256, _RESIDENT_HALF_512),
               "half_fp32_bank": (_RESIDENT_HALF_FP32_BANK, _RESIDENT_HALF_256, _RESIDENT_HALF_512),
@@ -314,7 +317,8 @@ class Plan:
 def make_plan(B: int, K: int, D: int, limits: DeviceLimits, mode: str, n_splits: int | None = None,
               aligned: bool | None = None) -> Plan:
     """Tiles for the device and the split of the bank. ``n_splits`` forces a split count (tests, the sharded
-    bank); by default the bank is split until about two programs per multiprocessor are in flight.
+    bank); by default the bank is split until about tiles.programs_per_sm programs per multiprocessor are
+    in flight.
     ``aligned``: D and the operands' row strides are multiples of 16 elements (what Triton specialises on;
     None: D alone decides), which aligned_only entries need."""
     tiles = tiles_for(limits, mode)
@@ -329,7 +333,7 @@ def make_plan(B: int, K: int, D: int, limits: DeviceLimits, mode: str, n_splits:
     n_row_blocks = triton.cdiv(B, tiles.block_b)
     n_tiles = triton.cdiv(K, tiles.block_k)
     if n_splits is None:
-        n_splits = max(1, (2 * limits.sm_count) // n_row_blocks)
+        n_splits = max(1, (tiles.programs_per_sm * limits.sm_count) // n_row_blocks)
     n_splits = max(1, min(n_splits, n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty chunk: every split sees a valid column
@@ -339,11 +343,11 @@ def make_plan(B: int, K: int, D: int, limits: DeviceLimits, mode: str, n_splits:
     # The transposed planes backward (planes_backward.py) takes one multiprocessor per program (its shared
     # memory) and 32-row blocks: split by the forward's count, its programs would be 4x as many, each with a
     # prologue (the row block's planes) and an epilogue (a [D, 32] partial sum, which the finish kernel reads
-    # again) over fewer tiles. It splits the bank for about two programs per multiprocessor of its own.
+    # again) over fewer tiles. It splits the bank for programs_per_sm programs per multiprocessor of its own.
     bwd_splits = bwd_tiles = 0
     if resident is not None and tiles.bwd_transposed and forced is None:
         n_bwd_tiles = triton.cdiv(K, tiles.block_k // tiles.bwd_split)
-        want = max(1, (2 * limits.sm_count) // triton.cdiv(B, tiles.bwd_rows))
+        want = max(1, (tiles.programs_per_sm * limits.sm_count) // triton.cdiv(B, tiles.bwd_rows))
         bwd_tiles = triton.cdiv(n_bwd_tiles, min(want, n_bwd_tiles))
         bwd_splits = triton.cdiv(n_bwd_tiles, bwd_tiles)
     return Plan(tiles, n_row_blocks, n_splits, tiles_per_split, triton.cdiv(D, block_dv), block_dv,

@@ -331,20 +331,21 @@ def exp2m1_near0(x):
 
 
 @triton.jit
-def _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, valid, MASKED: tl.constexpr):
+def _coefficients(a, b, c_a, c_b, lse_b, lse_diff, valid, MASKED: tl.constexpr):
     """c = q - p for one tile of raw products (docs/math.md section 5): p (2^delta - 1) where the two are
     within 2^(1/2) of each other, the plain difference elsewhere; 0 on padded bank rows. The per-row c_a, c_b,
-    lse_a, lse_b, lse_diff come shaped to broadcast against the tile (rows on axis 0, or on axis 1 for the
-    transposed tiles of planes_backward.py)."""
+    lse_b, lse_diff come shaped to broadcast against the tile (rows on axis 0, or on axis 1 for the
+    transposed tiles of planes_backward.py). A row's lse_b lowered by e gives its c times 2^e (c_scale_exponent)."""
     a2 = a * c_a
     b2 = b * c_b
-    p = tl.exp2(b2 - lse_b)
-    q = tl.exp2(a2 - lse_a)
     # (a2 - b2) - lse_diff, in this order: with one bank row (or any row whose maxima are its only
     # entries) lse_diff is exactly a2 - b2, so delta and c are exactly 0. (a2 - lse_diff) - b2, two fused
     # multiply-adds, would save an instruction per element but round that 0 away (a gradient of 1e-13
     # where it is 0).
     delta = (a2 - b2) - lse_diff
+    x_b = b2 - lse_b
+    p = tl.exp2(x_b)
+    q = tl.exp2(x_b + delta)  # a2 - lse_a, as lse_a = lse_diff + lse_b
     c = tl.where(tl.abs(delta) <= 0.5, p * exp2m1_near0(delta), q - p)
     if MASKED:
         c = tl.where(valid, c, 0.0)
@@ -352,31 +353,35 @@ def _coefficients(a, b, c_a, c_b, lse_a, lse_b, lse_diff, valid, MASKED: tl.cons
 
 
 @triton.jit
-def _accumulate(c, q, q_lo, acc, c_exp, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                PLANES: tl.constexpr):
-    """(acc + c @ q, c_exp) for one tile of coefficients. With PLANES, c is split into planes as the operands
-    are, each row scaled by 2^c_exp_i so that its largest |c_ik| so far lies below 2^15 (c_exp only falls;
-    acc, in units of 2^c_exp_i times the scaled bank, is rescaled when it does: rarely, so under a branch)."""
-    if PLANES:
-        tile_exp = plane_exponent(tl.max(tl.abs(c), axis=1))
-        new_exp = tl.minimum(c_exp, tile_exp)
-        if tl.max((new_exp < c_exp).to(tl.int32), axis=0) > 0:
-            acc = acc * pow2(new_exp - c_exp)[:, None]
-        scaled = c * pow2(new_exp)[:, None]
-        c_hi = as_operand(scaled, tl.float16, UPCAST)
-        c_lo = as_operand(scaled - c_hi.to(tl.float32), tl.float16, UPCAST)
-        return dot3_acc(c_hi, c_lo, q, q_lo, acc, UPCAST), new_exp
-    else:
-        return dot_acc(as_operand(c, OP_DTYPE, UPCAST), q, acc, OP_DTYPE, PRECISION, UPCAST), c_exp
+def c_scale_exponent(C_TOP, rows, row_mask):
+    """The planes backward's scale of c per row, as an exponent e_i: C_TOP_i (rrd_merge_kernel) bounds every
+    |c_ik| of the row, so the scaled coefficients c_ik 2^e_i lie below 2^15 and split into fp16 planes as the
+    operands do (planes.py), with no maximum to track along the bank. The cost of a bound instead of the
+    coefficients' own maximum: a row whose c are all far below it (both softmaxes sharp and agreeing) keeps
+    its tiny c to an absolute 2^-39 of the bound, not relative (docs/math.md section 6)."""
+    return plane_exponent(tl.load(C_TOP + rows, mask=row_mask, other=1.0))
 
 
 @triton.jit
-def _bwd_tile(s, s2, t, t2, Q, Q_LO, stride_q, rows, ks, B, K, D, c_a, c_b, lse_a, lse_b, lse_diff, acc, sigma,
-              c_exp, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
+def _accumulate(c, q, q_lo, acc, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                PLANES: tl.constexpr):
+    """acc + c @ q for one tile of coefficients; with PLANES c (scaled, c_scale_exponent) is split into planes
+    as the operands are."""
+    if PLANES:
+        c_hi = as_operand(c, tl.float16, UPCAST)
+        c_lo = as_operand(c - c_hi.to(tl.float32), tl.float16, UPCAST)
+        return dot3_acc(c_hi, c_lo, q, q_lo, acc, UPCAST)
+    else:
+        return dot_acc(as_operand(c, OP_DTYPE, UPCAST), q, acc, OP_DTYPE, PRECISION, UPCAST)
+
+
+@triton.jit
+def _bwd_tile(s, s2, t, t2, Q, Q_LO, stride_q, rows, ks, B, K, D, c_a, c_b, lse_b, lse_diff, acc, sigma,
+              OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
               BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
               PLANES: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, SLICE: tl.constexpr,
               SIGMA_PER_TILE: tl.constexpr):
-    """One bank tile of rrd_bwd_resident_kernel: (acc, sigma, c_exp) after bank rows ks."""
+    """One bank tile of rrd_bwd_resident_kernel: (acc, sigma) after bank rows ks."""
     if BLOCK_DV < D_PAD:
         a, b, q0, q1 = _halved_products(s, s2, t, t2, Q, stride_q, ks, K, D, OP_DTYPE, PRECISION, UPCAST,
                                         BLOCK_B, BLOCK_K, BLOCK_DV, EVEN_D, MASKED)
@@ -385,14 +390,14 @@ def _bwd_tile(s, s2, t, t2, Q, Q_LO, stride_q, rows, ks, B, K, D, c_a, c_b, lse_
     else:
         a, b, q, q_lo = _tile_products(s, s2, t, t2, Q, Q_LO, stride_q, rows, ks, B, K, D, OP_DTYPE, PRECISION,
                                        UPCAST, BLOCK_B, BLOCK_K, D_PAD, EVEN_D, MASKED, PLANES, BLOCK_DK)
-    c = _coefficients(a, b, c_a[:, None], c_b[:, None], lse_a[:, None], lse_b[:, None], lse_diff[:, None],
-                      (ks < K)[None, :], MASKED)
+    c = _coefficients(a, b, c_a[:, None], c_b[:, None], lse_b[:, None], lse_diff[:, None], (ks < K)[None, :],
+                      MASKED)
     sigma += tl.sum(c, axis=1, keep_dims=True) if SIGMA_PER_TILE else c
     if PLANES and BLOCK_DK < D_PAD:
         q = bank_tile(Q, D_PAD, ks, 0, K, D_PAD, tl.float16, UPCAST, D_PAD, True, MASKED)
         q_lo = bank_tile(Q_LO, D_PAD, ks, 0, K, D_PAD, tl.float16, UPCAST, D_PAD, True, MASKED)
-    acc, c_exp = _accumulate(c, q, q_lo, acc, c_exp, OP_DTYPE, PRECISION, UPCAST, PLANES)
-    return acc, sigma, c_exp
+    acc = _accumulate(c, q, q_lo, acc, OP_DTYPE, PRECISION, UPCAST, PLANES)
+    return acc, sigma
 
 
 @triton.jit(do_not_specialize=["B", "K", "tiles_per_split"])
@@ -421,8 +426,9 @@ def rrd_bwd_resident_kernel(
     the row's, whose own rounding the guard removes whatever its value; elsewhere the difference is the
     operands' rounding, which the product carries anyway.
 
-    PLANES: as the forward's; c is split into planes too, with a scale per row (_accumulate), and the sums are
-    scaled back to bank units (exactly: powers of two) before they are stored."""
+    PLANES: as the forward's; c is split into planes too, scaled per row by 2^e_i (c_scale_exponent, from
+    the second half of LSE_T), and the sums are scaled back to bank units (exactly: powers of two) before
+    they are stored."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     # s2, t2: the lo planes (PLANES), the upper feature halves (BLOCK_DV < D_PAD), else unused.
@@ -436,25 +442,26 @@ def rrd_bwd_resident_kernel(
     k_full = k_begin + (k_end - k_begin) // BLOCK_K * BLOCK_K
     lse_diff = tl.load(LSE_DIFF + rows, mask=row_mask, other=0.0)  # lse_a - lse_b, base 2
     lse_b = tl.load(LSE_T + rows, mask=row_mask, other=0.0)
-    lse_a = lse_diff + lse_b
+    if PLANES:
+        c_exp = c_scale_exponent(LSE_T + B, rows, row_mask)
+        lse_b -= c_exp.to(tl.float32)  # so that p, q and c come out times 2^c_exp
     acc = tl.zeros([BLOCK_B, BLOCK_DV], tl.float32)
     # sigma summed over the tiles' columns once, at the end; where the accumulator and operands fill the
     # registers (PLANES at D 256, the sliced D 512) per tile, one register per row.
     SIGMA_PER_TILE: tl.constexpr = PLANES or BLOCK_DV < D_PAD
     sigma = tl.zeros([BLOCK_B, 1 if SIGMA_PER_TILE else BLOCK_K], tl.float32)
-    c_exp = tl.full([BLOCK_B], 126, tl.int32)  # PLANES: the rows' scales of c (_accumulate)
     for k0 in range(k_begin, k_full, BLOCK_K):
-        acc, sigma, c_exp = _bwd_tile(s, s2, t, t2, Q, Q_LO, stride_q, rows, k0 + tl.arange(0, BLOCK_K), B, K, D,
-                                      c_a, c_b, lse_a, lse_b, lse_diff, acc, sigma, c_exp, OP_DTYPE, PRECISION,
-                                      UPCAST, BLOCK_B, BLOCK_K, D_PAD, EVEN_D, False, PLANES, BLOCK_DK, BLOCK_DV,
-                                      SLICE, SIGMA_PER_TILE)
+        acc, sigma = _bwd_tile(s, s2, t, t2, Q, Q_LO, stride_q, rows, k0 + tl.arange(0, BLOCK_K), B, K, D, c_a,
+                               c_b, lse_b, lse_diff, acc, sigma, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
+                               D_PAD, EVEN_D, False, PLANES, BLOCK_DK, BLOCK_DV, SLICE, SIGMA_PER_TILE)
     if k_full < k_end:
-        acc, sigma, c_exp = _bwd_tile(s, s2, t, t2, Q, Q_LO, stride_q, rows, k_full + tl.arange(0, BLOCK_K), B, K,
-                                      D, c_a, c_b, lse_a, lse_b, lse_diff, acc, sigma, c_exp, OP_DTYPE, PRECISION,
-                                      UPCAST, BLOCK_B, BLOCK_K, D_PAD, EVEN_D, True, PLANES, BLOCK_DK, BLOCK_DV,
-                                      SLICE, SIGMA_PER_TILE)
+        acc, sigma = _bwd_tile(s, s2, t, t2, Q, Q_LO, stride_q, rows, k_full + tl.arange(0, BLOCK_K), B, K, D,
+                               c_a, c_b, lse_b, lse_diff, acc, sigma, OP_DTYPE, PRECISION, UPCAST, BLOCK_B, BLOCK_K,
+                               D_PAD, EVEN_D, True, PLANES, BLOCK_DK, BLOCK_DV, SLICE, SIGMA_PER_TILE)
     if PLANES:
-        acc = acc * (pow2(-c_exp) * tl.load(Q_UNSCALE))[:, None]
+        unscale = pow2(-c_exp)
+        acc = acc * (unscale * tl.load(Q_UNSCALE))[:, None]
+        sigma = sigma * unscale[:, None]
 
     split = tl.program_id(1)
     cols = SLICE * BLOCK_DV + tl.arange(0, BLOCK_DV)
