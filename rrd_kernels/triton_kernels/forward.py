@@ -62,6 +62,19 @@ def rrd_fwd_kernel(
     store_state(PART, PART_IDX, rows, B, m_a, n_a, m_b, n_b, w, v, idx)
 
 
+@triton.jit
+def _argmax_chunk(acc, s_ptrs, q_ptrs, d0, D, cols, EVEN_D: tl.constexpr):
+    """acc + s_i Q_k elementwise over features d0 + cols (rrd_argmax_kernel), in fp32."""
+    if EVEN_D:
+        s = tl.load(s_ptrs)
+        q = tl.load(q_ptrs)
+    else:
+        in_d = d0 + cols < D
+        s = tl.load(s_ptrs, mask=in_d, other=0.0)
+        q = tl.load(q_ptrs, mask=in_d[None, :], other=0.0)
+    return acc + s.to(tl.float32)[None, :] * q.to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["B", "K", "n_splits"])
 def rrd_argmax_kernel(
     S, Q, PART, PART_IDX, B, K, D, stride_s, stride_q, n_splits,
@@ -95,19 +108,16 @@ def rrd_argmax_kernel(
     cols = tl.arange(0, BLOCK_DK)
     s_ptrs = S + i.to(tl.int64) * stride_s + cols
     q_ptrs = Q + tl.minimum(ks, K - 1).to(tl.int64)[:, None] * stride_q + cols[None, :]
-    # D, not D_PAD: a bound known only at run time keeps this a loop (unrolled, ptxas issues every chunk's
-    # loads at once), and the pointers advance by one add per chunk.
-    for d0 in range(0, D, BLOCK_DK):
-        if EVEN_D:
-            s = tl.load(s_ptrs)
-            q = tl.load(q_ptrs)
-        else:
-            in_d = d0 + cols < D
-            s = tl.load(s_ptrs, mask=in_d, other=0.0)
-            q = tl.load(q_ptrs, mask=in_d[None, :], other=0.0)
-        acc += s.to(tl.float32)[None, :] * q.to(tl.float32)
-        s_ptrs += BLOCK_DK
-        q_ptrs += BLOCK_DK
+    if D_PAD <= 2 * BLOCK_DK:  # one or two chunks: unrolled
+        for d0 in tl.static_range(0, D_PAD, BLOCK_DK):
+            acc = _argmax_chunk(acc, s_ptrs + d0, q_ptrs + d0, d0, D, cols, EVEN_D)
+    else:
+        # D, not D_PAD: a bound known only at run time keeps this a loop (unrolled, ptxas issues every
+        # chunk's loads at once), and the pointers advance by one add per chunk.
+        for d0 in range(0, D, BLOCK_DK):
+            acc = _argmax_chunk(acc, s_ptrs, q_ptrs, d0, D, cols, EVEN_D)
+            s_ptrs += BLOCK_DK
+            q_ptrs += BLOCK_DK
     dot = tl.sum(acc, axis=1)
     dot = tl.where((ks < K) & (dot == dot), dot, float("-inf"))
     arg = tile + tl.argmax(dot, axis=0)

@@ -335,7 +335,8 @@ def _coefficients(a, b, c_a, c_b, lse_b, lse_diff, valid, MASKED: tl.constexpr):
     """c = q - p for one tile of raw products (docs/math.md section 5): p (2^delta - 1) where the two are
     within 2^(1/2) of each other, the plain difference elsewhere; 0 on padded bank rows. The per-row c_a, c_b,
     lse_b, lse_diff come shaped to broadcast against the tile (rows on axis 0, or on axis 1 for the
-    transposed tiles of planes_backward.py). A row's lse_b lowered by e gives its c times 2^e (c_scale_exponent)."""
+    transposed tiles of planes_backward.py); lse_a = lse_diff + lse_b is a per-row value the compiler forms
+    once. A row's lse_b lowered by e gives its c times 2^e (c_scale_exponent)."""
     a2 = a * c_a
     b2 = b * c_b
     # (a2 - b2) - lse_diff, in this order: with one bank row (or any row whose maxima are its only
@@ -343,9 +344,8 @@ def _coefficients(a, b, c_a, c_b, lse_b, lse_diff, valid, MASKED: tl.constexpr):
     # multiply-adds, would save an instruction per element but round that 0 away (a gradient of 1e-13
     # where it is 0).
     delta = (a2 - b2) - lse_diff
-    x_b = b2 - lse_b
-    p = tl.exp2(x_b)
-    q = tl.exp2(x_b + delta)  # a2 - lse_a, as lse_a = lse_diff + lse_b
+    p = tl.exp2(b2 - lse_b)
+    q = tl.exp2(a2 - (lse_diff + lse_b))
     c = tl.where(tl.abs(delta) <= 0.5, p * exp2m1_near0(delta), q - p)
     if MASKED:
         c = tl.where(valid, c, 0.0)
