@@ -3,7 +3,8 @@
 The split itself is checked against an independent statement of it (the scale from the largest element's
 exponent, hi + lo = x 2^e to 2^-22 of the row's largest element), and the kernels that use it against the
 float64 reference where the planes' scaling is what keeps them right: rows and banks far from unit size,
-and coefficients that grow along the bank (the backward's per-row scale of c only falls).
+and coefficients that grow along the bank (the backward's per-row scale of c comes from the forward's bound
+on them, which the merge kernel writes and a test here checks against float64).
 """
 import math
 
@@ -62,6 +63,52 @@ def test_split_rows_reconstructs_scaled_rows(gen, D):
     assert torch.allclose(factor.double().cpu(), want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("K,D", [(2048, 32), (2049, 32), (1024, 20)])
+def test_split_bank_reconstructs_scaled_bank(gen, K, D):
+    """The bank's planes, on whole blocks of rows with D a power of two (the unmasked EVEN variant: in the
+    interpreter a block is 1024 rows) and on a partial block or a padded D (masked)."""
+    from rrd_kernels.triton_kernels.planes import split_bank
+
+    bank = torch.randn(K, D, generator=gen, dtype=torch.float64)
+    bank *= torch.exp2(torch.randint(-20, 20, (K, 1), generator=gen)).double()
+    bank = bank.float().to(DEVICE)
+    d_pad = max(16, 1 << (D - 1).bit_length())
+    hi, lo, amax, unscale = split_bank(bank, d_pad)
+    assert hi.shape == (K, d_pad) and (hi[:, D:] == 0).all() and (lo[:, D:] == 0).all()
+    assert amax.item() == bank.abs().amax().item()
+    e_q = expected_exponent(bank.abs().amax().double().cpu().reshape(1))
+    assert unscale.item() == 2.0 ** -e_q.item()
+    scaled = bank.double().cpu() * 2.0 ** e_q.item()
+    got = hi.double().cpu()[:, :D] + lo.double().cpu()[:, :D]
+    # One scale for the whole bank: each element to 2^-22 of itself while lo is a normal fp16, and to lo's
+    # subnormal step (2^-25, half of 2^-24) below.
+    assert ((got - scaled).abs() <= 2.0 ** -22 * scaled.abs() + 2.0 ** -25).all()
+    assert scaled.abs().amax() < 2.0 ** 15
+
+
+@pytest.mark.parametrize("tau_s,tau_t", [(0.02, 0.01), (0.1, 0.5), (5.0, 100.0)])
+def test_merge_bounds_every_coefficient(gen, tau_s, tau_t):
+    """The lse_t slot's second half, the bound the planes backward scales c by: every |q_ik - p_ik| of a row
+    is at most it (float64 reference), and it is within 1.01 x of the row's top probability under either
+    softmax (a bound, not a loose one)."""
+    from rrd_kernels import triton_kernels as tk
+
+    B, K, D = 37, 500, 24
+    s, t, q = make_inputs(B, K, D, gen, device=DEVICE)
+    q[:B] = torch.nn.functional.normalize(s, dim=1)  # some rows sharp
+    _, _, lse_t, _ = tk.forward(s, t, q, tau_s, tau_t, False, n_splits=3)
+    assert lse_t.shape == (tk.LSE_T_ROWS * B,)
+    bound = lse_t[B:].double().cpu()
+    n = torch.nn.functional.normalize
+    qd = q.double().cpu()
+    prob_s = torch.softmax(n(s.double().cpu(), dim=1) @ qd.T / tau_s, dim=1)
+    prob_t = torch.softmax(n(t.double().cpu(), dim=1) @ qd.T / tau_t, dim=1)
+    c_max = (prob_s - prob_t).abs().amax(dim=1)
+    top = torch.maximum(prob_s.amax(dim=1), prob_t.amax(dim=1))
+    assert (c_max <= bound * (1 + 1e-5)).all()
+    assert (bound <= top * 1.01).all() and (bound >= top * 0.99).all()
+
+
 # Rows up to 1e15, not beyond: the backward's finish kernel (shared by every path) takes the rows' norms as
 # fp32 sums of squares, which overflow near 1e19; rows below ~1e-13 meet the eps of the normalisation.
 @pytest.mark.parametrize("bank_scale,row_scale", [(2.0 ** -40, 1.0), (1e3, 1.0), (1.0, 1e15), (1.0, 1e-8)])
@@ -92,9 +139,9 @@ def test_planes_hold_fp32_bounds_far_from_unit_size(gen, bank_scale, row_scale):
 
 
 def test_coefficients_growing_along_the_bank(gen):
-    """Each row's nearest bank rows come last, so the largest |q - p| of a row arrives in its last tile and the
-    backward's scale of c falls there (its accumulator rescaled); the sharp temperatures make the early
-    tiles' coefficients tiny, below fp16's normal range without the per-row scale."""
+    """Each row's nearest bank rows come last, so the largest |q - p| of a row arrives in its last tile; the
+    sharp temperatures make the early tiles' coefficients tiny, below fp16's normal range without the
+    per-row scale (the merge's bound on |q - p|, known before the first tile)."""
     from rrd_kernels import rrd_reference
     from rrd_kernels import triton_kernels as tk
 
