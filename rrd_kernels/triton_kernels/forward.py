@@ -108,16 +108,12 @@ def rrd_argmax_kernel(
     cols = tl.arange(0, BLOCK_DK)
     s_ptrs = S + i.to(tl.int64) * stride_s + cols
     q_ptrs = Q + tl.minimum(ks, K - 1).to(tl.int64)[:, None] * stride_q + cols[None, :]
-    if D_PAD <= 2 * BLOCK_DK:  # one or two chunks: unrolled
-        for d0 in tl.static_range(0, D_PAD, BLOCK_DK):
-            acc = _argmax_chunk(acc, s_ptrs + d0, q_ptrs + d0, d0, D, cols, EVEN_D)
-    else:
-        # D, not D_PAD: a bound known only at run time keeps this a loop (unrolled, ptxas issues every
-        # chunk's loads at once), and the pointers advance by one add per chunk.
-        for d0 in range(0, D, BLOCK_DK):
-            acc = _argmax_chunk(acc, s_ptrs, q_ptrs, d0, D, cols, EVEN_D)
-            s_ptrs += BLOCK_DK
-            q_ptrs += BLOCK_DK
+    # Past two chunks the bound is D, not D_PAD: known only at run time, it keeps this a loop (unrolled,
+    # ptxas issues every chunk's loads at once); up to two, the compiler's choice is the better one.
+    for d0 in range(0, D_PAD if D_PAD <= 2 * BLOCK_DK else D, BLOCK_DK):
+        acc = _argmax_chunk(acc, s_ptrs, q_ptrs, d0, D, cols, EVEN_D)
+        s_ptrs += BLOCK_DK
+        q_ptrs += BLOCK_DK
     dot = tl.sum(acc, axis=1)
     dot = tl.where((ks < K) & (dot == dot), dot, float("-inf"))
     arg = tile + tl.argmax(dot, axis=0)
